@@ -1,0 +1,30 @@
+"Packaging for miniai: every setting lives in settings.ini, the nbdev 2 way."
+from configparser import ConfigParser
+from pathlib import Path
+import setuptools
+
+cfg = ConfigParser(delimiters=['='])
+cfg.read(Path(__file__).parent/'settings.ini', encoding='utf-8')
+cfg = cfg['DEFAULT']
+reqs = lambda key: cfg.get(key, '').split()
+
+licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
+lic = licenses[cfg['license']]
+statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable']
+
+setuptools.setup(
+    name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],
+    long_description=(Path(__file__).parent/'README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    author=cfg['author'], author_email=cfg['author_email'], license=lic[0], url=cfg['git_url'],
+    keywords=cfg['keywords'],
+    classifiers=[f"Development Status :: {statuses[int(cfg['status'])]}", f"License :: {lic[1]}",
+                 'Intended Audience :: Developers', 'Programming Language :: Python :: 3'],
+    packages=setuptools.find_packages(include=['miniai', 'miniai.*']),
+    package_data={'miniai': ['data/*.npz']}, include_package_data=True,
+    python_requires=f">={cfg['min_python']}",
+    install_requires=reqs('requirements'),
+    extras_require={'dev': reqs('dev_requirements'), 'vision': reqs('vision_requirements')},
+    entry_points={'console_scripts': cfg['console_scripts'].split(),
+                  'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    zip_safe=False)
