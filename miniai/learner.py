@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'STEPS', 'CKPT_VERSION', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback',
-           'run_cbs', 'with_cbs', 'get_rng_state', 'set_rng_state', 'Learner', 'TrainCB', 'Metric', 'Accuracy',
-           'DeviceCB', 'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'LRFinderCB',
-           'lr_find', 'checkpoint', 'save', 'read_checkpoint', 'load', 'CheckpointCB']
+           'run_cbs', 'with_cbs', 'get_rng_state', 'set_rng_state', 'Learner', 'TrainCB', 'check_finite',
+           'TerminateOnNaNCB', 'Metric', 'Accuracy', 'DeviceCB', 'MetricsCB', 'ProgressCB', 'SingleBatchCB',
+           'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'checkpoint', 'save', 'read_checkpoint', 'load',
+           'CheckpointCB']
 
-# %% ../nbs/04_learner.ipynb #4d3648f9
+# %% ../nbs/04_learner.ipynb #b989b79b
 import copy
 import math
 import os
@@ -32,7 +33,7 @@ from torcheval.metrics import Mean
 
 from .conv import default_device, to_device
 
-# %% ../nbs/04_learner.ipynb #e6cd3b6d
+# %% ../nbs/04_learner.ipynb #95eb1be8
 class CancelFitException(Exception):
     "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
 class CancelEpochException(Exception):
@@ -54,7 +55,7 @@ def run_cbs(cbs, method_nm, learn=None):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
-# %% ../nbs/04_learner.ipynb #e3aa2728
+# %% ../nbs/04_learner.ipynb #638139e5
 class with_cbs:
     "Decorator: run `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; always run `cleanup_{nm}`."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
@@ -70,7 +71,7 @@ class with_cbs:
             finally: learn.callback(cleanup)
         return _f
 
-# %% ../nbs/04_learner.ipynb #3fbb7892
+# %% ../nbs/04_learner.ipynb #299f68c0
 def _check_lr(lr):
     if lr is None: return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
@@ -83,7 +84,7 @@ def _check_dl(dl, name):
         raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
                          f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
 
-# %% ../nbs/04_learner.ipynb #cc970bd2
+# %% ../nbs/04_learner.ipynb #46be1e7e
 def get_rng_state(generator=None):
     "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -100,7 +101,7 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
-# %% ../nbs/04_learner.ipynb #bb6d7399
+# %% ../nbs/04_learner.ipynb #c5694d0f
 class Learner:
     "Train `model` on `dls` with `loss_func`, an optimizer from `opt_func`, and behaviour added by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
@@ -192,6 +193,7 @@ class Learner:
             self._fit(train, valid)
         except BaseException:
             self.model.train(was_training)
+            if self.opt is not None: self.opt.zero_grad()  # no half-accumulated gradients leak into the next fit
             raise
         finally:
             for cb in cbs: self.rm_cb(cb)
@@ -220,7 +222,7 @@ class Learner:
                                 f"or {nm}=False to fit")
             _check_dl(getattr(self.dls, nm), nm)
 
-# %% ../nbs/04_learner.ipynb #ce2c6e21
+# %% ../nbs/04_learner.ipynb #1075beb4
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
     def __init__(self, n_inp=1):
@@ -232,7 +234,9 @@ class TrainCB(Callback):
         if not isinstance(b, (tuple, list)) or len(b) <= self.n_inp: self._bad_batch(b)
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp:])
-    def backward(self, learn): learn.loss.backward()
+    def backward(self, learn):
+        check_finite(learn)
+        learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
 
@@ -244,7 +248,25 @@ class TrainCB(Callback):
         raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
                          f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
 
-# %% ../nbs/04_learner.ipynb #3b81f336
+# %% ../nbs/04_learner.ipynb #097d4421
+def check_finite(learn):
+    "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
+    if not torch.isfinite(learn.loss).all():
+        raise FloatingPointError(
+            f"the loss is {learn.loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch {learn.iter}: training "
+            "would corrupt the weights. Lower the lr (try lr_find), check the inputs for NaN/inf, clip gradients, "
+            "or add TerminateOnNaNCB() to stop quietly instead")
+
+class TerminateOnNaNCB(Callback):
+    "Stop `fit` quietly (keeping the last good weights) when the loss is NaN or infinite."
+    order = -1  # after_loss runs before TrainCB's backward, so the bad batch never reaches the weights
+    def after_loss(self, learn):
+        if not torch.isfinite(learn.loss).all():
+            print(f"TerminateOnNaNCB: loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}; stopping")
+            self.stopped_at = (learn.epoch, learn.iter)
+            raise CancelFitException()
+
+# %% ../nbs/04_learner.ipynb #a3ff3ef7
 class Metric:
     "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
     def __init__(self): self.reset()
@@ -265,7 +287,7 @@ class Accuracy(Metric):
         if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
         return (inps == targs).float().mean()
 
-# %% ../nbs/04_learner.ipynb #4c7740b1
+# %% ../nbs/04_learner.ipynb #590932e9
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
     order = -10
@@ -284,7 +306,7 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-# %% ../nbs/04_learner.ipynb #24b9be45
+# %% ../nbs/04_learner.ipynb #75952db4
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
     def __init__(self, *ms, **metrics):
@@ -334,7 +356,7 @@ class MetricsCB(Callback):
         log['train'] = 'train' if learn.training else 'eval'
         self._log(log)
 
-# %% ../nbs/04_learner.ipynb #deff4afb
+# %% ../nbs/04_learner.ipynb #d0ef6923
 class ProgressCB(Callback):
     "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
     order = MetricsCB.order + 1
@@ -401,13 +423,13 @@ class ProgressCB(Callback):
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #527073ef
+# %% ../nbs/04_learner.ipynb #f912f035
 class SingleBatchCB(Callback):
     "Stop `fit` after the first batch (a quick smoke test)."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #510dab99
+# %% ../nbs/04_learner.ipynb #8a40e154
 class TrainLearner(Learner):
     "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -426,7 +448,7 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)
 
-# %% ../nbs/04_learner.ipynb #62000bee
+# %% ../nbs/04_learner.ipynb #3e5c25e5
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
@@ -460,7 +482,7 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #48272847
+# %% ../nbs/04_learner.ipynb #24c0714b
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
@@ -477,7 +499,7 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     if plot: cb.plot()
     return cb.suggestion()
 
-# %% ../nbs/04_learner.ipynb #49d6ed93
+# %% ../nbs/04_learner.ipynb #2a452ae3
 CKPT_VERSION = 1
 
 def _atomic_save(obj, path):
@@ -500,7 +522,7 @@ def _cb_key(learn, cb):
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
-# %% ../nbs/04_learner.ipynb #2cf9c44a
+# %% ../nbs/04_learner.ipynb #878a6ff5
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0):
     "The full training state as a dict of plain data and tensors; the position is `done` training batches into `epoch`."
@@ -541,7 +563,7 @@ def load(self: Learner, path, with_opt=True):
         self.opt.load_state_dict(ck['opt'])
     return ck
 
-# %% ../nbs/04_learner.ipynb #c2ed9d7d
+# %% ../nbs/04_learner.ipynb #2d38abff
 def _ckpt_files(folder):
     "Checkpoints in `folder`, oldest first (temp files from interrupted writes are ignored)."
     return sorted(Path(folder).glob('ckpt-*.pt'))
@@ -573,7 +595,7 @@ class CheckpointCB(Callback):
         fs = _ckpt_files(self.path)
         return fs[-1] if fs else None
 
-# %% ../nbs/04_learner.ipynb #32f9ceee
+# %% ../nbs/04_learner.ipynb #b982cc4b
 class _ResumeCB(Callback):
     "Added by `fit(resume=...)`: after every other `before_fit`, load the checkpoint and set where to continue."
     order = 1000
