@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['EVENTS', 'STEPS', 'CKPT_VERSION', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback',
            'run_cbs', 'with_cbs', 'get_rng_state', 'set_rng_state', 'Learner', 'TrainCB', 'check_finite',
-           'TerminateOnNaNCB', 'Metric', 'Accuracy', 'DeviceCB', 'MetricsCB', 'ProgressCB', 'SingleBatchCB',
-           'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'checkpoint', 'save', 'read_checkpoint', 'load',
-           'CheckpointCB']
+           'TerminateOnNaNCB', 'Metric', 'Accuracy', 'DeviceCB', 'metric_by_name', 'MetricsCB', 'ProgressCB',
+           'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'checkpoint', 'save',
+           'read_checkpoint', 'load', 'CheckpointCB']
 
-# %% ../nbs/04_learner.ipynb #b989b79b
+# %% ../nbs/04_learner.ipynb #3763250c
 import copy
 import math
 import os
@@ -33,7 +33,7 @@ from torcheval.metrics import Mean
 
 from .conv import default_device, to_device
 
-# %% ../nbs/04_learner.ipynb #95eb1be8
+# %% ../nbs/04_learner.ipynb #2a22aac0
 class CancelFitException(Exception):
     "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
 class CancelEpochException(Exception):
@@ -55,7 +55,7 @@ def run_cbs(cbs, method_nm, learn=None):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
-# %% ../nbs/04_learner.ipynb #638139e5
+# %% ../nbs/04_learner.ipynb #f9fbd477
 class with_cbs:
     "Decorator: run `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; always run `cleanup_{nm}`."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
@@ -71,7 +71,7 @@ class with_cbs:
             finally: learn.callback(cleanup)
         return _f
 
-# %% ../nbs/04_learner.ipynb #299f68c0
+# %% ../nbs/04_learner.ipynb #505267cf
 def _check_lr(lr):
     if lr is None: return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
@@ -84,7 +84,7 @@ def _check_dl(dl, name):
         raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
                          f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
 
-# %% ../nbs/04_learner.ipynb #46be1e7e
+# %% ../nbs/04_learner.ipynb #5fe3cf4d
 def get_rng_state(generator=None):
     "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -101,7 +101,7 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
-# %% ../nbs/04_learner.ipynb #c5694d0f
+# %% ../nbs/04_learner.ipynb #b3f0f8e9
 class Learner:
     "Train `model` on `dls` with `loss_func`, an optimizer from `opt_func`, and behaviour added by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
@@ -222,7 +222,7 @@ class Learner:
                                 f"or {nm}=False to fit")
             _check_dl(getattr(self.dls, nm), nm)
 
-# %% ../nbs/04_learner.ipynb #1075beb4
+# %% ../nbs/04_learner.ipynb #2f69efdb
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
     def __init__(self, n_inp=1):
@@ -233,7 +233,14 @@ class TrainCB(Callback):
         b = learn.batch
         if not isinstance(b, (tuple, list)) or len(b) <= self.n_inp: self._bad_batch(b)
         learn.preds = learn.model(*b[:self.n_inp])
-    def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp:])
+    def get_loss(self, learn):
+        targs = learn.batch[self.n_inp:]
+        try: learn.loss = learn.loss_func(learn.preds, *targs)
+        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit together
+            raise ValueError(f"loss_func failed on predictions of shape {_shape(learn.preds)} and targets of shape "
+                             f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size, "
+                             f"the loss function, and n_inp={self.n_inp}") from e
+        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)
     def backward(self, learn):
         check_finite(learn)
         learn.loss.backward()
@@ -248,7 +255,19 @@ class TrainCB(Callback):
         raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
                          f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
 
-# %% ../nbs/04_learner.ipynb #097d4421
+# %% ../nbs/04_learner.ipynb #ec0b3d10
+def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
+
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+def _elementwise(f): return f in _ELEMENTWISE or isinstance(f, (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss))
+
+def _check_same_shape(preds, targs):
+    # torch broadcasts (bs,1) against (bs,) to (bs,bs) for these losses with only a warning: a silent, classic bug
+    if len(targs) == 1 and hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
+        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}: an elementwise loss would "
+                         "broadcast them into a wrong result. Reshape one to match (e.g. preds.squeeze(-1) or y[:, None])")
+
+# %% ../nbs/04_learner.ipynb #f527fcc0
 def check_finite(learn):
     "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
     if not torch.isfinite(learn.loss).all():
@@ -266,7 +285,7 @@ class TerminateOnNaNCB(Callback):
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #a3ff3ef7
+# %% ../nbs/04_learner.ipynb #008f795c
 class Metric:
     "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
     def __init__(self): self.reset()
@@ -287,7 +306,7 @@ class Accuracy(Metric):
         if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
         return (inps == targs).float().mean()
 
-# %% ../nbs/04_learner.ipynb #590932e9
+# %% ../nbs/04_learner.ipynb #9560f11a
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
     order = -10
@@ -306,11 +325,24 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-# %% ../nbs/04_learner.ipynb #75952db4
+# %% ../nbs/04_learner.ipynb #17f7e242
+def _torcheval_metrics():
+    from torcheval.metrics import MulticlassAccuracy, MulticlassF1Score, MeanSquaredError, R2Score
+    return dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
+
+def metric_by_name(name):
+    "A fresh torcheval metric from its short name ('accuracy', 'f1', 'mse', 'r2')."
+    known = _torcheval_metrics()
+    if name not in known: raise ValueError(f"unknown metric name {name!r}; known names are {sorted(known)}, or pass a torcheval metric instance")
+    return known[name]()
+
+# %% ../nbs/04_learner.ipynb #5ec0a3f8
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
     def __init__(self, *ms, **metrics):
-        for o in ms: metrics[type(o).__name__] = o
+        for o in ms:
+            if isinstance(o, str): metrics[o] = metric_by_name(o)
+            else: metrics[type(o).__name__] = o
         for k, m in metrics.items():
             if not all(hasattr(m, a) for a in ('update', 'compute', 'reset')):
                 raise TypeError(f"MetricsCB: metric {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
@@ -356,7 +388,7 @@ class MetricsCB(Callback):
         log['train'] = 'train' if learn.training else 'eval'
         self._log(log)
 
-# %% ../nbs/04_learner.ipynb #d0ef6923
+# %% ../nbs/04_learner.ipynb #f4c3c70f
 class ProgressCB(Callback):
     "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
     order = MetricsCB.order + 1
@@ -423,13 +455,13 @@ class ProgressCB(Callback):
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #f912f035
+# %% ../nbs/04_learner.ipynb #051f51e4
 class SingleBatchCB(Callback):
     "Stop `fit` after the first batch (a quick smoke test)."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #8a40e154
+# %% ../nbs/04_learner.ipynb #12bb477c
 class TrainLearner(Learner):
     "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -448,7 +480,7 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)
 
-# %% ../nbs/04_learner.ipynb #3e5c25e5
+# %% ../nbs/04_learner.ipynb #c0318df5
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
@@ -482,7 +514,7 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #24c0714b
+# %% ../nbs/04_learner.ipynb #ae5cde04
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
@@ -499,7 +531,7 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     if plot: cb.plot()
     return cb.suggestion()
 
-# %% ../nbs/04_learner.ipynb #2a452ae3
+# %% ../nbs/04_learner.ipynb #da7f75ac
 CKPT_VERSION = 1
 
 def _atomic_save(obj, path):
@@ -522,7 +554,7 @@ def _cb_key(learn, cb):
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
-# %% ../nbs/04_learner.ipynb #878a6ff5
+# %% ../nbs/04_learner.ipynb #5a16f420
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0):
     "The full training state as a dict of plain data and tensors; the position is `done` training batches into `epoch`."
@@ -563,7 +595,7 @@ def load(self: Learner, path, with_opt=True):
         self.opt.load_state_dict(ck['opt'])
     return ck
 
-# %% ../nbs/04_learner.ipynb #2d38abff
+# %% ../nbs/04_learner.ipynb #42c93061
 def _ckpt_files(folder):
     "Checkpoints in `folder`, oldest first (temp files from interrupted writes are ignored)."
     return sorted(Path(folder).glob('ckpt-*.pt'))
@@ -595,7 +627,7 @@ class CheckpointCB(Callback):
         fs = _ckpt_files(self.path)
         return fs[-1] if fs else None
 
-# %% ../nbs/04_learner.ipynb #b982cc4b
+# %% ../nbs/04_learner.ipynb #539b5966
 class _ResumeCB(Callback):
     "Added by `fit(resume=...)`: after every other `before_fit`, load the checkpoint and set where to continue."
     order = 1000

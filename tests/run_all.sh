@@ -17,7 +17,8 @@ if [ "$before" != "$after" ]; then
 fi
 
 echo "== nbdev_test: every notebook"
-nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
+# one torch thread per notebook: two notebooks run side by side on the two cores
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
 
 echo "== pytest"
 python -m pytest -q tests
