@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ARCHS', 'cnn_classifier', 'CLIError', 'get_parser', 'fit', 'load_model', 'read_images', 'predict', 'main']
 
-# %% ../nbs/12_cli.ipynb #2cf50b75
+# %% ../nbs/12_cli.ipynb #1614e27d
 import argparse
 import json
 import sys
@@ -24,7 +24,7 @@ from .conv import conv, default_device
 from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_dls
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 
-# %% ../nbs/12_cli.ipynb #c2042e93
+# %% ../nbs/12_cli.ipynb #1e34c679
 def cnn_classifier(nfs=(16, 32, 64, 128)):
     "A small batch-norm CNN for 1×28×28 images: stride-2 convs down to 1×1 and 10 logits."
     layers, ni = [], 1
@@ -36,7 +36,7 @@ def cnn_classifier(nfs=(16, 32, 64, 128)):
 
 ARCHS = {'cnn': cnn_classifier}
 
-# %% ../nbs/12_cli.ipynb #e388ae17
+# %% ../nbs/12_cli.ipynb #83c327f2
 class CLIError(Exception):
     "A user-facing error: `main` prints it as one line and exits with status 2."
 
@@ -52,7 +52,7 @@ def _positive(kind):
         return v
     return check
 
-# %% ../nbs/12_cli.ipynb #1c1e78d9
+# %% ../nbs/12_cli.ipynb #dd245919
 def get_parser():
     "The argument parser for the `miniai` command."
     p = _Parser(prog='miniai', allow_abbrev=False, description='miniai: train and use Fashion-MNIST models from the command line.')
@@ -78,7 +78,7 @@ def get_parser():
     pr.add_argument('--bs', type=_positive(int), default=512, help='batch size (default: 512)')
     return p
 
-# %% ../nbs/12_cli.ipynb #c028c45a
+# %% ../nbs/12_cli.ipynb #1d52208c
 class _OneCycle(TrainCB):
     "TrainCB that steps a OneCycleLR schedule after each optimizer step."
     def __init__(self, max_lr, total_steps): super().__init__(); self.max_lr, self.total_steps = max_lr, total_steps
@@ -111,7 +111,7 @@ def fit(epochs=3, bs=256, lr=1e-2, data=None, out='miniai-run', seed=42, device=
     fig.savefig(out/'loss.png', dpi=100, bbox_inches='tight')
     return learn
 
-# %% ../nbs/12_cli.ipynb #7926cef0
+# %% ../nbs/12_cli.ipynb #66f1cc49
 def load_model(model_dir):
     "Rebuild the model saved by `fit` in `model_dir`; returns `(model, config)`."
     model_dir = Path(model_dir)
@@ -142,8 +142,8 @@ def read_images(path):
 
 def predict(model_dir, images, out=None, bs=512):
     "Classify the images in the .npz `images` with the model in `model_dir`; write a CSV; return (preds, accuracy or None)."
+    x, y = read_images(images)  # check the cheap input first
     model, cfg = load_model(model_dir)
-    x, y = read_images(images)
     dev = default_device()
     model.to(dev)
     preds = []
@@ -159,7 +159,7 @@ def predict(model_dir, images, out=None, bs=512):
     acc = float((preds == y).mean()) if y is not None and len(y) else None
     return preds, acc
 
-# %% ../nbs/12_cli.ipynb #a1e6710e
+# %% ../nbs/12_cli.ipynb #4eff860e
 def main(argv=None):
     "Entry point of the `miniai` console script."
     p = get_parser()

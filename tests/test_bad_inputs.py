@@ -1,0 +1,122 @@
+"""The bad-input catalogue: every mistake here gets an early, clear error that names the problem and the fix.
+
+| # | mistake | raised | the message says |
+|---|---|---|---|
+| 1 | `TrainCB(n_inp=2)` on `(x, y)` batches | ValueError | no targets left; check `n_inp` |
+| 2 | `TrainCB(n_inp=0)` | ValueError | n_inp must be an int >= 1 |
+| 3 | regression preds `(bs,1)` vs targets `(bs,)` with MSE | ValueError | both shapes; how to reshape |
+| 4 | classifier output too small for the targets | ValueError | prediction/target shapes; check the model's output size |
+| 5 | an empty training DataLoader | ValueError | empty; lower batch_size or give data |
+| 6 | a dict batch given to `TrainCB` | TypeError | the keys; use `from_dd(as_tuple=True)` |
+| 7 | `dls` without `.valid` | TypeError | pass `DataLoaders(train, valid)` or `valid=False` |
+| 8 | no callback doing the training step | ValueError | add `TrainCB()` |
+| 9 | a callback class instead of an instance | TypeError | pass `TrainCB()` |
+| 10 | `lr <= 0` (Learner or fit) | ValueError | positive; try `lr_find` |
+| 11 | `lr` is NaN | ValueError | positive number |
+| 12 | negative `n_epochs` | ValueError | whole number >= 0 |
+| 13 | `DeviceCB(device='cuda')` without a GPU | ValueError | no usable CUDA GPU; `DeviceCB()` or 'cpu' |
+| 14 | an unknown metric name | ValueError | the known names |
+| 15 | something that isn't a metric in `MetricsCB` | TypeError | pass a torcheval metric |
+| 16 | a NaN loss | FloatingPointError | epoch and batch; lower lr / TerminateOnNaNCB |
+| 17 | a missing checkpoint | FileNotFoundError | not found |
+| 18 | a corrupt checkpoint | ValueError | damaged; resume from an earlier one |
+| 19 | `fit(resume='latest')` without a `CheckpointCB` | ValueError | add a CheckpointCB or pass the file |
+| 20 | `CheckpointCB(every_n_batches=0)` | ValueError | a positive int or None |
+| 21 | an unknown data source | ValueError | the valid sources |
+| 22 | `source='hub'` while offline | ConnectionError | offline; use source='sample' / MINIAI_DATA=sample |
+| 23 | float images to `TensorDL` | TypeError | wants uint8 pixels |
+| 24 | a `conv` with an even kernel size | ValueError | use an odd ks |
+| 25 | an unknown CLI option | exit 2, one line | unrecognized arguments; see --help |
+| 26 | `miniai fit --data hub` while offline | exit 2, one line | use the sample |
+| 27 | `miniai predict` on an npz without `images` | exit 2, one line | save images under 'images' |
+| 28 | `miniai predict` on images of the wrong size | exit 2, one line | expected N×28×28 |
+| 29 | `miniai predict` with damaged weights | exit 2, one line | could not load; re-run fit |
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miniai.conv import conv
+from miniai.datasets import TensorDL, load_fashion_mnist
+from miniai.learner import CheckpointCB, DeviceCB, Learner, MetricsCB, TrainCB, read_checkpoint
+
+def dls(n=2, bs=4, classes=2):
+    mk = lambda: [(torch.randn(bs, 3), torch.randint(0, classes, (bs,))) for _ in range(n)]
+    return SimpleNamespace(train=mk(), valid=mk())
+
+def fit(model=None, d=None, loss=F.cross_entropy, cbs=(TrainCB(),), **kw):
+    return Learner(model or nn.Linear(3, 2), d or dls(), loss, cbs=list(cbs)).fit(1, **kw)
+
+class NaNModel(nn.Linear):
+    def forward(self, x): return super().forward(x)*float('nan')
+
+def bad_ckpt(tmp):
+    p = tmp/'ck.pt'; p.write_bytes(b'\x00garbage'); return p
+
+CASES = {
+    'n_inp too large': (lambda t: fit(cbs=[TrainCB(n_inp=2)]), ValueError, ['n_inp', 'no targets']),
+    'n_inp zero': (lambda t: TrainCB(n_inp=0), ValueError, ['n_inp must be an int >= 1']),
+    'mse shape mismatch': (lambda t: fit(nn.Linear(3, 1), SimpleNamespace(train=[(torch.randn(4, 3), torch.randn(4))], valid=[]),
+                                         F.mse_loss, valid=False), ValueError, ['(4, 1)', '(4,)', 'Reshape']),
+    'output too small for targets': (lambda t: fit(nn.Linear(3, 1)), ValueError, ['shape (4, 1)', "model's output size"]),
+    'empty dataloader': (lambda t: fit(d=SimpleNamespace(train=[], valid=[])), ValueError, ['empty', 'batch_size']),
+    'dict batch': (lambda t: fit(d=SimpleNamespace(train=[{'x': torch.randn(4, 3), 'y': torch.zeros(4)}], valid=[]), valid=False),
+                   TypeError, ["keys ['x', 'y']", 'as_tuple=True']),
+    'dls without valid': (lambda t: fit(d=SimpleNamespace(train=dls().train)), TypeError, ['.valid', 'valid=False']),
+    'no training step': (lambda t: fit(cbs=[]), ValueError, ['TrainCB()']),
+    'callback class': (lambda t: fit(cbs=[TrainCB]), TypeError, ['TrainCB()']),
+    'lr zero': (lambda t: Learner(nn.Linear(3, 2), dls(), lr=0), ValueError, ['positive', 'lr_find']),
+    'fit lr negative': (lambda t: fit(lr=-1e-3), ValueError, ['positive']),
+    'lr nan': (lambda t: fit(lr=math.nan), ValueError, ['positive number']),
+    'negative epochs': (lambda t: Learner(nn.Linear(3, 2), dls(), cbs=[TrainCB()]).fit(-1), ValueError, ['>= 0']),
+    'cuda without gpu': (lambda t: fit(cbs=[TrainCB(), DeviceCB('cuda')]), ValueError, ['no usable CUDA GPU', "device='cpu'"]),
+    'unknown metric name': (lambda t: MetricsCB('acc'), ValueError, ["unknown metric name 'acc'", 'accuracy']),
+    'not a metric': (lambda t: MetricsCB(acc=lambda p, y: 0), TypeError, ['torcheval metric']),
+    'nan loss': (lambda t: fit(NaNModel(3, 2)), FloatingPointError, ['epoch 0, batch 0', 'lr', 'TerminateOnNaNCB']),
+    'missing checkpoint': (lambda t: read_checkpoint(t/'nope.pt'), FileNotFoundError, ['not found']),
+    'corrupt checkpoint': (lambda t: read_checkpoint(bad_ckpt(t)), ValueError, ['damaged', 'earlier one']),
+    'resume latest without CheckpointCB': (lambda t: fit(resume='latest'), ValueError, ['CheckpointCB']),
+    'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['positive int or None']),
+    'unknown data source': (lambda t: load_fashion_mnist('web'), ValueError, ['web', 'sample']),
+    'hub while offline': (lambda t: load_fashion_mnist('hub'), ConnectionError, ['offline', "source='sample'"]),
+    'float images to TensorDL': (lambda t: TensorDL(torch.rand(10, 28, 28), torch.zeros(10)), TypeError, ['uint8']),
+    'even conv kernel': (lambda t: conv(1, 4, ks=4), ValueError, ['odd']),
+}
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_bad_input(name, tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    if name == 'cuda without gpu' and torch.cuda.is_available(): pytest.skip('this machine has a GPU')
+    f, exc, words = CASES[name]
+    with pytest.raises(exc) as e: f(tmp_path)
+    for w in words: assert w in str(e.value), (w, str(e.value))
+
+def cli(*args):
+    env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+    return subprocess.run([sys.executable, '-c', 'import sys; from miniai.cli import main; sys.exit(main())', *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+def test_cli_bad_inputs(tmp_path):
+    np.savez(tmp_path/'noimg.npz', pixels=np.zeros((2, 28, 28), np.uint8))
+    np.savez(tmp_path/'big.npz', images=np.zeros((2, 32, 32), np.uint8))
+    np.savez(tmp_path/'ok.npz', images=np.zeros((2, 28, 28), np.uint8))
+    (tmp_path/'m').mkdir(); (tmp_path/'m'/'config.json').write_text('{"arch": "cnn"}'); torch.save({}, tmp_path/'m'/'model.pt')
+    cases = [(['fit', '--colour', 'red'], 'unrecognized arguments'),
+             (['fit', '--data', 'hub', '--epochs', '1'], 'sample'),
+             (['predict', '--model', tmp_path/'m', '--images', tmp_path/'noimg.npz'], "'images'"),
+             (['predict', '--model', tmp_path/'m', '--images', tmp_path/'big.npz'], 'expected N×28×28'),
+             (['predict', '--model', tmp_path/'m', '--images', tmp_path/'ok.npz'], 'could not load')]
+    for args, words in cases:
+        r = cli(*args)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and words in err and 'Traceback' not in err, (args, r.returncode, err)
