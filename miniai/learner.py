@@ -9,7 +9,7 @@ __all__ = ['EVENTS', 'STEPS', 'CKPT_VERSION', 'CancelFitException', 'CancelEpoch
            'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'checkpoint', 'save',
            'read_checkpoint', 'load', 'CheckpointCB']
 
-# %% ../nbs/04_learner.ipynb #3763250c
+# %% ../nbs/04_learner.ipynb #d715ac96
 import copy
 import math
 import os
@@ -33,7 +33,7 @@ from torcheval.metrics import Mean
 
 from .conv import default_device, to_device
 
-# %% ../nbs/04_learner.ipynb #2a22aac0
+# %% ../nbs/04_learner.ipynb #49d54bd5
 class CancelFitException(Exception):
     "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
 class CancelEpochException(Exception):
@@ -55,7 +55,7 @@ def run_cbs(cbs, method_nm, learn=None):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
-# %% ../nbs/04_learner.ipynb #f9fbd477
+# %% ../nbs/04_learner.ipynb #ad3febf8
 class with_cbs:
     "Decorator: run `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; always run `cleanup_{nm}`."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
@@ -71,7 +71,7 @@ class with_cbs:
             finally: learn.callback(cleanup)
         return _f
 
-# %% ../nbs/04_learner.ipynb #505267cf
+# %% ../nbs/04_learner.ipynb #e9cafca8
 def _check_lr(lr):
     if lr is None: return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
@@ -84,7 +84,7 @@ def _check_dl(dl, name):
         raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
                          f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
 
-# %% ../nbs/04_learner.ipynb #5fe3cf4d
+# %% ../nbs/04_learner.ipynb #1db0936d
 def get_rng_state(generator=None):
     "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -101,13 +101,13 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
-# %% ../nbs/04_learner.ipynb #b3f0f8e9
+# %% ../nbs/04_learner.ipynb #4322f0f8
 class Learner:
     "Train `model` on `dls` with `loss_func`, an optimizer from `opt_func`, and behaviour added by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
         _check_lr(lr)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
-        self.opt, self.cbs, self._handlers, self._resume = None, [], {}, None
+        self.opt, self.cbs, self._handlers, self._resume, self._applied_lr = None, [], {}, None, lr
         for cb in fc.L(cbs): self.add_cb(cb)
 
     def add_cb(self, cb):
@@ -199,10 +199,13 @@ class Learner:
             for cb in cbs: self.rm_cb(cb)
 
     def _setup_opt(self, lr, reset):
-        lr = self.lr if lr is None else lr
         if reset or self.opt is None:
+            lr = self.lr if lr is None else lr
             self.opt = self.opt_func(self.model.parameters()) if lr is None else self.opt_func(self.model.parameters(), lr)
-        elif lr is not None:
+            self._applied_lr = self.lr
+            return
+        if lr is None and self.lr != self._applied_lr: lr = self._applied_lr = self.lr  # the user changed learn.lr
+        if lr is not None:  # otherwise the optimizer keeps its own lr(s), per-group ones included
             for g in self.opt.param_groups:
                 g['lr'] = lr
                 g.pop('initial_lr', None)  # so a torch scheduler made in before_fit starts from the new lr
@@ -222,7 +225,7 @@ class Learner:
                                 f"or {nm}=False to fit")
             _check_dl(getattr(self.dls, nm), nm)
 
-# %% ../nbs/04_learner.ipynb #2f69efdb
+# %% ../nbs/04_learner.ipynb #99e816e5
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
     def __init__(self, n_inp=1):
@@ -255,7 +258,7 @@ class TrainCB(Callback):
         raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
                          f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
 
-# %% ../nbs/04_learner.ipynb #ec0b3d10
+# %% ../nbs/04_learner.ipynb #d5b246de
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
 _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
@@ -267,7 +270,7 @@ def _check_same_shape(preds, targs):
         raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}: an elementwise loss would "
                          "broadcast them into a wrong result. Reshape one to match (e.g. preds.squeeze(-1) or y[:, None])")
 
-# %% ../nbs/04_learner.ipynb #f527fcc0
+# %% ../nbs/04_learner.ipynb #edc7d3ec
 def check_finite(learn):
     "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
     if not torch.isfinite(learn.loss).all():
@@ -285,7 +288,7 @@ class TerminateOnNaNCB(Callback):
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #008f795c
+# %% ../nbs/04_learner.ipynb #8c519bc2
 class Metric:
     "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
     def __init__(self): self.reset()
@@ -306,7 +309,7 @@ class Accuracy(Metric):
         if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
         return (inps == targs).float().mean()
 
-# %% ../nbs/04_learner.ipynb #9560f11a
+# %% ../nbs/04_learner.ipynb #33b44311
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
     order = -10
@@ -325,7 +328,7 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-# %% ../nbs/04_learner.ipynb #17f7e242
+# %% ../nbs/04_learner.ipynb #39755b4a
 def _torcheval_metrics():
     from torcheval.metrics import MulticlassAccuracy, MulticlassF1Score, MeanSquaredError, R2Score
     return dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
@@ -336,7 +339,7 @@ def metric_by_name(name):
     if name not in known: raise ValueError(f"unknown metric name {name!r}; known names are {sorted(known)}, or pass a torcheval metric instance")
     return known[name]()
 
-# %% ../nbs/04_learner.ipynb #5ec0a3f8
+# %% ../nbs/04_learner.ipynb #54d8b1b8
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
     def __init__(self, *ms, **metrics):
@@ -388,7 +391,7 @@ class MetricsCB(Callback):
         log['train'] = 'train' if learn.training else 'eval'
         self._log(log)
 
-# %% ../nbs/04_learner.ipynb #f4c3c70f
+# %% ../nbs/04_learner.ipynb #f27eaaa6
 class ProgressCB(Callback):
     "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
     order = MetricsCB.order + 1
@@ -455,13 +458,13 @@ class ProgressCB(Callback):
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #051f51e4
+# %% ../nbs/04_learner.ipynb #77182697
 class SingleBatchCB(Callback):
     "Stop `fit` after the first batch (a quick smoke test)."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #12bb477c
+# %% ../nbs/04_learner.ipynb #45766b61
 class TrainLearner(Learner):
     "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -480,7 +483,7 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)
 
-# %% ../nbs/04_learner.ipynb #c0318df5
+# %% ../nbs/04_learner.ipynb #b2a34d2a
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
@@ -514,7 +517,7 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #ae5cde04
+# %% ../nbs/04_learner.ipynb #baf67fea
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
@@ -531,7 +534,7 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     if plot: cb.plot()
     return cb.suggestion()
 
-# %% ../nbs/04_learner.ipynb #da7f75ac
+# %% ../nbs/04_learner.ipynb #d0ebf426
 CKPT_VERSION = 1
 
 def _atomic_save(obj, path):
@@ -554,7 +557,7 @@ def _cb_key(learn, cb):
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
-# %% ../nbs/04_learner.ipynb #5a16f420
+# %% ../nbs/04_learner.ipynb #3fac7b35
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0):
     "The full training state as a dict of plain data and tensors; the position is `done` training batches into `epoch`."
@@ -595,7 +598,7 @@ def load(self: Learner, path, with_opt=True):
         self.opt.load_state_dict(ck['opt'])
     return ck
 
-# %% ../nbs/04_learner.ipynb #42c93061
+# %% ../nbs/04_learner.ipynb #3d5d5627
 def _ckpt_files(folder):
     "Checkpoints in `folder`, oldest first (temp files from interrupted writes are ignored)."
     return sorted(Path(folder).glob('ckpt-*.pt'))
@@ -627,7 +630,7 @@ class CheckpointCB(Callback):
         fs = _ckpt_files(self.path)
         return fs[-1] if fs else None
 
-# %% ../nbs/04_learner.ipynb #539b5966
+# %% ../nbs/04_learner.ipynb #280c6fff
 class _ResumeCB(Callback):
     "Added by `fit(resume=...)`: after every other `before_fit`, load the checkpoint and set where to continue."
     order = 1000
