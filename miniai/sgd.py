@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'RecorderCB', 'ParamSchedCB', '_lr', '_mom', '_beta1']
 
-# %% ../nbs/07_sgd.ipynb #ff464d56
+# %% ../nbs/07_sgd.ipynb #4ae84d71
 import matplotlib.pyplot as plt
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .learner import Callback
 
-# %% ../nbs/07_sgd.ipynb #70e04fda
+# %% ../nbs/07_sgd.ipynb #9dde753a
 def _save_hypers(opt):
     "A copy of every param group's settings (all but 'params')."
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != 'params'}
@@ -27,7 +27,7 @@ def _restore_hypers(opt, saved):
             if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor): g[k].copy_(v)
             else: g[k] = v
 
-# %% ../nbs/07_sgd.ipynb #46081ce2
+# %% ../nbs/07_sgd.ipynb #812d01bf
 class BaseSchedCB(Callback):
     "Make a torch scheduler with `sched(learn.opt)` in `before_fit`; subclasses choose when it steps. Restores the hyperparameters after fit."
     def __init__(self, sched):
@@ -50,7 +50,11 @@ class BaseSchedCB(Callback):
         if self._saved is not None: _restore_hypers(learn.opt, self._saved)
         self._saved = None
 
-# %% ../nbs/07_sgd.ipynb #6c0ae0a7
+    # Checkpoints save the scheduler's position, so a resumed fit continues the schedule where it stopped
+    def state_dict(self): return self.schedo.state_dict()
+    def load_state_dict(self, sd): self.schedo.load_state_dict(sd)
+
+# %% ../nbs/07_sgd.ipynb #680dfc19
 class BatchSchedCB(BaseSchedCB):
     "Step the scheduler after every optimizer step (so plan `total_steps = n_epochs*len(dls.train)`)."
     def before_fit(self, learn):
@@ -65,7 +69,7 @@ class BatchSchedCB(BaseSchedCB):
             raise ValueError(f"{e}. BatchSchedCB steps once per training batch: this fit needs "
                              f"total_steps={n} (n_epochs*len(dls.train))") from e
 
-# %% ../nbs/07_sgd.ipynb #a614938c
+# %% ../nbs/07_sgd.ipynb #4cc22c02
 class EpochSchedCB(BaseSchedCB):
     "Step the scheduler after each training epoch; `ReduceLROnPlateau` steps after each validation epoch on its mean loss."
     def before_epoch(self, learn): self._tot, self._n = 0., 0
@@ -79,7 +83,7 @@ class EpochSchedCB(BaseSchedCB):
         if not isinstance(self.schedo, ReduceLROnPlateau): self._step(learn)
         elif not learn.training and self._n: self.schedo.step(float(self._tot/self._n))
 
-# %% ../nbs/07_sgd.ipynb #78348ae3
+# %% ../nbs/07_sgd.ipynb #d117543f
 _all_ = ['_lr', '_mom', '_beta1']
 
 def _lr(g):
@@ -94,7 +98,7 @@ def _mom(g):
     "Momentum of param group `g`: `momentum` (SGD, RMSprop) or `betas[0]` (Adam and friends)."
     return g['betas'][0] if 'betas' in g else g['momentum']
 
-# %% ../nbs/07_sgd.ipynb #7195a3bc
+# %% ../nbs/07_sgd.ipynb #1efbda58
 class RecorderCB(Callback):
     "After each optimizer step, record `f(param_group)` for each `name=f` given, e.g. `RecorderCB(lr=_lr, mom=_mom)`."
     order = -1  # before the schedulers step in after_step: records are what the step used
@@ -122,7 +126,7 @@ class RecorderCB(Callback):
             ax.set_title(k); ax.set_xlabel('step')
         return axs
 
-# %% ../nbs/07_sgd.ipynb #ac26f11b
+# %% ../nbs/07_sgd.ipynb #6b7e4112
 def _check_pname(opt, pname):
     "ValueError unless every param group of `opt` has the setting `pname` ('mom': momentum or betas)."
     for g in opt.param_groups:
@@ -140,7 +144,7 @@ def _set_hyper(g, pname, v):
     elif isinstance(g[pname], torch.Tensor): g[pname].fill_(v)
     else: g[pname] = v
 
-# %% ../nbs/07_sgd.ipynb #1a675b18
+# %% ../nbs/07_sgd.ipynb #e7d5140d
 class ParamSchedCB(Callback):
     "Before each training batch set `pname` ('lr', 'mom', 'weight_decay', ...) on every param group to `sched_func(pos)`."
     def __init__(self, pname, sched_func):

@@ -13,6 +13,7 @@ from torcheval.metrics import MulticlassAccuracy
 import miniai.learner as ml
 from miniai.datasets import fashion_dls
 from miniai.learner import Callback, CheckpointCB, Learner, MetricsCB, TrainCB
+from miniai.sgd import BatchSchedCB
 
 p = argparse.ArgumentParser()
 p.add_argument('--ckpt', required=True)
@@ -47,7 +48,8 @@ if args.kill_in_write:
         return real_fsync(fd)
     ml.os.fsync = fsync
 
-cbs = [TrainCB(), MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
+one_cycle = BatchSchedCB(lambda opt: optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=args.epochs*len(dls.train)))
+cbs = [TrainCB(), one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
 learn = Learner(model, dls, F.cross_entropy, lr=0.05, cbs=cbs, opt_func=lambda ps, lr: optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=1e-4))
 learn.fit(args.epochs, resume='latest' if args.resume else None)
 torch.save({'model': learn.model.state_dict(), 'history': learn.metrics.history}, args.out)
