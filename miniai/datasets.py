@@ -7,7 +7,7 @@ __all__ = ['FASHION_CLASSES', 'FMNIST_HUB_ID', 'DATA_SOURCES', 'SAMPLE_TEST_SIZE
            'HubUnreachableError', 'sample_path', 'load_fashion_mnist', 'show_image', 'subplots', 'get_grid',
            'show_images', 'inplace', 'collate_dict', 'DataLoaders', 'TensorDL', 'fashion_mnist_arrays', 'fashion_dls']
 
-# %% ../nbs/02_datasets.ipynb #69e55146
+# %% ../nbs/02_datasets.ipynb #8c003b2d
 import math
 import os
 import socket
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import miniai
 
-# %% ../nbs/02_datasets.ipynb #62fc4e30
+# %% ../nbs/02_datasets.ipynb #a8f39ef0
 FASHION_CLASSES = ['T - shirt / top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']  # the Hub's names, in label order
 FMNIST_HUB_ID = 'zalando-datasets/fashion_mnist'
@@ -36,7 +36,7 @@ SAMPLE_TEST_SIZE = 1000  # the last images of the bundled sample form its 'test'
 class HubUnreachableError(ConnectionError):
     "Fashion-MNIST was asked for from the Hub, which can't be reached, and it isn't in the local HF cache."
 
-# %% ../nbs/02_datasets.ipynb #a498a8a5
+# %% ../nbs/02_datasets.ipynb #64cd9e1e
 def sample_path():
     "Path of the Fashion-MNIST sample bundled with miniai."
     # The package's folder via `miniai.__file__`, which (unlike this module's `__file__`) also exists in the notebook.
@@ -52,7 +52,7 @@ def _sample_arrays():
     cut = len(x) - SAMPLE_TEST_SIZE
     return {'train': (x[:cut], y[:cut]), 'test': (x[cut:], y[cut:])}
 
-# %% ../nbs/02_datasets.ipynb #71b15879
+# %% ../nbs/02_datasets.ipynb #bc2909e7
 _TRUE = {'1', 'ON', 'YES', 'TRUE'}
 
 def _offline_env():
@@ -79,7 +79,7 @@ def _hub_reachable(timeout=2.0):
     t.join(timeout)
     return bool(opened)
 
-# %% ../nbs/02_datasets.ipynb #90fe8231
+# %% ../nbs/02_datasets.ipynb #586ba680
 def _datasets_cache():
     "The `datasets` cache folder, honouring HF_DATASETS_CACHE set after import."
     import datasets.config
@@ -126,7 +126,7 @@ def _from_hub(strict):
             "or set MINIAI_DATA=sample to use the bundled Fashion-MNIST sample.") from cause
     return None, why
 
-# %% ../nbs/02_datasets.ipynb #c43d97a1
+# %% ../nbs/02_datasets.ipynb #3767962e
 def _fmnist_features():
     "Column types of the Hub's Fashion-MNIST: a PIL image and a ClassLabel with the 10 class names."
     from datasets import ClassLabel, Features, Image
@@ -171,13 +171,13 @@ def _pick_hub(source):
         else: _notice(f'using Fashion-MNIST from {where}')
     return dd
 
-# %% ../nbs/02_datasets.ipynb #d629b4ed
+# %% ../nbs/02_datasets.ipynb #706a8c73
 def load_fashion_mnist(source=None):
     "Fashion-MNIST as a `DatasetDict` ('train', 'test'; columns 'image', 'label') from `source` 'auto'|'hub'|'sample'."
     dd = _pick_hub(_check_source(source))
     return _sample_dd() if dd is None else dd
 
-# %% ../nbs/02_datasets.ipynb #be41f4f2
+# %% ../nbs/02_datasets.ipynb #354aa157
 def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
     "Show image `im` (tensor CHW/HW, numpy HWC/HW, or PIL) on `ax`, which is returned."
     if isinstance(im, torch.Tensor):
@@ -195,7 +195,7 @@ def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
     if noframe: ax.axis('off')
     return ax
 
-# %% ../nbs/02_datasets.ipynb #15a3b3c5
+# %% ../nbs/02_datasets.ipynb #b2c3b9dd
 def subplots(nrows=1, ncols=1, figsize=None, imsize=3, suptitle=None, **kwargs):
     "`plt.subplots` sized `imsize` inches per cell unless `figsize` is given; returns (fig, axs) like matplotlib."
     if figsize is None: figsize = (ncols*imsize, nrows*imsize)
@@ -226,10 +226,10 @@ def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
     _, axs = get_grid(len(ims), nrows, ncols, **kwargs)
     for im, title, ax in zip_longest(ims, titles, axs): show_image(im, ax=ax, title=title)
 
-# %% ../nbs/02_datasets.ipynb #706defd7
+# %% ../nbs/02_datasets.ipynb #932d68a1
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # pixel mean and std of Fashion-MNIST's training images, scaled to 0..1
 
-# %% ../nbs/02_datasets.ipynb #36a6ecb7
+# %% ../nbs/02_datasets.ipynb #226bfd2b
 def inplace(f):
     "Make `f`, which changes a batch dict in place, return that dict too (as `with_transform` needs)."
     @wraps(f)
@@ -238,7 +238,7 @@ def inplace(f):
         return b
     return _f
 
-# %% ../nbs/02_datasets.ipynb #91dc5a2d
+# %% ../nbs/02_datasets.ipynb #7376cf9f
 def collate_dict(ds):
     "A collate function giving a tuple of batch tensors, one per column of `ds`, in `ds.features` order."
     keys = list(ds.features)
@@ -247,7 +247,7 @@ def collate_dict(ds):
         return tuple(batch[k] for k in keys)
     return _f
 
-# %% ../nbs/02_datasets.ipynb #f29ea929
+# %% ../nbs/02_datasets.ipynb #dce9717c
 class DataLoaders:
     "A training and a validation DataLoader (`.train`, `.valid`); any further loaders are kept in `.dls`."
     def __init__(self, *dls):
@@ -265,7 +265,7 @@ class DataLoaders:
                                 collate_fn=collate_dict(dd[k]) if as_tuple else default_collate, **kwargs)
                      for k in splits])
 
-# %% ../nbs/02_datasets.ipynb #db6cea88
+# %% ../nbs/02_datasets.ipynb #be437589
 class TensorDL:
     "Batches `(xb, yb)` cut straight from in-memory uint8 images `x` (N,H,W or N,C,H,W) and labels `y`."
     def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None):
@@ -293,17 +293,17 @@ class TensorDL:
 
     def get_batch(self, idx):
         "Images `idx` as normalised floats with a channel dim (or flattened), and their labels."
-        xb = self.x[idx].float().div_(255)
+        xb = self.x.index_select(0, idx).float().div_(255)  # index_select copies whole rows: ~20x faster than x[idx]
         if self.mean is not None: xb = xb.sub_(self.mean).div_(self.std)
         if self.flat: xb = xb.view(len(idx), -1)
         elif xb.ndim == 3: xb = xb.unsqueeze(1)
-        return xb, self.y[idx]
+        return xb, self.y.index_select(0, idx)
 
     def __iter__(self):
         idxs = self.order()
         for i in range(len(self)): yield self.get_batch(idxs[i*self.bs:(i+1)*self.bs])
 
-# %% ../nbs/02_datasets.ipynb #db9edc5d
+# %% ../nbs/02_datasets.ipynb #6cb74538
 _hub_arrays = {}  # Hub data converted to tensors, kept so the slow PIL conversion happens once per process
 
 def _dd_to_arrays(dd):
@@ -327,7 +327,7 @@ def fashion_mnist_arrays(source=None):
     # Copies, so a caller changing them in place can't alter what later calls get.
     return {k: (torch.tensor(x), torch.tensor(y)) for k, (x, y) in arrays.items()}
 
-# %% ../nbs/02_datasets.ipynb #1add48f1
+# %% ../nbs/02_datasets.ipynb #fe8b6c95
 def fashion_dls(bs=256, source=None, flat=False, normalize=True, seed=None):
     "Fast in-memory Fashion-MNIST `DataLoaders`: train shuffled (repeatably with `seed`), valid in order at 2*bs."
     arrays = fashion_mnist_arrays(source)

@@ -9,7 +9,7 @@ __all__ = ['EVENTS', 'STEPS', 'CKPT_VERSION', 'CancelFitException', 'CancelEpoch
            'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'checkpoint', 'save',
            'read_checkpoint', 'load', 'CheckpointCB']
 
-# %% ../nbs/04_learner.ipynb #d715ac96
+# %% ../nbs/04_learner.ipynb #15690cd6
 import copy
 import math
 import os
@@ -33,7 +33,7 @@ from torcheval.metrics import Mean
 
 from .conv import default_device, to_device
 
-# %% ../nbs/04_learner.ipynb #49d54bd5
+# %% ../nbs/04_learner.ipynb #3687e269
 class CancelFitException(Exception):
     "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
 class CancelEpochException(Exception):
@@ -55,7 +55,7 @@ def run_cbs(cbs, method_nm, learn=None):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
-# %% ../nbs/04_learner.ipynb #ad3febf8
+# %% ../nbs/04_learner.ipynb #7c81a536
 class with_cbs:
     "Decorator: run `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; always run `cleanup_{nm}`."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
@@ -71,7 +71,7 @@ class with_cbs:
             finally: learn.callback(cleanup)
         return _f
 
-# %% ../nbs/04_learner.ipynb #e9cafca8
+# %% ../nbs/04_learner.ipynb #a333c5d4
 def _check_lr(lr):
     if lr is None: return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
@@ -84,7 +84,7 @@ def _check_dl(dl, name):
         raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
                          f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
 
-# %% ../nbs/04_learner.ipynb #1db0936d
+# %% ../nbs/04_learner.ipynb #52cbea06
 def get_rng_state(generator=None):
     "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -101,7 +101,7 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
-# %% ../nbs/04_learner.ipynb #4322f0f8
+# %% ../nbs/04_learner.ipynb #b3d94c65
 class Learner:
     "Train `model` on `dls` with `loss_func`, an optimizer from `opt_func`, and behaviour added by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
@@ -225,7 +225,7 @@ class Learner:
                                 f"or {nm}=False to fit")
             _check_dl(getattr(self.dls, nm), nm)
 
-# %% ../nbs/04_learner.ipynb #99e816e5
+# %% ../nbs/04_learner.ipynb #fb85910b
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
     def __init__(self, n_inp=1):
@@ -258,7 +258,7 @@ class TrainCB(Callback):
         raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
                          f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
 
-# %% ../nbs/04_learner.ipynb #d5b246de
+# %% ../nbs/04_learner.ipynb #c713e334
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
 _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
@@ -270,10 +270,12 @@ def _check_same_shape(preds, targs):
         raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}: an elementwise loss would "
                          "broadcast them into a wrong result. Reshape one to match (e.g. preds.squeeze(-1) or y[:, None])")
 
-# %% ../nbs/04_learner.ipynb #edc7d3ec
+# %% ../nbs/04_learner.ipynb #7519312b
 def check_finite(learn):
     "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
-    if not torch.isfinite(learn.loss).all():
+    loss = learn.loss
+    if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common case, and the cheapest check
+    if not torch.isfinite(loss).all():
         raise FloatingPointError(
             f"the loss is {learn.loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch {learn.iter}: training "
             "would corrupt the weights. Lower the lr (try lr_find), check the inputs for NaN/inf, clip gradients, "
@@ -288,7 +290,7 @@ class TerminateOnNaNCB(Callback):
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #8c519bc2
+# %% ../nbs/04_learner.ipynb #bb7b1522
 class Metric:
     "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
     def __init__(self): self.reset()
@@ -309,7 +311,7 @@ class Accuracy(Metric):
         if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
         return (inps == targs).float().mean()
 
-# %% ../nbs/04_learner.ipynb #33b44311
+# %% ../nbs/04_learner.ipynb #d60a5508
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
     order = -10
@@ -328,7 +330,7 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-# %% ../nbs/04_learner.ipynb #39755b4a
+# %% ../nbs/04_learner.ipynb #99e10d32
 def _torcheval_metrics():
     from torcheval.metrics import MulticlassAccuracy, MulticlassF1Score, MeanSquaredError, R2Score
     return dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
@@ -339,10 +341,10 @@ def metric_by_name(name):
     if name not in known: raise ValueError(f"unknown metric name {name!r}; known names are {sorted(known)}, or pass a torcheval metric instance")
     return known[name]()
 
-# %% ../nbs/04_learner.ipynb #54d8b1b8
+# %% ../nbs/04_learner.ipynb #7c9333fe
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
-    def __init__(self, *ms, **metrics):
+    def __init__(self, *ms, buffer=32, **metrics):
         for o in ms:
             if isinstance(o, str): metrics[o] = metric_by_name(o)
             else: metrics[type(o).__name__] = o
@@ -353,19 +355,20 @@ class MetricsCB(Callback):
         self.metrics = metrics
         self.all_metrics = dict(metrics)
         self.all_metrics['loss'] = self.loss = Mean()
-        self.history, self._dev = [], None
+        self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
     def _log(self, d): print(d)
     def before_fit(self, learn): learn.metrics, self._in_epoch, self._pending = self, False, None
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._in_epoch = True
+        self._in_epoch, self._buf = True, []
         if self._pending is not None:  # resuming mid-epoch: carry on from the saved partial sums
             for k, m in self.all_metrics.items(): m.load_state_dict(self._pending[k])
             self._pending = None
 
     def state_dict(self):
         "History, and the metrics' partial state when saved in the middle of an epoch (for exact resume)."
+        self._flush()
         mid = {k: m.state_dict() for k, m in self.all_metrics.items()} if self._in_epoch else None
         return dict(history=copy.deepcopy(self.history), metrics=mid)
     def load_state_dict(self, sd):
@@ -373,16 +376,32 @@ class MetricsCB(Callback):
         self._pending = sd['metrics']
 
     def after_batch(self, learn):
-        preds, n_inp = learn.preds, getattr(learn, 'n_inp', 1)
+        preds, n_inp, loss = learn.preds, getattr(learn, 'n_inp', 1), learn.loss.detach()
         if preds.device != self._dev:
+            self._flush()
             self._dev = preds.device
             for m in self.all_metrics.values(): m.to(self._dev)
-        if self.metrics:
-            y = learn.batch[n_inp]
+        y = learn.batch[n_inp] if self.metrics else None
+        if loss.numel() != 1:  # an unreduced loss can't be stacked with others: update now
+            self._flush()
             for m in self.metrics.values(): m.update(preds, y)
-        self.loss.update(learn.loss.detach().float(), weight=len(learn.batch[0]))
+            self.loss.update(loss.float().mean(), weight=len(learn.batch[0]))
+            return
+        self._buf.append((preds.detach() if self.metrics else None, y, loss, len(learn.batch[0])))
+        if len(self._buf) >= self.buffer: self._flush()
+
+    def _flush(self):
+        # torcheval's update has a fixed cost per call, so a few dozen batches go in at once; sums don't care
+        if not self._buf: return
+        preds, ys, losses, ns = zip(*self._buf)
+        self._buf = []
+        if self.metrics:
+            p, y = torch.cat(preds), torch.cat(ys)
+            for m in self.metrics.values(): m.update(p, y)
+        self.loss.update(torch.stack(losses).float(), weight=torch.tensor(ns, dtype=torch.float32, device=losses[0].device))
 
     def after_epoch(self, learn):
+        self._flush()
         self._in_epoch = False
         vals = {k: m.compute().item() for k, m in self.all_metrics.items()}
         self.history.append({**vals, 'epoch': learn.epoch, 'train': learn.training})
@@ -391,7 +410,7 @@ class MetricsCB(Callback):
         log['train'] = 'train' if learn.training else 'eval'
         self._log(log)
 
-# %% ../nbs/04_learner.ipynb #f27eaaa6
+# %% ../nbs/04_learner.ipynb #7f6eccef
 class ProgressCB(Callback):
     "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
     order = MetricsCB.order + 1
@@ -458,13 +477,13 @@ class ProgressCB(Callback):
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #77182697
+# %% ../nbs/04_learner.ipynb #aa3cff87
 class SingleBatchCB(Callback):
     "Stop `fit` after the first batch (a quick smoke test)."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #45766b61
+# %% ../nbs/04_learner.ipynb #65a535e4
 class TrainLearner(Learner):
     "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -483,7 +502,7 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)
 
-# %% ../nbs/04_learner.ipynb #b2a34d2a
+# %% ../nbs/04_learner.ipynb #b37cfe69
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
@@ -517,7 +536,7 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #baf67fea
+# %% ../nbs/04_learner.ipynb #5004a18d
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
@@ -534,7 +553,7 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     if plot: cb.plot()
     return cb.suggestion()
 
-# %% ../nbs/04_learner.ipynb #d0ebf426
+# %% ../nbs/04_learner.ipynb #61e02c45
 CKPT_VERSION = 1
 
 def _atomic_save(obj, path):
@@ -557,7 +576,7 @@ def _cb_key(learn, cb):
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
-# %% ../nbs/04_learner.ipynb #3fac7b35
+# %% ../nbs/04_learner.ipynb #95b29a73
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0):
     "The full training state as a dict of plain data and tensors; the position is `done` training batches into `epoch`."
@@ -598,7 +617,7 @@ def load(self: Learner, path, with_opt=True):
         self.opt.load_state_dict(ck['opt'])
     return ck
 
-# %% ../nbs/04_learner.ipynb #3d5d5627
+# %% ../nbs/04_learner.ipynb #2f3cac91
 def _ckpt_files(folder):
     "Checkpoints in `folder`, oldest first (temp files from interrupted writes are ignored)."
     return sorted(Path(folder).glob('ckpt-*.pt'))
@@ -630,7 +649,7 @@ class CheckpointCB(Callback):
         fs = _ckpt_files(self.path)
         return fs[-1] if fs else None
 
-# %% ../nbs/04_learner.ipynb #280c6fff
+# %% ../nbs/04_learner.ipynb #36f45843
 class _ResumeCB(Callback):
     "Added by `fit(resume=...)`: after every other `before_fit`, load the checkpoint and set where to continue."
     order = 1000
