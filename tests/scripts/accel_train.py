@@ -1,14 +1,18 @@
 """Train a tiny MLP on the bundled Fashion-MNIST sample with `AccelerateCB`, alone or under `accelerate launch`.
 
-Each process saves its final weights (`weights_{rank}.pt`) and what its `MetricsCB` recorded (`metrics_{rank}.json`)
-in the output folder given on the command line. The sizes leave an uneven last batch in training and validation.
-`tests/test_accel.py` runs it on two CPU processes and compares with a single-process run of `train`."""
+It trains twice: with `even_batches=False` (an uneven last batch is split unevenly, so the processes see exactly the
+samples a single process sees) and with accelerate's default `even_batches=True` (the last batch is filled up with
+repeats of the first samples, which changes that step's gradient a little; metrics drop the repeats). Each process
+saves its final weights (`{tag}_weights_{rank}.pt`) and what its `MetricsCB` recorded (`{tag}_metrics_{rank}.json`)
+in the output folder given on the command line, with `tag` 'uneven' or 'even'. `tests/test_accel.py` runs it on two
+CPU processes and compares with single-process runs of `train`."""
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,22 +30,26 @@ def get_dls():
     def ds(x, y, n): return TensorDataset(((x[:n].float()/255 - FMNIST_MEAN)/FMNIST_STD).view(n, -1), y[:n])
     return DataLoaders(DataLoader(ds(*arrays['train'], N_TRAIN), BS), DataLoader(ds(*arrays['valid'], N_VALID), BS))
 
-def train(out_dir):
-    "Train, save this process's weights and metrics in `out_dir`, and return the `MetricsCB` history."
+def train(out_dir, even_batches):
+    "Train, save this process's weights and metrics in `out_dir`, and return them."
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
     # split_batches: each global batch of BS is shared out between the processes, so any process count sees the
     # same global batches as a single process does
-    cb = AccelerateCB(dataloader_config=DataLoaderConfiguration(split_batches=True))
+    cb = AccelerateCB(dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=even_batches))
     metrics = MetricsCB(MulticlassAccuracy())
-    learn = Learner(model, get_dls(), F.cross_entropy, lr=0.3, cbs=[cb, metrics])
+    learn = Learner(model, get_dls(), F.cross_entropy, lr=0.1, cbs=[cb, metrics])
     learn.fit(EPOCHS)
-    acc, out = cb.acc, Path(out_dir)
-    torch.save(acc.unwrap_model(learn.model).state_dict(), out/f'weights_{acc.process_index}.pt')
+    acc, out, tag = cb.acc, Path(out_dir), 'even' if even_batches else 'uneven'
+    weights = acc.unwrap_model(learn.model).state_dict()
+    torch.save(weights, out/f'{tag}_weights_{acc.process_index}.pt')
     res = dict(history=metrics.history, num_processes=acc.num_processes,
                n_valid_seen=int(metrics.metrics['MulticlassAccuracy'].num_total.item()))
-    (out/f'metrics_{acc.process_index}.json').write_text(json.dumps(res))
+    (out/f'{tag}_metrics_{acc.process_index}.json').write_text(json.dumps(res))
     acc.wait_for_everyone()
-    return res
+    return weights, res
 
-if __name__ == '__main__': train(sys.argv[1])
+if __name__ == '__main__':
+    for even in (False, True): train(sys.argv[1], even)
+    # Close the process group before exiting: otherwise gloo's threads can abort the interpreter's shutdown
+    PartialState().destroy_process_group()
