@@ -34,27 +34,30 @@ from miniai.ddpm import ddpm_unet, init_ddpm
 from miniai.learner import DeviceCB, Learner, TrainCB
 
 SECTION = '## mixed_precision'
+FULL = dict(bs=128, size=32, channels='32,64,128,128', layers=2, steps=10, repeats=5)  # the course's UNet and batch
+SMALL = dict(bs=16, size=16, channels='16,32', layers=1, steps=5, repeats=3)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='auto', help="'auto' (cuda if there is one), 'cuda', 'cuda:1', 'cpu'")
-    p.add_argument('--bs', type=int, default=128, help='batch size (default: 128, as in the course)')
-    p.add_argument('--size', type=int, default=32, help='image size (Fashion-MNIST padded to 32)')
-    p.add_argument('--channels', default='32,64,128,128', help='UNet channels per level')
-    p.add_argument('--layers', type=int, default=2, help='resnet blocks per level')
-    p.add_argument('--steps', type=int, default=10, help='timed training steps per repeat')
-    p.add_argument('--warmup', type=int, default=3, help='untimed steps per method first')
-    p.add_argument('--repeats', type=int, default=5, help='timings per method (the median is reported)')
-    p.add_argument('--small', action='store_true',
-                   help='a quick CPU-sized run: --bs 16 --size 16 --channels 16,32 --layers 1 --steps 5 --repeats 3')
+    p.add_argument('--bs', type=int, help='batch size (default: 128, as in the course)')
+    p.add_argument('--size', type=int, help='image size (default: 32, Fashion-MNIST padded)')
+    p.add_argument('--channels', help='UNet channels per level (default: 32,64,128,128)')
+    p.add_argument('--layers', type=int, help='resnet blocks per level (default: 2)')
+    p.add_argument('--steps', type=int, help='timed training steps per repeat (default: 10)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps per method first (>= 1: they include accelerate\'s prepare)')
+    p.add_argument('--repeats', type=int, help='timings per method, the median is reported (default: 5)')
+    p.add_argument('--small', action='store_true', help='quick CPU-sized defaults: ' +
+                   ' '.join(f'--{k} {v}' for k, v in SMALL.items()) + ' (flags given explicitly still win)')
     p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's own choice); 1 gives steadier "
                    "timings on a busy shared machine")
     p.add_argument('--cpu-bf16', action='store_true', help='on a CPU, also time MixedPrecision forced to bf16 autocast')
     p.add_argument('--results', type=Path, help="also write the table into this markdown file's '## mixed_precision'")
     a = p.parse_args(argv)
-    if a.small: a.bs, a.size, a.channels, a.layers, a.steps, a.repeats = 16, 16, '16,32', 1, 5, 3
+    for k, v in (SMALL if a.small else FULL).items():
+        if getattr(a, k) is None: setattr(a, k, v)
     a.channels = tuple(int(c) for c in a.channels.split(','))
-    for nm in ('bs', 'size', 'layers', 'steps', 'repeats'):
+    for nm in ('bs', 'size', 'layers', 'steps', 'repeats', 'warmup'):
         if getattr(a, nm) < 1: p.error(f'--{nm} must be >= 1, got {getattr(a, nm)}')
     if a.threads is not None:
         if a.threads < 1: p.error(f'--threads must be >= 1, got {a.threads}')
@@ -123,7 +126,7 @@ def run(a):
     rows = []
     for name, prec, cb in methods(a, dev):
         learn = make_learner(a, dev, cb, warm)
-        if a.warmup: fit_steps(learn, dev)  # first fit: accelerate's prepare, cuDNN autotuning, allocator warm-up
+        fit_steps(learn, dev)  # first fit: accelerate's prepare, cuDNN autotuning, allocator warm-up
         learn.dls = DataLoaders(timed, timed[:1])  # AccelerateCB prepares once per Learner, so this is kept as is
         if prec is None: prec = 'fp32 (fallback)' if cb.amp_dtype is None else str(cb.amp_dtype).replace('torch.', '')
         rows.append(dict(name=name, prec=prec, learn=learn, cb=cb, times=[]))

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['cpu_has_bf16', 'MixedPrecision', 'GradAccumCB', 'GradClipCB', 'AccelerateCB', 'MultDL']
 
-# %% ../nbs/11_accel.ipynb #7572035e
+# %% ../nbs/11_accel.ipynb #785ecb0c
 import contextlib
 import functools
 import warnings
@@ -19,7 +19,7 @@ from .conv import to_device
 from .datasets import DataLoaders
 from .learner import Callback, DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 
-# %% ../nbs/11_accel.ipynb #738228fd
+# %% ../nbs/11_accel.ipynb #f82cb804
 @functools.cache
 def cpu_has_bf16():
     "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16), so CPU bf16 autocast is worth using."
@@ -31,7 +31,7 @@ def cpu_has_bf16():
     except OSError: return False
     return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
-# %% ../nbs/11_accel.ipynb #b6bcd435
+# %% ../nbs/11_accel.ipynb #e5eacbd1
 _AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 def _model_device(model):
@@ -49,7 +49,7 @@ def _check_sole_trainer(cb, learn):
         raise ValueError(f"{type(cb).__name__} needs a plain Learner, but {type(learn).__name__} overrides {overridden}, "
                          f"so the callback's step would never run; use Learner(..., cbs=[{type(cb).__name__}()])")
 
-# %% ../nbs/11_accel.ipynb #7e27d487
+# %% ../nbs/11_accel.ipynb #76ba78d3
 class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
     order = DeviceCB.order + 1  # after DeviceCB has moved the model: the precision is picked for the model's device
@@ -123,7 +123,7 @@ class MixedPrecision(TrainCB):
         self._exit_autocast()
         vars(learn).pop('scaler', None)
 
-# %% ../nbs/11_accel.ipynb #3fca866e
+# %% ../nbs/11_accel.ipynb #d5f5f748
 class _NoStep:
     "Stands in for the optimizer while gradients accumulate: `step` and `zero_grad` do nothing, the rest is the optimizer."
     def __init__(self, opt): self.opt = opt
@@ -173,7 +173,7 @@ class GradAccumCB(Callback):
 
     def cleanup_fit(self, learn): vars(learn).pop('will_step', None)
 
-# %% ../nbs/11_accel.ipynb #022a6a40
+# %% ../nbs/11_accel.ipynb #d3f87403
 class GradClipCB(Callback):
     "Clip the gradient norm to `max_norm` before each optimizer step, after undoing any GradScaler scaling."
     order = 1  # after_backward: after the callbacks that make or restore the gradients
@@ -188,7 +188,7 @@ class GradClipCB(Callback):
         if scaler is not None: scaler.unscale_(learn.opt)  # clip the true gradients, not the scaled ones
         self.norm = clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% ../nbs/11_accel.ipynb #1e2e213d
+# %% ../nbs/11_accel.ipynb #a992cecc
 def _no_log(d): pass
 
 def _map_tensors(f, x):
@@ -341,7 +341,7 @@ class AccelerateCB(TrainCB):
         for cb in learn.cbs:
             if isinstance(cb, (MetricsCB, ProgressCB)): vars(cb).pop('_log', None)
 
-# %% ../nbs/11_accel.ipynb #923dac19
+# %% ../nbs/11_accel.ipynb #f7ad3f02
 class MultDL:
     "Wrap DataLoader `dl` so each batch is yielded `mult` times in a row: `mult`× the steps for the same loading work."
     def __init__(self, dl, mult=2):

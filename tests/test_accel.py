@@ -327,8 +327,10 @@ def test_two_processes(tmp_path, monkeypatch, fresh_accelerate):
     try: res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as e: pytest.fail(f'the two processes hung (no result in {e.timeout}s)')
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    # Only the main process prints the metrics table: 2 runs × 2 epochs × (train + valid) rows
-    assert res.stdout.count("'epoch': ") == 8, res.stdout
+    # Only the main process prints ProgressCB's table: one header per run, and 2 epochs × (train, eval) rows each
+    lines = res.stdout.splitlines()
+    assert sum(l.startswith('MulticlassAccuracy') for l in lines) == 2, res.stdout
+    assert sum(l.split()[-1:] == ['eval'] for l in lines) == 4, res.stdout
 
     # The reference: one process, same global batches
     monkeypatch.setenv('ACCELERATE_USE_CPU', '1')

@@ -20,7 +20,7 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.accel import AccelerateCB
 from miniai.datasets import FMNIST_MEAN, FMNIST_STD, DataLoaders, fashion_mnist_arrays
-from miniai.learner import Learner, MetricsCB
+from miniai.learner import Learner, MetricsCB, ProgressCB
 
 N_TRAIN, N_VALID, BS, EPOCHS = 301, 101, 64, 2  # 301 = 4*64 + 45 and 101 = 64 + 37: odd last batches
 
@@ -38,7 +38,7 @@ def train(out_dir, even_batches):
     # same global batches as a single process does
     cb = AccelerateCB(dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=even_batches))
     metrics = MetricsCB(MulticlassAccuracy())
-    learn = Learner(model, get_dls(), F.cross_entropy, lr=0.1, cbs=[cb, metrics])
+    learn = Learner(model, get_dls(), F.cross_entropy, lr=0.1, cbs=[cb, metrics, ProgressCB()])
     learn.fit(EPOCHS)
     acc, out, tag = cb.acc, Path(out_dir), 'even' if even_batches else 'uneven'
     weights = acc.unwrap_model(learn.model).state_dict()
