@@ -8,7 +8,7 @@ __all__ = ['ddpm_images', 'NoiseSched', 'linear_sched', 'cosine_sched', 'respace
            'collate_ddpm', 'dl_ddpm', 'DDPMCB2', 'train_ddpm', 'fid', 'kid', 'fid_classifier', 'train_fid_classifier',
            'ImageEval', 'save_grid', 'save_progression']
 
-# %% ../nbs/10_ddpm.ipynb #5a78ccd6
+# %% ../nbs/10_ddpm.ipynb #761cc2be
 import math
 from contextlib import contextmanager
 from functools import partial
@@ -32,7 +32,7 @@ from .datasets import DataLoaders, fashion_mnist_arrays
 from .learner import Callback, DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 from .sgd import BatchSchedCB
 
-# %% ../nbs/10_ddpm.ipynb #fff83ff4
+# %% ../nbs/10_ddpm.ipynb #c1aed5a8
 def ddpm_images(x, pad=2):
     "uint8 images (N,H,W) or (N,C,H,W) as float32 (N,C,H+2*pad,W+2*pad) scaled to [-1, 1], padded with the background -1."
     x = torch.as_tensor(x)
@@ -42,7 +42,7 @@ def ddpm_images(x, pad=2):
     x = x.float().div(127.5).sub(1)
     return F.pad(x, (pad,)*4, value=-1.)
 
-# %% ../nbs/10_ddpm.ipynb #9762cb00
+# %% ../nbs/10_ddpm.ipynb #f92dc15c
 class NoiseSched:
     "A noise schedule from its betas: `beta`, `alpha`=1-beta, `abar`=cumprod(alpha), `sigma`=sqrt(beta) (float32, CPU)."
     def __init__(self, beta):
@@ -67,7 +67,7 @@ class NoiseSched:
         if var not in self._coefs: self._coefs[var] = _ddpm_coefs(self._abar64, var)
         return self._coefs[var]
 
-# %% ../nbs/10_ddpm.ipynb #b10ea079
+# %% ../nbs/10_ddpm.ipynb #9d7815dc
 def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
     "The paper's schedule: betas evenly spaced from `beta_min` to `beta_max` over `n_steps` steps."
     if not isinstance(n_steps, int) or n_steps < 1: raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
@@ -75,7 +75,7 @@ def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
         raise ValueError(f"need 0 < beta_min <= beta_max < 1, got beta_min={beta_min}, beta_max={beta_max}")
     return NoiseSched(torch.linspace(beta_min, beta_max, n_steps, dtype=torch.float64))
 
-# %% ../nbs/10_ddpm.ipynb #f58ee356
+# %% ../nbs/10_ddpm.ipynb #43474e4f
 def cosine_sched(n_steps=1000, s=0.008, max_beta=0.999):
     "Improved DDPM's schedule: abar follows cos² of t/T (offset by `s`), betas capped at `max_beta`."
     if not isinstance(n_steps, int) or n_steps < 1: raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
@@ -84,7 +84,7 @@ def cosine_sched(n_steps=1000, s=0.008, max_beta=0.999):
     f = torch.cos((u + s)/(1 + s)*math.pi/2)**2
     return NoiseSched((1 - f[1:]/f[:-1]).clamp(max=max_beta))
 
-# %% ../nbs/10_ddpm.ipynb #26d8988a
+# %% ../nbs/10_ddpm.ipynb #0bdc158f
 def respace(sched, n_steps):
     "A schedule of `n_steps` steps whose abar equals `sched`'s at evenly spaced steps (betas from abar's ratios)."
     if not isinstance(n_steps, int) or not 1 <= n_steps <= len(sched):
@@ -94,7 +94,7 @@ def respace(sched, n_steps):
     abar = sched._abar64[ts]
     return NoiseSched(1 - abar/torch.cat([abar.new_ones(1), abar[:-1]]))
 
-# %% ../nbs/10_ddpm.ipynb #27fb871f
+# %% ../nbs/10_ddpm.ipynb #01cfafbe
 def _abar_tensor(abar):
     "The abar tensor from a `NoiseSched` or a 1-D tensor."
     if isinstance(abar, NoiseSched): return abar.abar
@@ -129,7 +129,7 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
     xt = ab.sqrt().to(x0.dtype)*x0 + (1 - ab).sqrt().to(x0.dtype)*eps
     return (xt, t, eps) if flat else ((xt, t), eps)
 
-# %% ../nbs/10_ddpm.ipynb #a5769762
+# %% ../nbs/10_ddpm.ipynb #bcb30d79
 class UNet(UNet2DModel):
     "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning the predicted noise tensor."
     def forward(self, x, t=None):
@@ -150,7 +150,7 @@ def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_ch
                 layers_per_block=layers, norm_num_groups=groups, down_block_types=('DownBlock2D',)*n,
                 up_block_types=('UpBlock2D',)*n, add_attention=attn)
 
-# %% ../nbs/10_ddpm.ipynb #6b23e53c
+# %% ../nbs/10_ddpm.ipynb #d660e248
 def init_ddpm(model):
     "Zero each resnet block's `conv2` and the output conv, orthogonal init for downsamplers' convs; returns `model`."
     n_res = 0
@@ -167,7 +167,7 @@ def init_ddpm(model):
     if model.conv_out.bias is not None: nn.init.zeros_(model.conv_out.bias)
     return model
 
-# %% ../nbs/10_ddpm.ipynb #2503e8ef
+# %% ../nbs/10_ddpm.ipynb #19f0746e
 class DDPMCB(Callback):
     "Noisify each batch's images in `before_batch`, giving `((xt, t), eps)` for `TrainCB()`; `sample` makes images."
     order = DeviceCB.order + 1  # after DeviceCB: the noise is made on the device, next to the images
@@ -185,7 +185,7 @@ class DDPMCB(Callback):
         "Generate `shape` images with `model` by DDPM sampling on this callback's schedule (see `sample`)."
         return sample(model, shape, self.sched, **kwargs)
 
-# %% ../nbs/10_ddpm.ipynb #1cc86c94
+# %% ../nbs/10_ddpm.ipynb #23800241
 class EMACB(Callback):
     "Keep `ema_model`, an exponential moving average (weight `decay` on the past) of the model's weights and buffers."
     order = DeviceCB.order + 1  # after DeviceCB has moved the model: the average is made on the same device
@@ -203,7 +203,7 @@ class EMACB(Callback):
 
     def after_step(self, learn): self.ema_model.update_parameters(learn.model)
 
-# %% ../nbs/10_ddpm.ipynb #f9df7835
+# %% ../nbs/10_ddpm.ipynb #fd1c5b88
 def _ddpm_coefs(abar, var):
     "Rows (x0_from_xt, x0_from_eps, c0, ct, sigma) per step, from float64 `abar`."
     ab_prev = torch.cat([abar.new_ones(1), abar[:-1]])
@@ -228,7 +228,7 @@ def ddpm_step(x_t, eps_pred, t, sched, noise=None, clip=True, var='small'):
     if noise is not None and t > 0: x_prev = x_prev + noise*sig
     return x_prev, x0
 
-# %% ../nbs/10_ddpm.ipynb #7e95e491
+# %% ../nbs/10_ddpm.ipynb #c78db3da
 class Traj(NamedTuple):
     "A sampling trajectory: the steps `t`, and for each the input `xt` and the clean-image guess `x0` (stacked, CPU)."
     t: list
@@ -280,7 +280,7 @@ def sample(model, shape, sched, generator=None, return_traj=False, clip=True, va
             x = x_prev
     return (x, rec.traj()) if return_traj else x
 
-# %% ../nbs/10_ddpm.ipynb #7b592711
+# %% ../nbs/10_ddpm.ipynb #933d5314
 def ddim_timesteps(n_steps, steps):
     "`steps` evenly spaced steps of a `n_steps` schedule, from `n_steps-1` down ('trailing' spacing, as in diffusers)."
     if not isinstance(steps, int) or not 1 <= steps <= n_steps:
@@ -323,7 +323,7 @@ def ddim_sample(model, shape, sched, steps=50, eta=0., generator=None, clip=True
             x = x_prev
     return (x, rec.traj()) if return_traj else x
 
-# %% ../nbs/10_ddpm.ipynb #f59b0aed
+# %% ../nbs/10_ddpm.ipynb #97d3afef
 def collate_ddpm(b, abar, xl=0, flat=False, weights=None):
     "Collate items `b`, take the images (`xl`: index or key; plain tensors as they are) and `noisify` them with `abar`."
     xb = default_collate(b)
@@ -340,7 +340,7 @@ class DDPMCB2(Callback):
     def after_predict(self, learn):
         if hasattr(learn.preds, 'sample'): learn.preds = learn.preds.sample
 
-# %% ../nbs/10_ddpm.ipynb #5cafdd66
+# %% ../nbs/10_ddpm.ipynb #6f0ea713
 def _make_sched(sched, n_steps):
     if isinstance(sched, NoiseSched): return sched
     if sched == 'cosine': return cosine_sched(n_steps)
@@ -369,7 +369,7 @@ def train_ddpm(epochs=5, bs=128, lr=2e-3, n_steps=1000, sched='linear', source=N
     learn.fit(epochs)
     return SimpleNamespace(learn=learn, model=model, ema_model=ema_cb.ema_model if ema_cb else None, sched=sched)
 
-# %% ../nbs/10_ddpm.ipynb #d1d77cf6
+# %% ../nbs/10_ddpm.ipynb #4eda29d2
 def _check_feats(a, b):
     a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
@@ -400,7 +400,7 @@ def kid(feats_a, feats_b):
     return ((kaa.sum() - kaa.diagonal().sum())/(m*(m - 1)) + (kbb.sum() - kbb.diagonal().sum())/(n*(n - 1))
             - 2*k(a, b).mean()).item()
 
-# %% ../nbs/10_ddpm.ipynb #c278f451
+# %% ../nbs/10_ddpm.ipynb #cf81ccc6
 def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
     "A small conv classifier for 32×32 images whose penultimate layer (pooled, `nfs[-1]` wide) gives FID features."
     layers, ni = [], in_channels
@@ -447,7 +447,7 @@ class ImageEval:
         "KID of images `x` against the real images."
         return kid(self.feats(x), self.real_feats)
 
-# %% ../nbs/10_ddpm.ipynb #f2f7bb0b
+# %% ../nbs/10_ddpm.ipynb #57aaf518
 def _grid(imgs, nrow, pad=2, vrange=(-1., 1.)):
     "Images (N,C,H,W) as one (rows·H, nrow·W[, 3]) float array in [0, 1], with `pad` pixels of white between them."
     imgs = to_cpu(torch.as_tensor(imgs)).float()
