@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ARCHS', 'cnn_classifier', 'CLIError', 'get_parser', 'fit', 'load_model', 'read_images', 'predict', 'ddpm', 'main']
 
-# %% ../nbs/12_cli.ipynb #9c806162
+# %% ../nbs/12_cli.ipynb #34e9dbe4
 import argparse
 import json
 import math
@@ -25,7 +25,7 @@ from .conv import conv, default_device
 from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_dls
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 
-# %% ../nbs/12_cli.ipynb #7bac0d1c
+# %% ../nbs/12_cli.ipynb #db5bada6
 def cnn_classifier(nfs=(16, 32, 64, 128)):
     "A small batch-norm CNN for 1×28×28 images: stride-2 convs down to 1×1 and 10 logits."
     layers, ni = [], 1
@@ -37,7 +37,7 @@ def cnn_classifier(nfs=(16, 32, 64, 128)):
 
 ARCHS = {'cnn': cnn_classifier}
 
-# %% ../nbs/12_cli.ipynb #e7954abf
+# %% ../nbs/12_cli.ipynb #78642081
 class CLIError(Exception):
     "A user-facing error: `main` prints it as one line and exits with status 2."
 
@@ -53,14 +53,14 @@ def _positive(kind):
         return v
     return check
 
-# %% ../nbs/12_cli.ipynb #9eab30c1
+# %% ../nbs/12_cli.ipynb #310e9ea6
 def _channels(s):
     try: cs = tuple(int(c) for c in s.split(','))
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated ints like 16,32, got {s!r}")
     if not cs or any(c < 1 for c in cs): raise argparse.ArgumentTypeError(f"widths must be positive, got {s!r}")
     return cs
 
-# %% ../nbs/12_cli.ipynb #7f1badb0
+# %% ../nbs/12_cli.ipynb #f1c59bd5
 def get_parser():
     "The argument parser for the `miniai` command."
     p = _Parser(prog='miniai', allow_abbrev=False, description='miniai: train and use Fashion-MNIST models from the command line.')
@@ -94,7 +94,7 @@ def get_parser():
     d.add_argument('--n', type=_positive(int), default=16, help='images to sample (default: 16)')
     d.add_argument('--out', type=Path, default=Path('miniai-ddpm'), help='folder for the outputs (default: ./miniai-ddpm)')
     d.add_argument('--bs', type=_positive(int), default=128, help='batch size (default: 128)')
-    d.add_argument('--lr', type=_positive(float), default=5e-3, help='peak learning rate (default: 5e-3)')
+    d.add_argument('--lr', type=_positive(float), default=2e-3, help='peak learning rate (default: 2e-3; 5e-3 diverged in our runs)')
     d.add_argument('--channels', type=_channels, default=(32, 64, 128, 128), help='UNet widths, comma separated (default: 32,64,128,128)')
     d.add_argument('--n-train', type=_positive(int), default=None, help='train on only the first N images (default: all)')
     d.add_argument('--data', choices=['auto', 'hub', 'sample'], default=None, help="as for 'fit'")
@@ -102,7 +102,7 @@ def get_parser():
     d.add_argument('--device', default=None, help='torch device (default: the best available)')
     return p
 
-# %% ../nbs/12_cli.ipynb #09e25f66
+# %% ../nbs/12_cli.ipynb #3e461b3d
 class _OneCycle(TrainCB):
     "TrainCB that steps a OneCycleLR schedule after each optimizer step."
     def __init__(self, max_lr, total_steps): super().__init__(); self.max_lr, self.total_steps = max_lr, total_steps
@@ -135,7 +135,7 @@ def fit(epochs=3, bs=256, lr=1e-2, data=None, out='miniai-run', seed=42, device=
     fig.savefig(out/'loss.png', dpi=100, bbox_inches='tight')
     return learn
 
-# %% ../nbs/12_cli.ipynb #34b63ce6
+# %% ../nbs/12_cli.ipynb #1a1336d5
 def load_model(model_dir):
     "Rebuild the model saved by `fit` in `model_dir`; returns `(model, config)`."
     model_dir = Path(model_dir)
@@ -183,8 +183,8 @@ def predict(model_dir, images, out=None, bs=512):
     acc = float((preds == y).mean()) if y is not None and len(y) else None
     return preds, acc
 
-# %% ../nbs/12_cli.ipynb #4557edd0
-def ddpm(epochs=5, steps=1000, sampler='ddim', ddim_steps=50, n=16, out='miniai-ddpm', bs=128, lr=5e-3,
+# %% ../nbs/12_cli.ipynb #5e54afed
+def ddpm(epochs=5, steps=1000, sampler='ddim', ddim_steps=50, n=16, out='miniai-ddpm', bs=128, lr=2e-3,
          channels=(32, 64, 128, 128), n_train=None, data=None, seed=42, device=None):
     "Train a DDPM on Fashion-MNIST, then save `model.pt`, `samples.png` and `progression.png` into `out`."
     from miniai.ddpm import train_ddpm, sample, ddim_sample, save_grid, save_progression  # diffusers loads only here
@@ -205,7 +205,7 @@ def ddpm(epochs=5, steps=1000, sampler='ddim', ddim_steps=50, n=16, out='miniai-
     save_progression(traj, out/'progression.png', n_images=min(n, 4))
     return out
 
-# %% ../nbs/12_cli.ipynb #6f85715e
+# %% ../nbs/12_cli.ipynb #43f0437c
 def main(argv=None):
     "Entry point of the `miniai` console script."
     p = get_parser()

@@ -9,7 +9,7 @@ __all__ = ['EVENTS', 'STEPS', 'CKPT_VERSION', 'CancelFitException', 'CancelEpoch
            'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'checkpoint', 'save',
            'read_checkpoint', 'load', 'CheckpointCB']
 
-# %% ../nbs/04_learner.ipynb #15690cd6
+# %% ../nbs/04_learner.ipynb #a11c4f07
 import copy
 import math
 import os
@@ -33,7 +33,7 @@ from torcheval.metrics import Mean
 
 from .conv import default_device, to_device
 
-# %% ../nbs/04_learner.ipynb #3687e269
+# %% ../nbs/04_learner.ipynb #ec2c9c0e
 class CancelFitException(Exception):
     "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
 class CancelEpochException(Exception):
@@ -55,7 +55,7 @@ def run_cbs(cbs, method_nm, learn=None):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
-# %% ../nbs/04_learner.ipynb #7c81a536
+# %% ../nbs/04_learner.ipynb #91fc0817
 class with_cbs:
     "Decorator: run `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; always run `cleanup_{nm}`."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
@@ -71,7 +71,7 @@ class with_cbs:
             finally: learn.callback(cleanup)
         return _f
 
-# %% ../nbs/04_learner.ipynb #a333c5d4
+# %% ../nbs/04_learner.ipynb #32d10ac1
 def _check_lr(lr):
     if lr is None: return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
@@ -84,7 +84,7 @@ def _check_dl(dl, name):
         raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
                          f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
 
-# %% ../nbs/04_learner.ipynb #52cbea06
+# %% ../nbs/04_learner.ipynb #0399413f
 def get_rng_state(generator=None):
     "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -101,7 +101,7 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
-# %% ../nbs/04_learner.ipynb #b3d94c65
+# %% ../nbs/04_learner.ipynb #990b7929
 class Learner:
     "Train `model` on `dls` with `loss_func`, an optimizer from `opt_func`, and behaviour added by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
@@ -225,7 +225,7 @@ class Learner:
                                 f"or {nm}=False to fit")
             _check_dl(getattr(self.dls, nm), nm)
 
-# %% ../nbs/04_learner.ipynb #fb85910b
+# %% ../nbs/04_learner.ipynb #06ba1a91
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
     def __init__(self, n_inp=1):
@@ -258,7 +258,7 @@ class TrainCB(Callback):
         raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
                          f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
 
-# %% ../nbs/04_learner.ipynb #c713e334
+# %% ../nbs/04_learner.ipynb #623b566b
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
 _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
@@ -270,7 +270,7 @@ def _check_same_shape(preds, targs):
         raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}: an elementwise loss would "
                          "broadcast them into a wrong result. Reshape one to match (e.g. preds.squeeze(-1) or y[:, None])")
 
-# %% ../nbs/04_learner.ipynb #7519312b
+# %% ../nbs/04_learner.ipynb #1c7c564c
 def check_finite(learn):
     "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
     loss = learn.loss
@@ -290,7 +290,7 @@ class TerminateOnNaNCB(Callback):
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #bb7b1522
+# %% ../nbs/04_learner.ipynb #3bbbb7b6
 class Metric:
     "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
     def __init__(self): self.reset()
@@ -311,7 +311,7 @@ class Accuracy(Metric):
         if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
         return (inps == targs).float().mean()
 
-# %% ../nbs/04_learner.ipynb #d60a5508
+# %% ../nbs/04_learner.ipynb #ab496d1f
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
     order = -10
@@ -330,7 +330,7 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-# %% ../nbs/04_learner.ipynb #99e10d32
+# %% ../nbs/04_learner.ipynb #d7f2fbb1
 def _torcheval_metrics():
     from torcheval.metrics import MulticlassAccuracy, MulticlassF1Score, MeanSquaredError, R2Score
     return dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
@@ -341,7 +341,13 @@ def metric_by_name(name):
     if name not in known: raise ValueError(f"unknown metric name {name!r}; known names are {sorted(known)}, or pass a torcheval metric instance")
     return known[name]()
 
-# %% ../nbs/04_learner.ipynb #7c9333fe
+# %% ../nbs/04_learner.ipynb #ebce91ff
+def _n_items(b):
+    "Batch size: the length of the first tensor in `b`, looking inside nested tuples like `((xt, t), eps)`."
+    while isinstance(b, (tuple, list)) and b: b = b[0]
+    return len(b)
+
+# %% ../nbs/04_learner.ipynb #767e390d
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
     def __init__(self, *ms, buffer=32, **metrics):
@@ -385,9 +391,9 @@ class MetricsCB(Callback):
         if loss.numel() != 1:  # an unreduced loss can't be stacked with others: update now
             self._flush()
             for m in self.metrics.values(): m.update(preds, y)
-            self.loss.update(loss.float().mean(), weight=len(learn.batch[0]))
+            self.loss.update(loss.float().mean(), weight=_n_items(learn.batch))
             return
-        self._buf.append((preds.detach() if self.metrics else None, y, loss, len(learn.batch[0])))
+        self._buf.append((preds.detach() if self.metrics else None, y, loss, _n_items(learn.batch)))
         if len(self._buf) >= self.buffer: self._flush()
 
     def _flush(self):
@@ -410,7 +416,7 @@ class MetricsCB(Callback):
         log['train'] = 'train' if learn.training else 'eval'
         self._log(log)
 
-# %% ../nbs/04_learner.ipynb #7f6eccef
+# %% ../nbs/04_learner.ipynb #c4de7351
 class ProgressCB(Callback):
     "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
     order = MetricsCB.order + 1
@@ -477,13 +483,13 @@ class ProgressCB(Callback):
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #aa3cff87
+# %% ../nbs/04_learner.ipynb #d8ba0b4d
 class SingleBatchCB(Callback):
     "Stop `fit` after the first batch (a quick smoke test)."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #65a535e4
+# %% ../nbs/04_learner.ipynb #b4ccbb95
 class TrainLearner(Learner):
     "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -502,7 +508,7 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)
 
-# %% ../nbs/04_learner.ipynb #b37cfe69
+# %% ../nbs/04_learner.ipynb #1facd0f0
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
@@ -536,7 +542,7 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #5004a18d
+# %% ../nbs/04_learner.ipynb #0c6f4b70
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
@@ -553,7 +559,7 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     if plot: cb.plot()
     return cb.suggestion()
 
-# %% ../nbs/04_learner.ipynb #61e02c45
+# %% ../nbs/04_learner.ipynb #42b66fbf
 CKPT_VERSION = 1
 
 def _atomic_save(obj, path):
@@ -576,7 +582,7 @@ def _cb_key(learn, cb):
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
-# %% ../nbs/04_learner.ipynb #95b29a73
+# %% ../nbs/04_learner.ipynb #e4aa87cd
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0):
     "The full training state as a dict of plain data and tensors; the position is `done` training batches into `epoch`."
@@ -617,7 +623,7 @@ def load(self: Learner, path, with_opt=True):
         self.opt.load_state_dict(ck['opt'])
     return ck
 
-# %% ../nbs/04_learner.ipynb #2f3cac91
+# %% ../nbs/04_learner.ipynb #f552b820
 def _ckpt_files(folder):
     "Checkpoints in `folder`, oldest first (temp files from interrupted writes are ignored)."
     return sorted(Path(folder).glob('ckpt-*.pt'))
@@ -649,7 +655,7 @@ class CheckpointCB(Callback):
         fs = _ckpt_files(self.path)
         return fs[-1] if fs else None
 
-# %% ../nbs/04_learner.ipynb #36f45843
+# %% ../nbs/04_learner.ipynb #131044df
 class _ResumeCB(Callback):
     "Added by `fit(resume=...)`: after every other `before_fit`, load the checkpoint and set where to continue."
     order = 1000
