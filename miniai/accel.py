@@ -54,7 +54,7 @@ class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
     order = DeviceCB.order + 1  # after DeviceCB has moved the model: the precision is picked for the model's device
 
-    def __init__(self, n_inp=1, dtype='auto', _force_cpu_bf16=False, _force_scaler=False):
+    def __init__(self, n_inp=1, dtype='auto', _force_cpu_bf16=False, _force_scaler=False, **scaler_kwargs):
         super().__init__(n_inp)
         if dtype not in ('auto', 'fp16', 'bf16'):
             raise ValueError(f"MixedPrecision: dtype must be 'auto', 'fp16' or 'bf16', got {dtype!r}")
@@ -62,6 +62,7 @@ class MixedPrecision(TrainCB):
         # The private flags let tests run the bf16 and scaler code paths on a CPU that would otherwise skip them.
         self._force_cpu_bf16, self._force_scaler = _force_cpu_bf16, _force_scaler
         self.scaler, self.use_scaler, self.skipped_steps, self.autocast, self._warned = None, False, 0, None, False
+        self.scaler_kwargs, self._scaler_state = scaler_kwargs, None
 
     def _pick_dtype(self, dev_type):
         "The autocast dtype for device type `dev_type`, or None to train in fp32."
@@ -91,7 +92,8 @@ class MixedPrecision(TrainCB):
         self.device_type = _model_device(learn.model).type
         self.amp_dtype = self._pick_dtype(self.device_type)
         self.use_scaler = self.amp_dtype == torch.float16 or self._force_scaler
-        if self.use_scaler and self.scaler is None: self.scaler = torch.amp.GradScaler(self.device_type)
+        if self.use_scaler and self.scaler is None: self.scaler = torch.amp.GradScaler(self.device_type, **self.scaler_kwargs)
+        self._load_scaler()
         learn.scaler = self.scaler if self.use_scaler else None
 
     def before_batch(self, learn):
@@ -122,6 +124,21 @@ class MixedPrecision(TrainCB):
     def cleanup_fit(self, learn):
         self._exit_autocast()
         vars(learn).pop('scaler', None)
+
+    def state_dict(self):
+        "The scaler's state (scale, growth count) and `skipped_steps`, for checkpoints."
+        sc = self.scaler.state_dict() if self.scaler is not None else self._scaler_state
+        return dict(scaler=sc or None, skipped_steps=self.skipped_steps)
+
+    def load_state_dict(self, sd):
+        "Restore `state_dict()`'s values; the scaler's state is applied now if it exists, else when `fit` makes it."
+        self.skipped_steps, self._scaler_state = sd['skipped_steps'], sd['scaler']
+        self._load_scaler()
+
+    def _load_scaler(self):
+        if self.scaler is not None and self._scaler_state:
+            self.scaler.load_state_dict(self._scaler_state)
+            self._scaler_state = None
 
 # %% ../nbs/11_accel.ipynb #d5f5f748
 class _NoStep:

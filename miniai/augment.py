@@ -8,7 +8,7 @@ __all__ = ['RECIPE_NFS', 'DROPOUT_TYPES', 'MCDropout', 'Dropout', 'Dropout2d', '
            'show_image_batch', 'recipe_model', 'recipe_learner', 'fit_recipe', 'CapturePreds', 'capture_preds', 'tta',
            'TTD_CB', 'mc_dropout_predict']
 
-# %% ../nbs/09_augment.ipynb #b4dc1b9c
+# %% ../nbs/09_augment.ipynb #645d07ee
 import math
 from collections import namedtuple
 from contextlib import contextmanager
@@ -28,7 +28,7 @@ from .learner import (Callback, CancelFitException, DeviceCB, Learner, MetricsCB
 from .resnet import fmnist_resnet
 from .sgd import BatchSchedCB
 
-# %% ../nbs/09_augment.ipynb #258be0ef
+# %% ../nbs/09_augment.ipynb #1816a37d
 def _check_p(p, where):
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"{where}: p is the probability of dropping an activation and must be a number in [0, 1), "
@@ -50,7 +50,7 @@ class Dropout(nn.Module):
 
     def extra_repr(self): return f'p={self.p}'
 
-# %% ../nbs/09_augment.ipynb #a09054ae
+# %% ../nbs/09_augment.ipynb #a48727be
 class Dropout2d(Dropout):
     "Zero whole channels (all of a channel's H×W values together) with probability `p` while training; identity in eval."
     def mask_shape(self, x):
@@ -59,7 +59,7 @@ class Dropout2d(Dropout):
                              f"{tuple(x.shape)}; use Dropout for (N, features) activations")
         return x.shape[:2] + (1,)*(x.ndim - 2)
 
-# %% ../nbs/09_augment.ipynb #98835787
+# %% ../nbs/09_augment.ipynb #fb1760c6
 def tfm_batch(b, tfm_x=fc.noop, tfm_y=fc.noop):
     "Apply `tfm_x` to the inputs and `tfm_y` to the targets of batch `b` = `(xb, yb, ...)`."
     xb, yb, *rest = b
@@ -77,7 +77,7 @@ def _check_prob(p, where):
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"{where}: p is a probability and must be a number in [0, 1], got {p!r}")
 
-# %% ../nbs/09_augment.ipynb #990f09bd
+# %% ../nbs/09_augment.ipynb #c0bf1f37
 def hflip(x):
     "Mirror every image in `x` left to right."
     return x.flip(-1)
@@ -98,7 +98,7 @@ class RandFlip(nn.Module):
     def forward(self, x): return rand_flip(x, self.p)
     def extra_repr(self): return f'p={self.p}'
 
-# %% ../nbs/09_augment.ipynb #0edb6d20
+# %% ../nbs/09_augment.ipynb #c1a79505
 def _check_pad(pad, where):
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise ValueError(f"{where}: pad is a number of pixels and must be an int >= 0, got {pad!r}")
@@ -127,7 +127,7 @@ class RandCrop(nn.Module):
     def forward(self, x): return rand_crop(x, self.pad)
     def extra_repr(self): return f'pad={self.pad}'
 
-# %% ../nbs/09_augment.ipynb #e1159d54
+# %% ../nbs/09_augment.ipynb #b868b411
 def _check_rects(pct, max_num, where):
     if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
         raise ValueError(f"{where}: pct is the fraction of the image one rectangle covers and must be in (0, 1], got {pct!r}")
@@ -175,7 +175,7 @@ class RandErase(nn.Module):
     def forward(self, x): return rand_erase(x, self.pct, self.max_num)
     def extra_repr(self): return f'pct={self.pct}, max_num={self.max_num}'
 
-# %% ../nbs/09_augment.ipynb #d1721ac7
+# %% ../nbs/09_augment.ipynb #f0349c60
 def rand_copy(x, pct=0.2, max_num=4):
     "Copy 1 to `max_num` random rectangles per image, each about `pct` of its area, from a random place in the same image."
     _check_images(x, 'rand_copy')
@@ -203,14 +203,14 @@ class RandCopy(nn.Module):
     def forward(self, x): return rand_copy(x, self.pct, self.max_num)
     def extra_repr(self): return f'pct={self.pct}, max_num={self.max_num}'
 
-# %% ../nbs/09_augment.ipynb #69a24546
+# %% ../nbs/09_augment.ipynb #cb90d0a8
 def augment_cb(*tfms):
     "A `BatchTransformCB` applying `tfms` in order to the inputs of training batches only (not validation)."
     for t in tfms:
         if not callable(t): raise TypeError(f"augment_cb: {t!r} is not a transform; pass modules or functions of the batch's images")
     return BatchTransformCB(partial(tfm_batch, tfm_x=nn.Sequential(*tfms)), on_train=True, on_val=False)
 
-# %% ../nbs/09_augment.ipynb #f760a5fe
+# %% ../nbs/09_augment.ipynb #355576be
 class _StopBeforePredict(Callback):
     "Cancel the fit once every other `before_batch` callback has run on the first batch."
     order = 1000
@@ -239,9 +239,9 @@ def show_image_batch(learn, max_n=16, cbs=None, train=True, **kwargs):
     show_images(xb, **kwargs)
     return xb
 
-fc.patch_to(Learner)(show_image_batch)
+fc.patch_to(Learner)(show_image_batch)   # also `learn.show_image_batch(...)`
 
-# %% ../nbs/09_augment.ipynb #48bf3a6c
+# %% ../nbs/09_augment.ipynb #fc20850f
 RECIPE_NFS = (16, 32, 64, 128, 256)
 
 def recipe_model(nfs=RECIPE_NFS, drop=0.):
@@ -253,7 +253,7 @@ def recipe_model(nfs=RECIPE_NFS, drop=0.):
         model = nn.Sequential(*layers[:i], Dropout(drop), *layers[i:])
     return model.apply(partial(init_weights, leaky=0.1))   # 0.1: the slope of the ResNet's GeneralRelu
 
-# %% ../nbs/09_augment.ipynb #91714475
+# %% ../nbs/09_augment.ipynb #37a44e19
 def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, device=None,
                    cbs=None, progress=True):
     "A `Learner` set up with the default recipe for `learn.fit(epochs)`; see `fit_recipe` for the arguments."
@@ -276,7 +276,7 @@ def fit_recipe(dls=None, epochs=12, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=
     learn.fit(epochs)
     return learn
 
-# %% ../nbs/09_augment.ipynb #d05e03c7
+# %% ../nbs/09_augment.ipynb #ae7b5b8b
 class CapturePreds(Callback):
     "Collect `preds`, targets and (if `inps`) inputs of every batch on the CPU; concatenated in `after_fit`."
     def __init__(self, inps=False): self.inps = inps
@@ -292,25 +292,27 @@ class CapturePreds(Callback):
         first = self.all_inps[0]
         self.inps = torch.cat(self.all_inps) if isinstance(first, torch.Tensor) else tuple(map(torch.cat, zip(*self.all_inps)))
 
-@fc.patch
-def capture_preds(self: Learner, inps=False, cbs=None):
+def capture_preds(learn, inps=False, cbs=None):
     "Run one validation epoch and return `(preds, targs)` (and the inputs, if `inps`) on the CPU; changes nothing."
     cp = CapturePreds(inps)
-    with _unchanged(self): self.fit(1, train=False, cbs=[cp, *fc.L(cbs)])
+    with _unchanged(learn): learn.fit(1, train=False, cbs=[cp, *fc.L(cbs)])
     return (cp.preds, cp.targs, cp.inps) if inps else (cp.preds, cp.targs)
 
-# %% ../nbs/09_augment.ipynb #4a41003e
-@fc.patch
-def tta(self: Learner, tfms=(hflip,), cbs=None):
+fc.patch_to(Learner)(capture_preds)   # also `learn.capture_preds(...)`
+
+# %% ../nbs/09_augment.ipynb #93f23032
+def tta(learn, tfms=(hflip,), cbs=None):
     "Softmax probabilities averaged over the valid set as is and under each of `tfms`; returns `(probs, targs)`; changes nothing."
-    preds, targs = self.capture_preds(cbs=cbs)
+    preds, targs = capture_preds(learn, cbs=cbs)
     probs = preds.float().softmax(-1)
     for tfm in tfms:
         tfm_cb = BatchTransformCB(partial(tfm_batch, tfm_x=tfm), on_train=False, on_val=True)
-        probs += self.capture_preds(cbs=[tfm_cb, *fc.L(cbs)])[0].float().softmax(-1)
+        probs += capture_preds(learn, cbs=[tfm_cb, *fc.L(cbs)])[0].float().softmax(-1)
     return probs/(len(tfms) + 1), targs
 
-# %% ../nbs/09_augment.ipynb #a90696b4
+fc.patch_to(Learner)(tta)   # also `learn.tta(...)`
+
+# %% ../nbs/09_augment.ipynb #8d4475a0
 DROPOUT_TYPES = (Dropout, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 def _dropouts(model): return [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
@@ -326,7 +328,7 @@ class TTD_CB(Callback):
         for m in self.switched: m.eval()
         self.switched = []
 
-# %% ../nbs/09_augment.ipynb #f2d27439
+# %% ../nbs/09_augment.ipynb #78f3e519
 MCDropout = namedtuple('MCDropout', 'probs spread targs')
 
 def _check_mc(model, n):
@@ -367,7 +369,7 @@ def mc_dropout_predict(learn_or_model, dl=None, n=10):
         if dl is not None:
             raise ValueError("mc_dropout_predict: with a Learner the validation set learn.dls.valid is used; pass the "
                              "model (learn.model) instead to predict on another DataLoader")
-        runs = [learn.capture_preds(cbs=TTD_CB()) for _ in range(n)]
+        runs = [capture_preds(learn, cbs=TTD_CB()) for _ in range(n)]
         return _mc_summary(torch.stack([p.float().softmax(-1) for p, _ in runs]), runs[0][1])
     model = learn_or_model
     if not isinstance(model, nn.Module): raise TypeError(f"mc_dropout_predict needs a Learner or an nn.Module, got {type(model).__name__}")

@@ -192,7 +192,7 @@ class EMACB(Callback):
 
     def __init__(self, decay=0.999):
         if not 0 <= decay < 1: raise ValueError(f"EMACB: decay must be in [0, 1), e.g. 0.999; got {decay!r}")
-        self.decay, self.ema_model, self._src = decay, None, None
+        self.decay, self.ema_model, self._src, self._state = decay, None, None, None
 
     def before_fit(self, learn):
         if self.ema_model is None or self._src is not learn.model:
@@ -200,8 +200,23 @@ class EMACB(Callback):
             self._src = learn.model
         p = next(learn.model.parameters(), None)
         if p is not None: self.ema_model.module.to(p.device)  # only the module: n_averaged stays on the CPU
+        self._load()
 
     def after_step(self, learn): self.ema_model.update_parameters(learn.model)
+
+    def state_dict(self):
+        "The averaged weights and buffers and the number of steps averaged, for checkpoints."
+        return dict(ema=self.ema_model.state_dict() if self.ema_model is not None else self._state)
+
+    def load_state_dict(self, sd):
+        "Restore `state_dict()`; applied now if the average exists, else when `fit` makes it."
+        self._state = sd['ema']
+        self._load()
+
+    def _load(self):
+        if self.ema_model is not None and self._state is not None:
+            self.ema_model.load_state_dict(self._state)
+            self._state = None
 
 # %% ../nbs/10_ddpm.ipynb #fd1c5b88
 def _ddpm_coefs(abar, var):

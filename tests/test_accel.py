@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from miniai.accel import AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision, MultDL, cpu_has_bf16
+import miniai.accel as accel
+from miniai.accel import AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision, MultDL
 from miniai.datasets import DataLoaders
 from miniai.learner import CancelBatchException, Callback, Learner, MetricsCB, TrainCB
 
@@ -80,6 +81,17 @@ def fit(*cbs, m=None, d=None, lr=0.1, **kw):
         learn.fit(kw.pop('n_epochs', 1), **kw)
     return learn
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16(monkeypatch):
+    """Every test sees a CPU without native bf16 unless it asks otherwise, so MixedPrecision's CPU path is fp32 (exact
+    comparisons against TrainCB) on any machine; `native_bf16` below tests the other kind of CPU."""
+    monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: False)
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    "Pretend the CPU computes bf16 natively (it is emulated, and slow, where it doesn't; the models here are tiny)."
+    monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
+
 @pytest.fixture
 def fresh_accelerate():
     "accelerate keeps one process-wide state; reset it so each test can pick its own settings."
@@ -91,7 +103,6 @@ def fresh_accelerate():
 # ---------------------------------------------------------------- MixedPrecision
 
 @cpu_only
-@pytest.mark.skipif(cpu_has_bf16(), reason='this CPU has native bf16, so there is no fallback')
 def test_cpu_falls_back_to_fp32_with_one_warning():
     mp, ref, losses = MixedPrecision(), LossesCB(), LossesCB()
     fit(TrainCB(), ref)
@@ -106,6 +117,22 @@ def test_cpu_falls_back_to_fp32_with_one_warning():
     assert 'fp32' in msgs[0] and 'bf16' in msgs[0]
     assert mp.amp_dtype is None and mp.scaler is None
     assert first == ref.losses  # plain fp32, identical to TrainCB
+
+@cpu_only
+def test_cpu_with_native_bf16_autocasts_quietly(native_bf16):
+    mp, ref, losses, seen = MixedPrecision(), LossesCB(), LossesCB(), []
+    class DtypeCB(Callback):
+        def after_predict(self, learn): seen.append(learn.preds.dtype)
+    fit(TrainCB(), ref)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[mp, losses, DtypeCB()]).fit(1)
+    assert not [w for w in ws if 'MixedPrecision' in str(w.message)]
+    assert mp.amp_dtype == torch.bfloat16 and mp.scaler is None
+    assert set(seen) == {torch.bfloat16}  # train and valid forward passes both autocast
+    assert losses.losses != ref.losses  # really not fp32...
+    torch.testing.assert_close(losses.losses, ref.losses, rtol=5e-2, atol=0)  # ...but the same training
+    assert torch.is_autocast_enabled('cpu') is False
 
 @cpu_only
 def test_fp16_on_cpu_is_refused():
@@ -300,7 +327,6 @@ def test_accelerate_fp16_on_cpu_is_refused(fresh_accelerate):
     AccelerateCB()  # and the refusal left accelerate's state free for another setting
 
 @cpu_only
-@pytest.mark.skipif(cpu_has_bf16(), reason='this CPU has native bf16')
 def test_accelerate_bf16_on_slow_cpu_warns(fresh_accelerate):
     with pytest.warns(UserWarning, match="many times slower"): AccelerateCB(mixed_precision='bf16')
 

@@ -20,12 +20,17 @@ def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('full')
     r = train(tmp, 'full')
     assert r.returncode == 0, r.stderr
-    return torch.load(tmp/'full.pt', weights_only=True)
+    full = torch.load(tmp/'full.pt', weights_only=True)
+    assert full['scaler']['scale'] > 2.**16, full['scaler']  # it grew, so a resume that lost it would show
+    assert full['ema']['n_averaged'] == N_BATCHES
+    return full
 
 def assert_same(a, b):
-    assert a['model'].keys() == b['model'].keys()
-    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    for part in ('model', 'ema'):  # the weights, and EMACB's average of them (with its step count)
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]: assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a['history'] == b['history']
+    assert a['scaler'] == b['scaler'] and a['skipped'] == b['skipped']  # MixedPrecision's GradScaler state
 
 def test_kill_at_random_batch_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
     kill_at = random.Random().randrange(11, N_BATCHES)  # any batch after the first checkpoint (every 10)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import miniai
+from miniai.augment import RECIPE_NFS
 
 MINIAI = Path(sys.executable).parent/'miniai'
 SAMPLE = Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
@@ -37,6 +38,8 @@ def test_fit_writes_model_config_and_curve(fitted):
     cfg = json.loads((out/'config.json').read_text())
     assert [h['train'] for h in cfg['history']] == [True, False]
     assert cfg['history'][-1]['accuracy'] > 0.6
+    # the default is the recipe's ResNet, and predict must be able to rebuild it from what config.json says
+    assert (cfg['arch'], cfg['nfs'], cfg['epochs'], cfg['bs']) == ('resnet', list(RECIPE_NFS), 1, 128)
 
 def test_predict_with_labels_prints_accuracy_last(fitted, tmp_path):
     out, _ = fitted
@@ -65,6 +68,7 @@ def test_predict_without_labels(fitted, tmp_path):
     (['fit', '--bogus'], 'unrecognized arguments'),
     (['fit', '--lr', '-1'], '--lr'),
     (['fit', '--data', 'web'], '--data'),
+    (['fit', '--arch', 'vgg'], '--arch'),
     (['predict', '--images', 'x.npz'], '--model'),
     (['predict', '--model', 'no/such/dir', '--images', 'x.npz'], 'not found'),
     (['fit', '--data', 'hub', '--epochs', '1'], 'sample'),
@@ -80,7 +84,7 @@ def test_bad_input_is_one_line(args, words):
 def test_help_explains_every_option():
     r = run('fit', '--help')
     assert r.returncode == 0
-    for opt in ('--epochs', '--bs', '--lr', '--data', '--out'): assert opt in r.stdout
+    for opt in ('--arch', '--epochs', '--bs', '--lr', '--data', '--out'): assert opt in r.stdout
     r = run('predict', '--help')
     for opt in ('--model', '--images', '--out'): assert opt in r.stdout
 

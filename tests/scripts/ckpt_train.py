@@ -3,7 +3,7 @@
 Run it whole, or kill it (SIGKILL, from inside, at a chosen batch or in the middle of a checkpoint write) and run it
 again with --resume: the final weights must be bitwise equal to the uninterrupted run's.
 """
-import argparse, os, signal
+import argparse, os, signal, warnings
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,9 @@ from torcheval.metrics import MulticlassAccuracy
 
 import miniai.learner as ml
 from miniai.datasets import fashion_dls
-from miniai.learner import Callback, CheckpointCB, Learner, MetricsCB, TrainCB
+from miniai.accel import MixedPrecision
+from miniai.ddpm import EMACB
+from miniai.learner import Callback, CheckpointCB, Learner, MetricsCB
 from miniai.sgd import BatchSchedCB
 
 p = argparse.ArgumentParser()
@@ -49,7 +51,12 @@ if args.kill_in_write:
     ml.os.fsync = fsync
 
 one_cycle = BatchSchedCB(lambda opt: optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=args.epochs*len(dls.train)))
-cbs = [TrainCB(), one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
+# MixedPrecision falls back to fp32 on this CPU but keeps a GradScaler (forced), growing its scale every 5 steps, so
+# the scaler's state changes during the run and must come back on resume; EMACB's average must too.
+warnings.filterwarnings('ignore', message='MixedPrecision: training in fp32')
+mp, ema = MixedPrecision(_force_scaler=True, growth_interval=5), EMACB(0.9)
+cbs = [mp, ema, one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
 learn = Learner(model, dls, F.cross_entropy, lr=0.05, cbs=cbs, opt_func=lambda ps, lr: optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=1e-4))
 learn.fit(args.epochs, resume='latest' if args.resume else None)
-torch.save({'model': learn.model.state_dict(), 'history': learn.metrics.history}, args.out)
+torch.save({'model': learn.model.state_dict(), 'history': learn.metrics.history, 'ema': ema.ema_model.state_dict(),
+            'scaler': mp.scaler.state_dict(), 'skipped': mp.skipped_steps}, args.out)
