@@ -9,10 +9,6 @@ Three ways to get shuffled, normalised Fashion-MNIST batches of 256 from the bun
 - bare: take rows of a uint8 tensor by a random permutation (`index_select`) and divide by 255, nothing else: the
   practical upper limit.
 
-We also time ours with a proposed `TensorDL.get_batch` (monkeypatched here; see RESULTS.md): rows taken with
-`index_select` instead of `x[idx]` (which goes element by element and is ~20x slower on uint8 images here), and the
-scaling and normalisation folded into one multiply and one subtract.
-
 The course's route is ~100x slower, so only a limited number of its batches is timed. All three are timed in
 interleaved rounds (the order rotating each round) so that load from other processes hits them alike; we report
 medians of wall-clock and CPU time after a warm-up.
@@ -25,7 +21,6 @@ import os
 import platform
 import statistics
 import time
-from types import MethodType
 
 import numpy as np
 import torch
@@ -71,24 +66,6 @@ class Bare:
             yield self.x.index_select(0, b).float().div_(255), self.y.index_select(0, b)
 
 
-def proposed_get_batch(self, idx):
-    "TensorDL.get_batch as proposed: whole-row `index_select`, and one multiply-subtract to scale and normalise."
-    idx = torch.as_tensor(idx)
-    xb = self.x.index_select(0, idx).float()  # x[idx] copies element by element; index_select copies whole rows
-    if self.mean is None: xb = xb.div_(255)
-    else: xb = xb.mul_(1/(255*self.std)).sub_(self.mean/self.std)  # (x/255 - mean)/std in two passes, not three
-    if self.flat: xb = xb.view(len(idx), -1)
-    elif xb.ndim == 3: xb = xb.unsqueeze(1)
-    return xb, self.y.index_select(0, idx)
-
-
-def proposed_dl():
-    "Ours with the proposed get_batch, patched onto one instance only."
-    dl = fashion_dls(bs=BS, source='sample', seed=0).train
-    dl.get_batch = MethodType(proposed_get_batch, dl)
-    return dl
-
-
 def rate(dl, n_batches):
     "(wall, CPU) seconds per batch over the first `n_batches` batches of fresh passes over `dl`."
     done = 0
@@ -100,20 +77,16 @@ def rate(dl, n_batches):
     return (time.perf_counter() - w0) / n_batches, (time.process_time() - c0) / n_batches
 
 
-def check_same_batches(ours, course, proposed):
+def check_same_batches(ours, course):
     "All routes must give the same kind of batch: (256,1,28,28) float32 normalised alike, int64 labels."
     xb, yb = next(iter(ours))
     xc, yc = next(iter(course))
-    xp, yp = next(iter(proposed))
-    for name, (x, y) in dict(ours=(xb, yb), course=(xc, yc), proposed=(xp, yp)).items():
+    for name, (x, y) in dict(ours=(xb, yb), course=(xc, yc)).items():
         if x.shape != (BS, 1, 28, 28) or x.dtype != torch.float32 or y.dtype != torch.int64:
             raise AssertionError(f'{name} gives {tuple(x.shape)} {x.dtype}, {y.dtype}')
     first_ours = ours.get_batch(torch.arange(4))[0]  # the same four images through both routes
     first_course = collate_dict(course.dataset)([course.dataset[i] for i in range(4)])[0]
     if not torch.allclose(first_ours, first_course, atol=1e-5): raise AssertionError('the two routes normalise differently')
-    idx = torch.randperm(len(ours.x))[:BS]
-    for a, b in zip(ours.get_batch(idx), proposed.get_batch(idx)):
-        if not torch.allclose(a, b, atol=1e-5): raise AssertionError('the proposed get_batch gives different batches')
 
 
 def main():
@@ -129,12 +102,11 @@ def main():
     ours = fashion_dls(bs=BS, source='sample', seed=0).train
     course = course_dl()
     bare = Bare(ours.x.view(len(ours.x), -1), ours.y)  # the same uint8 tensor ours cuts from
-    proposed = proposed_dl()
-    check_same_batches(ours, course, proposed)
-    print(f'same batches checked: ours, proposed and course all give ({BS},1,28,28) float32 normalised alike; train split {len(ours.x)} '
+    check_same_batches(ours, course)
+    print(f'same batches checked: ours and course both give ({BS},1,28,28) float32 normalised alike; train split {len(ours.x)} '
           f'images = {len(ours)} batches per epoch\n')
 
-    loaders = dict(ours=(ours, args.fast_batches), proposed=(proposed, args.fast_batches), bare=(bare, args.fast_batches),
+    loaders = dict(ours=(ours, args.fast_batches), bare=(bare, args.fast_batches),
                    course=(course, args.course_batches))
     for dl, n in loaders.values(): rate(dl, min(n, 5))  # warm-up
     times = {k: [] for k in loaders}
@@ -152,11 +124,6 @@ def main():
     print(f'\nours/course: {oc_w:.0f}x wall, {oc_c:.0f}x CPU  (goal >= {GOAL_COURSE}x: '
           f'{"met" if oc_w >= GOAL_COURSE else "NOT met"}, judged on wall clock; CPU time counts every thread)')
     print(f'ours/bare:   {ob_w:.2f} wall, {ob_c:.2f} CPU  (the fraction of the bare loop\'s rate we reach)')
-    pc_w, pc_c, pb_w, pb_c = (pair('proposed', 'course', 0), pair('proposed', 'course', 1), pair('proposed', 'bare', 0),
-                              pair('proposed', 'bare', 1))
-    print(f'with the proposed get_batch: ours/course {pc_w:.0f}x wall, {pc_c:.0f}x CPU '
-          f'({"met" if pc_w >= GOAL_COURSE else "NOT met"}); ours/bare {pb_w:.2f} wall, {pb_c:.2f} CPU; '
-          f'{pair("ours", "proposed", 0) ** -1:.2f}x the shipped rate')
     print('load average at end:', ', '.join(f'{x:.2f}' for x in os.getloadavg()))
 
 

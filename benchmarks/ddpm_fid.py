@@ -1,6 +1,6 @@
 """DDPM sample quality on a CPU: FID/KID and time of DDPM (1000 steps) vs DDIM (100, 50 steps), raw vs EMA weights.
 
-    python benchmarks/ddpm_fid.py             # the measured configuration, ~35 min on 1 core of a shared CPU
+    python benchmarks/ddpm_fid.py             # the measured configuration, ~27 min on 1 core (AMD EPYC)
     python benchmarks/ddpm_fid.py --small     # a ~1 minute smoke run (tiny model, N=32); numbers mean nothing
     python benchmarks/ddpm_fid.py --ddpm-raw on   # always add the DDPM 1000 raw-weights row (another ~1000·N evals)
 

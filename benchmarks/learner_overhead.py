@@ -5,11 +5,12 @@ the validation set, and both compute the same metrics: the size-weighted mean lo
 on the device and read once per epoch. The model is so small that the Python cost per batch shows up clearly,
 which is what this measures. Timings alternate Learner and hand loop (ABAB, order flipped every pair) so that load
 from other processes hits both alike; we report medians after a warm-up, of wall-clock time and of this process's
-CPU time (which other processes disturb less). Besides the shipped Learner it times two proposed changes to
-miniai.learner (A, B below, monkeypatched for the run) and a few ablations that show where the time goes.
+CPU time (which other processes disturb less). Besides the shipped Learner it times ablations that take one piece
+of the design away (MetricsCB's buffered updates, the one-read finite check, ProgressCB, the metrics) to show where
+the time goes.
 
     python benchmarks/learner_overhead.py            # ~30 s on an idle 2-core machine (2-4x that when shared)
-    python benchmarks/learner_overhead.py --quick    # shipped Learner and the proposed changes only
+    python benchmarks/learner_overhead.py --quick    # the shipped Learner only
     python benchmarks/learner_overhead.py --profile  # also: cProfile of the Learner, top functions by own time
 """
 import argparse
@@ -17,7 +18,6 @@ import contextlib
 import copy
 import cProfile
 import io
-import math
 import os
 import platform
 import pstats
@@ -34,6 +34,8 @@ from miniai.datasets import fashion_dls
 from miniai.learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 
 GOAL = 1.03  # Learner/hand-loop epoch time we aim for
+SHIPPED = 'Learner + 4 callbacks (as shipped)'
+BUFFER = MetricsCB().buffer  # batches MetricsCB collects before updating its torcheval metrics
 LR, BS, SEED = 0.1, 64, 42
 
 
@@ -105,94 +107,32 @@ def default_cbs():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Proposed change A to miniai.learner, tried here by monkeypatching (see RESULTS.md): MetricsCB keeps each batch's
-# detached preds, targets and loss, and hands them to the torcheval metrics FLUSH batches at a time. torcheval's
-# update costs tens of µs per call whatever the batch size (inference_mode, input checks, small tensor
-# allocations), so calling it 1/FLUSH as often removes nearly all of that, and the results are the same because
-# the metrics sum over samples. Only the loss is kept when there are no other metrics, so big preds are never held.
-# Measured here: flushing every 16 batches gives ~1.03x, every 64 ~1.01x, once per epoch ~1.00x; 64 bounds the
-# memory held to 64 batches of predictions.
-FLUSH = 64
+# Ablations: each takes one piece of the shipped design away, to show what it costs or saves.
+def unbuffered_cbs():
+    "MetricsCB updating its torcheval metrics every batch (buffer=1), as the course's MetricsCB does."
+    return [TrainCB(), DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy(), buffer=1), ProgressCB()]
 
 
-def buffered_before_epoch(self, learn):
-    _orig['before_epoch'](self, learn)
-    self._buf = []
-
-
-def buffered_after_batch(self, learn):
-    preds, n_inp = learn.preds, getattr(learn, 'n_inp', 1)
-    if preds.device != self._dev:
-        self._dev = preds.device
-        for m in self.all_metrics.values(): m.to(self._dev)
-    y = learn.batch[n_inp] if self.metrics else None
-    self._buf.append((preds.detach() if self.metrics else None, y, learn.loss.detach(), len(learn.batch[0])))
-    if len(self._buf) >= FLUSH: buffered_flush(self)
-
-
-def buffered_flush(self):
-    if not self._buf: return
-    preds, ys, losses, ns = zip(*self._buf)
-    self._buf = []
-    if self.metrics:
-        p, y = torch.cat(preds), torch.cat(ys)
-        for m in self.metrics.values(): m.update(p, y)
-    losses = torch.stack(losses).float()
-    self.loss.update(losses, weight=torch.tensor(ns, dtype=losses.dtype, device=losses.device))
-
-
-def buffered_after_epoch(self, learn):
-    buffered_flush(self)
-    _orig['after_epoch'](self, learn)
-
-
-def buffered_state_dict(self):
-    if getattr(self, '_buf', None): buffered_flush(self)  # a mid-epoch checkpoint must see every batch so far
-    return _orig['state_dict'](self)
-
-
-_patch = dict(before_epoch=buffered_before_epoch, after_batch=buffered_after_batch, after_epoch=buffered_after_epoch,
-              state_dict=buffered_state_dict)
-_orig = {k: getattr(MetricsCB, k) for k in _patch}
-
-
-@contextlib.contextmanager
-def buffered_metrics():
-    "MetricsCB with the proposed buffered updates, for the duration of the `with`."
-    for k, f in _patch.items(): setattr(MetricsCB, k, f)
-    try: yield
-    finally:
-        for k, f in _orig.items(): setattr(MetricsCB, k, f)
-
-
-# Proposed change B: TrainCB.backward checks the loss with `torch.isfinite(loss).all()` and a bool, three tensor
-# ops (and a host sync on a GPU) per batch. For the usual scalar loss, `math.isfinite(loss.item())` gives the same
-# answer in one cheap read; only a bad or non-scalar loss goes on to the original check (which raises the error).
-def _patch_check(new):
+def _patch_check(make):
+    "A context manager that swaps `miniai.learner.check_finite` for `make(original)` while it is active."
     @contextlib.contextmanager
     def _cm():
-        orig = getattr(ml, 'check_finite', None)
-        if orig is not None: ml.check_finite = new(orig)
+        orig = ml.check_finite
+        ml.check_finite = make(orig)
         try: yield
-        finally:
-            if orig is not None: ml.check_finite = orig
+        finally: ml.check_finite = orig
     return _cm
 
 
-def _cheap(orig):
+def _tensor_check(orig):
+    "The course-style check: three tensor ops (`isfinite`, `all`, `bool`) per batch instead of one `.item()`."
     def check_finite(learn):
-        loss = learn.loss
-        if loss.numel() != 1 or not math.isfinite(loss.item()): orig(learn)
+        if not torch.isfinite(learn.loss).all(): orig(learn)
     return check_finite
 
 
-cheap_finite_check = _patch_check(_cheap)                   # change B
-no_finite_check = _patch_check(lambda orig: lambda learn: None)  # ablation: what the check costs at all
-
-
-@contextlib.contextmanager
-def both_changes():
-    with buffered_metrics(), cheap_finite_check(): yield
+tensor_finite_check = _patch_check(_tensor_check)
+no_finite_check = _patch_check(lambda orig: lambda learn: None)  # what the check costs at all
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,24 +164,21 @@ def summary(ta, tb, k):
 
 
 def check_same_work(n_epochs=2):
-    "Same weights and data order: hand loop, Learner and Learner with changes A + B must report the same metrics."
+    "Same weights and data order: the hand loop and the Learner (buffered or not) must report the same metrics."
     torch.manual_seed(0)
     m = get_model()
-    hand, lrn, lrn_buf = Hand(copy.deepcopy(m)), Lrn(copy.deepcopy(m)), Lrn(copy.deepcopy(m))
+    hand, lrn, lrn_1 = Hand(copy.deepcopy(m)), Lrn(copy.deepcopy(m)), Lrn(copy.deepcopy(m), unbuffered_cbs())
     with contextlib.redirect_stdout(io.StringIO()):
-        hand.run(n_epochs); lrn.run(n_epochs)
-        with both_changes(): lrn_buf.run(n_epochs)
-    for got in (lrn.learn.metrics.history, lrn_buf.learn.metrics.history):
+        hand.run(n_epochs); lrn.run(n_epochs); lrn_1.run(n_epochs)
+    for got in (lrn.learn.metrics.history, lrn_1.learn.metrics.history):
         if len(got) != len(hand.history): raise AssertionError(f'{len(got)} Learner records vs {len(hand.history)}')
         for h, g in zip(hand.history, got):
             for k in ('accuracy', 'loss'):
                 if abs(h[k] - g[k]) > 1e-5: raise AssertionError(f'hand loop and Learner disagree on {k}: {h[k]} vs {g[k]}')
-    if hasattr(ml, 'check_finite'):  # change B must still stop a NaN loss with the original error
-        bad = type('FakeLearner', (), dict(loss=torch.tensor(float('nan')), epoch=0, iter=0))()
-        with cheap_finite_check():
-            try: ml.check_finite(bad)
-            except FloatingPointError: pass
-            else: raise AssertionError('change B let a NaN loss through')
+    bad = type('FakeLearner', (), dict(loss=torch.tensor(float('nan')), epoch=0, iter=0))()
+    try: ml.check_finite(bad)  # the cheap check must still stop a NaN loss
+    except FloatingPointError: pass
+    else: raise AssertionError('check_finite let a NaN loss through')
     return got[-1]
 
 
@@ -261,9 +198,9 @@ def per_batch_update_cost(n=2000):
         nonlocal total
         total += loss * BS
 
-    def buffered():  # what the proposed MetricsCB does per batch, flush included
+    def buffered():  # what MetricsCB does per batch, flush included
         buf.append((preds.detach(), targ, loss.detach(), BS))
-        if len(buf) >= FLUSH:
+        if len(buf) >= BUFFER:
             p, y, l, ns = zip(*buf)
             buf.clear()
             acc.update(torch.cat(p), torch.cat(y))
@@ -296,32 +233,19 @@ def profile_learner(n_epochs=5):
 
 
 def main():
-    global FLUSH
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--pairs', type=int, default=15, help='ABAB pairs per comparison')
     p.add_argument('--epochs', type=int, default=1, help='epochs per timed run')
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads (default 1: the model is tiny and the 2-core machine is shared)')
-    p.add_argument('--flush', type=int, default=FLUSH, help='change A: batches buffered between metric updates')
-    p.add_argument('--quick', action='store_true', help='only the shipped Learner and the proposed changes')
-    p.add_argument('--fast-data', action='store_true',
-                   help="both sides use the get_batch proposed in data_pipeline.py (so data loading weighs less)")
+    p.add_argument('--quick', action='store_true', help='only the shipped Learner, no ablations')
     p.add_argument('--profile', action='store_true', help='also print a cProfile of the Learner')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    FLUSH = args.flush
     print('machine:', machine(torch.get_num_threads()))
-    if args.fast_data:
-        import sys
-        from pathlib import Path
-        from miniai.datasets import TensorDL
-        sys.path.insert(0, str(Path(__file__).parent))
-        from data_pipeline import proposed_get_batch
-        TensorDL.get_batch = proposed_get_batch
-        print('data: TensorDL.get_batch patched with the version proposed in data_pipeline.py')
 
     last = check_same_work()
-    print(f"same work checked: hand loop, Learner and Learner with changes A + B agree (last valid loss "
+    print(f"same work checked: hand loop and Learner (buffered and per-batch metric updates) agree (last valid loss "
           f"{last['loss']:.4f}, accuracy {last['accuracy']:.4f})")
 
     torch.manual_seed(0)
@@ -329,22 +253,20 @@ def main():
     hand = Hand(copy.deepcopy(m))
     n_batches = len(hand.dls.train) + len(hand.dls.valid)
     print(f'{n_batches} batches per epoch ({len(hand.dls.train)} train at bs {BS}, {len(hand.dls.valid)} valid at '
-          f'bs {2*BS}); {args.pairs} ABAB pairs of {args.epochs} epoch(s) each; medians; change A flushes every '
-          f'{FLUSH} batches\n')
+          f'bs {2*BS}); {args.pairs} ABAB pairs of {args.epochs} epoch(s) each; medians; MetricsCB buffers '
+          f'{BUFFER} batches\n')
     plain = contextlib.nullcontext
     shipped = lambda: Lrn(copy.deepcopy(m))
+    core = lambda: Lrn(copy.deepcopy(m), [TrainCB(), DeviceCB()])
     variants = {  # name: (make the runner, patch active while it runs)
-        'Learner + 4 callbacks (as shipped)': (shipped, plain),
-        'A: MetricsCB buffers updates': (shipped, buffered_metrics),
-        'B: finite check via loss.item()': (shipped, cheap_finite_check),
-        'A + B (proposed)': (shipped, both_changes),
+        SHIPPED: (shipped, plain),
+        'ablation: metrics updated every batch': (lambda: Lrn(copy.deepcopy(m), unbuffered_cbs()), plain),
+        'ablation: tensor finite check': (shipped, tensor_finite_check),
         'ablation: no ProgressCB': (lambda: Lrn(copy.deepcopy(m), [TrainCB(), DeviceCB(), MetricsCB(
             accuracy=MulticlassAccuracy())]), plain),
-        'ablation: TrainCB + DeviceCB only': (lambda: Lrn(copy.deepcopy(m), [TrainCB(), DeviceCB()]), plain),
-        'ablation: TrainCB + DeviceCB, B': (lambda: Lrn(copy.deepcopy(m), [TrainCB(), DeviceCB()]), cheap_finite_check),
-        'ablation: TrainCB + DeviceCB, no check': (lambda: Lrn(copy.deepcopy(m), [TrainCB(), DeviceCB()]),
-                                                    no_finite_check)}
-    if args.quick: variants = {k: variants[k] for k in ('Learner + 4 callbacks (as shipped)', 'A + B (proposed)')}
+        'ablation: TrainCB + DeviceCB only': (core, plain),
+        'ablation: TrainCB + DeviceCB, no check': (core, no_finite_check)}
+    if args.quick: variants = {SHIPPED: variants[SHIPPED]}
     print(f"{'':38s} {'wall ms':>8s} {'hand ms':>8s} {'ratio (IQR)':>20s} {'CPU ms':>8s} {'hand ms':>8s} "
           f"{'ratio (IQR)':>20s} {'CPU µs/batch':>12s}")
     rows = {}
@@ -358,16 +280,14 @@ def main():
         print(f'{name:38s} {w[0]*1e3:8.1f} {w[1]*1e3:8.1f} {w[2]:7.3f} ({w[3][0]:.3f}-{w[3][1]:.3f}) '
               f'{c[0]*1e3:8.1f} {c[1]*1e3:8.1f} {c[2]:7.3f} ({c[3][0]:.3f}-{c[3][1]:.3f}) {over:+12.1f}')
     ok = lambda r: 'met' if r <= GOAL else 'NOT met'
-    for name, label in (('Learner + 4 callbacks (as shipped)', 'Learner/hand loop'),
-                        ('A + B (proposed)', 'with changes A + B')):
-        w, c = rows[name]
-        print(f'{label}: {w[2]:.3f}x wall, {c[2]:.3f}x CPU  (goal <= {GOAL}x on wall clock: {ok(w[2])}; CPU: {ok(c[2])})')
+    w, c = rows[SHIPPED]
+    print(f'Learner/hand loop: {w[2]:.3f}x wall, {c[2]:.3f}x CPU  (goal <= {GOAL}x on wall clock: {ok(w[2])}; CPU: {ok(c[2])})')
 
     c = per_batch_update_cost()
     print(f"\nCPU µs per batch of {BS} (best of 5): torcheval MulticlassAccuracy.update {c['tv_acc']:.1f}, "
           f"Mean.update {c['tv_mean']:.1f} (together {c['tv_acc'] + c['tv_mean']:.1f}); hand-written argmax/eq/sum "
           f"{c['hand_acc']:.1f}, loss sum {c['hand_mean']:.1f} (together {c['hand_acc'] + c['hand_mean']:.1f}); "
-          f"both torcheval updates buffered x{FLUSH} {c['buffered']:.1f}")
+          f"both torcheval updates buffered x{BUFFER} (MetricsCB's default) {c['buffered']:.1f}")
     if args.profile: print('\n' + profile_learner())
     print('load average at end:', ', '.join(f'{x:.2f}' for x in os.getloadavg()))
 

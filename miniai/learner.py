@@ -238,12 +238,12 @@ class TrainCB(Callback):
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
         targs = learn.batch[self.n_inp:]
+        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)  # before torch's warning
         try: learn.loss = learn.loss_func(learn.preds, *targs)
         except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit together
             raise ValueError(f"loss_func failed on predictions of shape {_shape(learn.preds)} and targets of shape "
                              f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size, "
                              f"the loss function, and n_inp={self.n_inp}") from e
-        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)
     def backward(self, learn):
         check_finite(learn)
         learn.loss.backward()

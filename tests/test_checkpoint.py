@@ -51,3 +51,17 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(uninter
     r = train(tmp_path, 'run', '--resume')
     assert r.returncode == 0, r.stderr
     assert_same(uninterrupted, torch.load(tmp_path/'run.pt', weights_only=True))
+
+def test_cuda_rng_states_are_saved_and_restored(tmp_path, monkeypatch):
+    "No GPU here: fake two CUDA devices' RNG states and check they go through a checkpoint file and back."
+    from types import SimpleNamespace
+    from torch import nn
+    from miniai.learner import Learner, set_rng_state
+    fake, restored = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [t.clone() for t in fake])
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', restored.append)
+    learn = Learner(nn.Linear(2, 2), SimpleNamespace(train=[], valid=[]))
+    ck = read_checkpoint(learn.save(tmp_path/'ck.pt'))
+    set_rng_state(ck['rng'])
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], fake)) and len(restored[0]) == 2

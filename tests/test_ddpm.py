@@ -178,6 +178,44 @@ def test_ddim_eta1_all_steps_is_ddpm():
     _close(a, b)
 
 
+class GaussianOracle(nn.Module):
+    """The best possible noise predictor when the data are N(mu, s²) per pixel: E[eps | x_t] in closed form,
+    sqrt(1-abar)·(x_t - sqrt(abar)·mu) / (abar·s² + 1 - abar). A sampler fed this model must produce that Gaussian."""
+    def __init__(self, sched, mu, s):
+        super().__init__()
+        self.abar, self.mu, self.s = sched._abar64, mu, s
+        self.w = nn.Parameter(torch.zeros((), dtype=F64))  # the sampler reads the device and dtype from a parameter
+    def forward(self, x, t):
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        return (1 - ab).sqrt()*(x - ab.sqrt()*self.mu)/(ab*self.s**2 + 1 - ab)
+
+
+def test_ddpm_sample_with_an_oracle_gives_the_data_distribution():
+    sched = linear_sched()
+    x = sample(GaussianOracle(sched, 0.3, 0.5), (4000, 1, 2, 2), sched, generator=torch.Generator().manual_seed(0),
+               clip=False)
+    assert abs(x.mean() - 0.3) < 0.01 and abs(x.std() - 0.5) < 0.01, (x.mean(), x.std())
+
+
+@pytest.mark.parametrize('steps', [10, 50])
+def test_ddim_sample_with_an_oracle_is_the_exact_linear_map(steps):
+    """With Gaussian data, each deterministic DDIM step maps x_t - sqrt(abar_t)·mu to c·(that) with
+    c = (sqrt(abar_prev·abar_t)·s² + sqrt((1-abar_prev)(1-abar_t))) / (abar_t·s² + 1 - abar_t) (algebra on x0_hat and
+    eps_hat), so the whole sampler is one affine map of x_T. c < sqrt(v_prev/v_t) by Cauchy-Schwarz: DDIM shrinks the
+    spread a little, the less the more steps it takes, which is the sampler's discretisation error, not a bug."""
+    mu, s, sched = 0.3, 0.5, linear_sched()
+    ab = sched._abar64
+    x = ddim_sample(GaussianOracle(sched, mu, s), SHAPE, sched, steps, generator=torch.Generator().manual_seed(2), clip=False)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=F64)
+    ts = ddim_timesteps(len(sched), steps)
+    c = torch.tensor(1., dtype=F64)
+    for t, tp in zip(ts, ts[1:] + [-1]):
+        a, ap = ab[t], (ab[tp] if tp >= 0 else torch.tensor(1., dtype=F64))
+        c = c*((ap*a).sqrt()*s**2 + ((1 - ap)*(1 - a)).sqrt())/(a*s**2 + 1 - a)
+    _close(x, mu + c*(x_T - ab[ts[0]].sqrt()*mu), tol=1e-8)
+    assert 0.7*s < c*(ab[ts[0]]*s**2 + 1 - ab[ts[0]]).sqrt() < s  # a slightly smaller spread than the data's
+
+
 # --- noisify and collate ------------------------------------------------------------------------------------------
 
 def test_noisify_matches_diffusers_add_noise():
