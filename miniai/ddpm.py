@@ -130,6 +130,14 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
     return (xt, t, eps) if flat else ((xt, t), eps)
 
 # %% ../nbs/10_ddpm.ipynb #bcb30d79
+def _check_halvable(h, w, n_levels):
+    "Each UNet level but the last halves H and W, and the way up must meet the skip connections at the same sizes."
+    k = 2**(n_levels - 1)
+    if h % k or w % k:
+        raise ValueError(f"a UNet with {n_levels} levels halves images {n_levels - 1} times, so H and W must be multiples "
+                         f"of {k}; got {h}×{w}. Pad them (28×28 Fashion-MNIST: F.pad(x, (2, 2, 2, 2)) gives 32×32) or use "
+                         "fewer levels in channels")
+
 class UNet(UNet2DModel):
     "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning the predicted noise tensor."
     def forward(self, x, t=None):
@@ -142,15 +150,12 @@ class UNet(UNet2DModel):
 
     def _check_images(self, x):
         "Fail early, naming the fix, on images this UNet can't take (torch would fail deep inside with a cat error)."
-        c, k = self.config.in_channels, 2**(len(self.config.block_out_channels) - 1)  # each level but the last halves H, W
+        c = self.config.in_channels
         if x.ndim != 4: raise ValueError(f"UNet wants images shaped (N, {c}, H, W); got {tuple(x.shape)}. "
                                          "Give grey images a channel dim: x[:, None]")
         if x.shape[1] != c: raise ValueError(f"UNet was built for {c}-channel images but got {x.shape[1]} channels "
                                              f"{tuple(x.shape)}; build it with in_channels={x.shape[1]}")
-        if x.shape[-2] % k or x.shape[-1] % k:
-            raise ValueError(f"UNet: {x.shape[-2]}×{x.shape[-1]} images can't be halved {k.bit_length() - 1} times, so "
-                             f"H and W must be multiples of {k}; pad them (28×28 Fashion-MNIST: F.pad(x, (2, 2, 2, 2)) "
-                             f"gives 32×32) or use fewer levels in channels")
+        _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
 
 def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_channels=1, size=32):
     "A `UNet` of plain resnet blocks with `channels` per level and `layers` blocks per level, for `size`² images."
@@ -159,9 +164,7 @@ def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_ch
         raise ValueError(f"GroupNorm splits channels into groups={groups}, which doesn't divide {bad}; choose groups "
                          f"that divides every entry of channels={tuple(channels)} (e.g. 8 or 4)")
     n = len(channels)
-    if size % 2**(n - 1):
-        raise ValueError(f"{n} levels halve {size}×{size} images {n - 1} times, so size must be a multiple of {2**(n - 1)}; "
-                         "pad the images or use fewer levels in channels")
+    _check_halvable(size, size, n)
     return UNet(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
                 layers_per_block=layers, norm_num_groups=groups, down_block_types=('DownBlock2D',)*n,
                 up_block_types=('UpBlock2D',)*n, add_attention=attn)

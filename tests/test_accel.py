@@ -92,14 +92,6 @@ def native_bf16(monkeypatch):
     "Pretend the CPU computes bf16 natively (it is emulated, and slow, where it doesn't; the models here are tiny)."
     monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
 
-@pytest.fixture
-def fresh_accelerate():
-    "accelerate keeps one process-wide state; reset it so each test can pick its own settings."
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True); GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True); GradientState._reset_state()
-
 # ---------------------------------------------------------------- MixedPrecision
 
 @cpu_only

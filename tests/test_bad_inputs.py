@@ -32,7 +32,7 @@
 | 28 | `miniai predict` on images of the wrong size | exit 2, one line | expected N×28×28 |
 | 29 | `miniai predict` with damaged weights | exit 2, one line | could not load; re-run fit |
 | 30 | GroupNorm `groups` that don't divide the UNet's channels | ValueError | groups, the channels; pick a divisor |
-| 31 | a UNet with more levels than the image size can halve | ValueError | multiple of 2^levels; fewer levels |
+| 31 | a UNet with more levels than the image size can halve | ValueError | multiples of 2^(levels-1); fewer levels |
 | 32 | images the UNet can't halve (31×31) | ValueError | multiples of k; pad 28×28 to 32×32 |
 | 33 | images without a channel dim to the UNet | ValueError | (N, C, H, W); `x[:, None]` |
 | 34 | 3-channel images to a 1-channel UNet | ValueError | build it with in_channels=3 |
@@ -41,7 +41,7 @@
 | 37 | integer images to `noisify` | TypeError | wants a floating-point batch |
 | 38 | more DDIM steps than the schedule has | ValueError | 1 <= steps <= T |
 | 39 | `miniai ddpm --channels 12,24` | exit 2, one line | multiple of 8 (GroupNorm groups) |
-| 40 | `miniai ddpm` with 7 levels for 32×32 images | exit 2, one line | multiple of 64; fewer levels |
+| 40 | `miniai ddpm` with 7 levels for 32×32 images | exit 2, one line | multiples of 64; fewer levels |
 """
 import math
 import os
@@ -105,13 +105,13 @@ CASES = {
     'float images to TensorDL': (lambda t: TensorDL(torch.rand(10, 28, 28), torch.zeros(10)), TypeError, ['uint8']),
     'even conv kernel': (lambda t: conv(1, 4, ks=4), ValueError, ['odd']),
     'groupnorm groups': (lambda t: ddpm_unet(channels=(16, 24), groups=16), ValueError, ['groups=16', "doesn't divide [24]"]),
-    'unet too deep for size': (lambda t: ddpm_unet(channels=(8,)*7), ValueError, ['multiple of 64', 'fewer levels']),
+    'unet too deep for size': (lambda t: ddpm_unet(channels=(8,)*7), ValueError, ['multiples of 64', 'fewer levels']),
     'unet odd image size': (lambda t: unet()(torch.randn(2, 1, 31, 31), torch.tensor([1, 2])), ValueError,
-                            ['31×31', 'multiples of 2', 'F.pad']),
+                            ['got 31×31', 'multiples of 2', 'F.pad']),
     'unet no channel dim': (lambda t: unet()(torch.randn(2, 32, 32), torch.tensor([1, 2])), ValueError, ['x[:, None]']),
     'unet wrong channels': (lambda t: unet()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])), ValueError, ['in_channels=3']),
     'fp16 on cpu': (lambda t: fit(cbs=[MixedPrecision(dtype='fp16')]), ValueError, ['GPU feature', "dtype='auto'"]),
-    'accelerate fp16 on cpu': (lambda t: fresh_accelerate(AccelerateCB)(mixed_precision='fp16'), ValueError, ['silently trains in fp32', "'no'"]),
+    'accelerate fp16 on cpu': (lambda t: AccelerateCB(mixed_precision='fp16'), ValueError, ['silently trains in fp32', "'no'"]),
     'integer images to noisify': (lambda t: noisify(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), linear_sched(10).abar),
                                   TypeError, ['floating-point']),
     'too many ddim steps': (lambda t: ddim_sample(unet(), (1, 1, 8, 8), linear_sched(10), steps=20), ValueError,
@@ -122,17 +122,8 @@ GPU_ONLY = {'cuda without gpu', 'fp16 on cpu', 'accelerate fp16 on cpu'}  # on a
 
 def unet(): return ddpm_unet(channels=(8, 16), layers=1, groups=4)
 
-def fresh_accelerate(f):
-    "Call `f` with accelerate's process-wide state reset before and after, so no other test sees its settings."
-    from accelerate.state import AcceleratorState, GradientState
-    def _f(*args, **kw):
-        AcceleratorState._reset_state(True); GradientState._reset_state()
-        try: return f(*args, **kw)
-        finally: AcceleratorState._reset_state(True); GradientState._reset_state()
-    return _f
-
 @pytest.mark.parametrize('name', list(CASES))
-def test_bad_input(name, tmp_path, monkeypatch):
+def test_bad_input(name, tmp_path, monkeypatch, fresh_accelerate):  # no case leaves accelerate's state behind
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     if name in GPU_ONLY and torch.cuda.is_available(): pytest.skip('this machine has a GPU')
@@ -158,7 +149,7 @@ def test_cli_bad_inputs(tmp_path):
              (['predict', '--model', tmp_path/'m', '--images', tmp_path/'big.npz'], 'expected N×28×28'),
              (['predict', '--model', tmp_path/'m', '--images', tmp_path/'ok.npz'], 'could not load'),
              (['ddpm', '--channels', '12,24'], 'multiple of 8'),
-             (['ddpm', '--channels', '8,8,8,8,8,8,8', '--data', 'sample', '--out', tmp_path/'d'], 'multiple of 64')]
+             (['ddpm', '--channels', '8,8,8,8,8,8,8', '--data', 'sample', '--out', tmp_path/'d'], 'multiples of 64')]
     for args, words in cases:
         r = cli(*args)
         err = r.stderr.strip()
