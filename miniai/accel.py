@@ -298,8 +298,10 @@ class AccelerateCB(TrainCB):
         if self._learn is not learn: self._prepare(learn)
         elif learn.opt is not self._opt: learn.opt = self._opt = self.acc.prepare(learn.opt)  # e.g. after reset_opt
         if not self.acc.is_main_process:
-            for cb in learn.cbs:  # ProgressCB passes its own _log on to MetricsCB, so silence both
-                if isinstance(cb, (MetricsCB, ProgressCB)): cb._log = _no_log
+            self._silenced = []  # only the main process reports; ProgressCB sends MetricsCB's rows to its table
+            for cb in learn.cbs:
+                if isinstance(cb, MetricsCB): self._silenced.append((cb, 'logger', cb.logger)); cb.logger = _no_log
+                if isinstance(cb, ProgressCB): self._silenced.append((cb, 'log_row', None)); cb.log_row = _no_log
 
     def before_epoch(self, learn):
         self.own_last = not isinstance(learn.dl, DataLoader)  # accelerate's loaders mark their last batch themselves
@@ -355,8 +357,10 @@ class AccelerateCB(TrainCB):
         if self._accum is not None: self._accum.close(); self._accum = None
 
     def cleanup_fit(self, learn):
-        for cb in learn.cbs:
-            if isinstance(cb, (MetricsCB, ProgressCB)): vars(cb).pop('_log', None)
+        for cb, name, old in getattr(self, '_silenced', []):
+            if old is None: vars(cb).pop(name, None)
+            else: setattr(cb, name, old)
+        self._silenced = []
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:

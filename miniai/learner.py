@@ -363,7 +363,7 @@ class MetricsCB(Callback):
         self.all_metrics['loss'] = self.loss = Mean()
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
-    def _log(self, d): print(d)
+    logger = staticmethod(print)  # where each epoch's row goes; set it (per instance) to send rows elsewhere
     def before_fit(self, learn): learn.metrics, self._in_epoch, self._pending = self, False, None
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
@@ -414,7 +414,7 @@ class MetricsCB(Callback):
         log = {k: f'{v:.3f}' for k, v in vals.items()}
         log['epoch'] = learn.epoch
         log['train'] = 'train' if learn.training else 'eval'
-        self._log(log)
+        self.logger(log)
 
 # %% ../nbs/04_learner.ipynb #c4de7351
 class ProgressCB(Callback):
@@ -427,9 +427,9 @@ class ProgressCB(Callback):
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
         self.first, self.losses, self.val_losses, self._pending, self._last = True, [], [], [], 0.
         self.metrics = getattr(learn, 'metrics', None)
-        if self.metrics is not None: self.metrics._log = self._log
+        if self.metrics is not None: self._prev_logger, self.metrics.logger = self.metrics.logger, self.log_row
 
-    def _log(self, d):
+    def log_row(self, d):
         vals = [str(v) for v in d.values()]
         if self.bars:
             if self.first: self.mbar.write(list(d), table=True)
@@ -459,7 +459,7 @@ class ProgressCB(Callback):
 
     def cleanup_fit(self, learn):
         self._flush()
-        if self.metrics is not None: vars(self.metrics).pop('_log', None)  # back to the class's plain print
+        if self.metrics is not None: self.metrics.logger = self._prev_logger
 
     def _flush(self):
         if self._pending: self.losses += torch.stack(self._pending).float().cpu().tolist()
