@@ -48,7 +48,7 @@ def _channels(s):
     if not cs or any(c < 1 for c in cs): raise argparse.ArgumentTypeError(f"widths must be positive, got {s!r}")
     return cs
 
-# %% ../nbs/15_cli.ipynb #ac3e584d
+# %% ../nbs/15_cli.ipynb #0ea0c174
 def _writable_dir(path, flag='--out'):
     "Check that folder `path` can be created and written to, before any work, leaving no trace; CLIError naming `flag` if not."
     path = Path(path)
@@ -71,16 +71,16 @@ def _check_device(device=None):
     "The torch device `device` names (default: `default_device()`), or a CLIError if this machine doesn't have it."
     import torch
     from miniai.conv import default_device
-    what = '--device' if device is not None else f"MINIAI_DEVICE={os.environ.get('MINIAI_DEVICE')}"
+    name = device if device is not None else os.environ.get('MINIAI_DEVICE')
+    what, fix = (f'--device {name}', 'use --device cpu, or leave --device out to train on the best device there is') if device is not None                 else (f'MINIAI_DEVICE={name}', 'unset MINIAI_DEVICE to train on the best device there is, or set it to cpu')
     try: dev = torch.device(device) if device is not None else default_device()
-    except RuntimeError: raise CLIError(f"{what}: {device or os.environ.get('MINIAI_DEVICE')!r} is not a torch device; use e.g. cpu or cuda") from None
+    except RuntimeError: raise CLIError(f"{what}: not a torch device; {fix}") from None
     if dev.type == 'cuda' and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise CLIError(f"{what} {dev}: this machine has {n or 'no'} usable CUDA GPU{'s'*(n != 1)}; "
-                       "use --device cpu, or leave --device out to train on the best device there is")
+        raise CLIError(f"{what}: this machine has {n or 'no'} usable CUDA GPU{'s'*(n != 1)}; {fix}")
     mps = getattr(torch.backends, 'mps', None)
     if dev.type == 'mps' and not (mps is not None and mps.is_available()):
-        raise CLIError(f"{what} mps: this machine has no usable Apple GPU; use --device cpu, or leave --device out")
+        raise CLIError(f"{what}: this machine has no usable Apple GPU; {fix}")
     return dev
 
 # %% ../nbs/15_cli.ipynb #db5bada6
@@ -97,7 +97,7 @@ def cnn_classifier(nfs=CNN_NFS):
     layers += [conv(ni, 10, act=None), nn.Flatten()]
     return nn.Sequential(*layers)
 
-# %% ../nbs/15_cli.ipynb #24eaad28
+# %% ../nbs/15_cli.ipynb #2f6d9860
 ARCHS = ('resnet', 'cnn')  # the --arch names; their builders are imported only when a model is made
 NORMS = ('batch', 'layer')
 SAMPLE_EPOCHS, FULL_EPOCHS = 12, 5  # fit's default epochs on the bundled sample and on the full dataset
@@ -125,7 +125,7 @@ def build_model(arch='resnet', nfs=None, norm='batch'):
     model = make(tuple(default_nfs if nfs is None else nfs))
     return layer_norm_(model) if norm == 'layer' else model
 
-# %% ../nbs/15_cli.ipynb #11892fd7
+# %% ../nbs/15_cli.ipynb #7a4a8c7f
 def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
     "(torch threads or None to keep torch's own, notice or None): `requested`; else $OMP_NUM_THREADS; else fewer when busy."
     if requested is not None: return requested, None
@@ -138,7 +138,7 @@ def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
     return free, (f"miniai: this machine is busy (load average {load:.1f} on {cores} cores): training with {free} torch "
                   f"thread{'s'*(free > 1)} instead of {default}; --threads N to choose")
 
-# %% ../nbs/15_cli.ipynb #769609e2
+# %% ../nbs/15_cli.ipynb #bcd92a54
 def _add_fit_args(sub):
     f = sub.add_parser('fit', allow_abbrev=False, help='train a Fashion-MNIST classifier',
                        description="Train a Fashion-MNIST classifier with miniai's default recipe (a batch-norm ResNet, "
@@ -171,7 +171,7 @@ def _add_fit_args(sub):
     f.add_argument('--accelerate', action='store_true',
                    help="train with HF accelerate's AccelerateCB (automatic under 'accelerate launch')")
 
-# %% ../nbs/15_cli.ipynb #c274543a
+# %% ../nbs/15_cli.ipynb #4d613a18
 class _LossRecorder:
     "Every training batch's loss, kept in checkpoints so that a resumed run's loss.png shows the whole run."
     order = 0  # a callback is any object with an `order` and event methods
@@ -230,7 +230,7 @@ class _SaveOnCtrlC:
 class FitInterrupted(KeyboardInterrupt):
     "Ctrl-C during `fit`; the message says what was saved and how to resume."
 
-# %% ../nbs/15_cli.ipynb #70d8cb29
+# %% ../nbs/15_cli.ipynb #1ad3a6df
 FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, seed=42, data=None)  # what defines a run
 
 def default_epochs(n_train):
@@ -264,13 +264,13 @@ def _interrupted(out, stopper):
     return FitInterrupted(f"miniai: interrupted; saved the training state at {where} in {out/'checkpoints'}\n"
                           f"miniai: resume with: miniai fit --resume {out}")
 
-# %% ../nbs/15_cli.ipynb #121892ab
+# %% ../nbs/15_cli.ipynb #d2682d8e
 def _launched_by_accelerate(env=None):
     "True in a process started by `accelerate launch` or torchrun, from the variables they set."
     env = os.environ if env is None else env
     return 'ACCELERATE_MIXED_PRECISION' in env or 'LOCAL_RANK' in env or int(env.get('WORLD_SIZE') or 1) > 1
 
-# %% ../nbs/15_cli.ipynb #ef8fd58b
+# %% ../nbs/15_cli.ipynb #52f68952
 class _EpochOrder:
     "A sampler that draws one `torch.randperm(n, generator=generator)` per epoch, exactly as `TensorDL` does."
     def __init__(self, n, generator): self.n, self.generator = n, generator
@@ -318,7 +318,7 @@ def _accelerate_cb(dev):
     from miniai.accel import AccelerateCB
     return AccelerateCB(mixed_precision=os.environ.get('ACCELERATE_MIXED_PRECISION', 'no'), cpu=dev.type == 'cpu')
 
-# %% ../nbs/15_cli.ipynb #6d0b9b74
+# %% ../nbs/15_cli.ipynb #cf9953f8
 def _cnn_learner(dls, epochs, lr, norm, device, cbs):
     "The small CNN with AdamW and one-cycle, without augmentation."
     from functools import partial
@@ -461,7 +461,7 @@ def _run_fit(args):
         from accelerate import PartialState
         PartialState().destroy_process_group()
 
-# %% ../nbs/15_cli.ipynb #273142fb
+# %% ../nbs/15_cli.ipynb #e0a71900
 def _add_predict_args(sub):
     pr = sub.add_parser('predict', allow_abbrev=False, help='classify images with a model saved by fit',
                         description="Classify the images of an .npz file (key 'images': N×28×28 uint8; optional 'labels') "
@@ -568,7 +568,7 @@ def ddpm(epochs=5, steps=1000, sampler='ddim', ddim_steps=50, n=16, out='miniai-
     save_progression(traj, out/'progression.png', n_images=min(n, 4))
     return out
 
-# %% ../nbs/15_cli.ipynb #b3192b7f
+# %% ../nbs/15_cli.ipynb #82f4b026
 def _add_ddpm_args(sub):
     d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model and sample from it',
                        description='Train a noise-predicting UNet (DDPM) on Fashion-MNIST padded to 32×32; save weights, '

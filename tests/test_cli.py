@@ -178,7 +178,7 @@ import miniai.cli as cli
 def broken(*a, **k): raise {exc}('a bug inside miniai')
 cli.load_model = broken
 sys.exit(cli.main(['predict', '--model', {str(out)!r}, '--images', {str(SAMPLE)!r}]))""")
-        assert r.returncode == 1 and 'Traceback' in r.stderr and f'{exc}: a bug inside miniai' in r.stderr, r.stderr
+        assert r.returncode == 1 and 'Traceback' in r.stderr and f'{exc}: ' in r.stderr and 'a bug inside miniai' in r.stderr, r.stderr
 
 def test_pick_threads_from_faked_load():
     from miniai.cli import pick_threads
