@@ -235,18 +235,19 @@ def _auto_precision(dev_type):
     if dev_type == 'cpu' and cpu_has_bf16(): return 'bf16'
     return 'no'
 
-def _check_cpu_precision(mixed_precision, dev_type, asked):
+def _check_cpu_precision(mixed_precision, dev_type, launched):
     # Checked before the Accelerator exists: accelerate keeps one process-wide state, and creating it with a setting
     # we then reject would block every later AccelerateCB in this process.
     if dev_type != 'cpu': return
+    here = "'bf16' on this CPU, or 'no' for fp32" if cpu_has_bf16() else "'no', fp32, on this CPU"  # what 'auto' picks
+    if launched: asked, fix = f"accelerate launch --mixed_precision {mixed_precision}", "launch with --mixed_precision no"
+    else: asked, fix = f"AccelerateCB(mixed_precision={mixed_precision!r})", f"use mixed_precision='auto' ({here})"
     if mixed_precision == 'fp16':
-        raise ValueError(f"{asked} on the CPU: accelerate's fp16 needs a GPU, and on a CPU it "
-                         "silently trains in fp32 instead; use mixed_precision='auto' (the default: 'no' here, or 'bf16' "
-                         "on a CPU with native bf16), or run on a CUDA machine")
+        raise ValueError(f"{asked} on the CPU: accelerate's fp16 needs a GPU, and on a CPU it silently trains in fp32 "
+                         f"instead; {fix}, or run on a CUDA machine")
     if mixed_precision == 'bf16' and not cpu_has_bf16():
-        warnings.warn(f"{asked} on a CPU without native bf16 (AVX512-BF16/AMX): the "
-                      "emulated bf16 is many times slower than fp32; mixed_precision='auto' or 'no' will train faster",
-                      stacklevel=3)
+        warnings.warn(f"{asked} on a CPU without native bf16 (AVX512-BF16/AMX): the emulated bf16 is many times "
+                      f"slower than fp32; {fix} to train faster", stacklevel=3)
 
 # %% ../nbs/14_accel.ipynb #29497712
 class AccelerateCB(TrainCB):
@@ -262,11 +263,9 @@ class AccelerateCB(TrainCB):
             raise ValueError(f"AccelerateCB: max_norm must be a positive number or None (no clipping), got {max_norm!r}")
         cpu = kwargs.get('cpu', False) or parse_flag_from_env('ACCELERATE_USE_CPU')  # the latter: `accelerate launch --cpu`
         dev_type = 'cpu' if cpu else PartialState().device.type
-        asked = f"AccelerateCB(mixed_precision={mixed_precision!r})"
-        if mixed_precision == 'auto':
-            mixed_precision = _auto_precision(dev_type)
-            if os.environ.get('ACCELERATE_MIXED_PRECISION'): asked = f"accelerate launch --mixed_precision {mixed_precision}"
-        _check_cpu_precision(mixed_precision, dev_type, asked)
+        launched = mixed_precision == 'auto' and bool(os.environ.get('ACCELERATE_MIXED_PRECISION'))
+        if mixed_precision == 'auto': mixed_precision = _auto_precision(dev_type)
+        _check_cpu_precision(mixed_precision, dev_type, launched)
         _free_accelerate_state(mixed_precision, cpu)
         self.acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=n, **kwargs)
         self.mixed_precision, self.n_accum, self.max_norm = mixed_precision, n, max_norm
