@@ -8,7 +8,9 @@ __all__ = ['DROPOUT_TYPES', 'MCDropout', 'Dropout', 'Dropout2d', 'tfm_batch', 'h
            'CapturePreds', 'capture_preds', 'tta', 'TTD_CB', 'mc_dropout_predict', 'summary']
 
 # %% ../nbs/10_augment.ipynb #645d07ee
+import importlib
 import math
+import warnings
 from collections import namedtuple
 from contextlib import contextmanager
 from functools import partial
@@ -327,3 +329,12 @@ def mc_dropout_predict(learn_or_model, dl=None, n=10):
     _check_mc(model, n)
     if dl is None: raise ValueError("mc_dropout_predict: with a bare model, pass dl= (a DataLoader of (xb, yb) batches)")
     return _mc_summary(*_model_passes(model, dl, n))
+
+# %% ../nbs/10_augment.ipynb #f429974c
+_MOVED_TO_RECIPE = ('RECIPE_NFS', 'recipe_model', 'recipe_learner', 'fit_recipe')
+
+def __getattr__(name):
+    # looked up only when `name` isn't defined here, so the recipe (which imports this module) is imported late
+    if name not in _MOVED_TO_RECIPE: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"{name} moved from miniai.augment to miniai.recipe; import it from there", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module('miniai.recipe'), name)

@@ -135,16 +135,24 @@ def clean_tb():
     for nm in ('last_type', 'last_value', 'last_traceback', 'last_exc'):
         if hasattr(sys, nm): delattr(sys, nm)
 
+def _numbered(k):
+    "True for IPython's numbered history names: `_1`, `_2`, ... (outputs) and `_i1`, `_i2`, ... (inputs)."
+    return k[:1] == '_' and (k[1:].isdigit() or (k[:2] == '_i' and k[2:].isdigit()))
+
 def clean_ipython_hist():
     "Drop IPython's references to earlier outputs (`Out`, `_`, `__`, `___`, `_N`) and inputs (`_iN`); nothing outside IPython."
     ipy = sys.modules.get('IPython')   # if IPython was never imported, this is not an IPython session
     ip = ipy.get_ipython() if ipy is not None else None
     if ip is None: return
-    ns, dh = ip.user_ns, ip.displayhook
-    if getattr(dh, 'do_full_cache', False): dh.flush()   # IPython's own cleanup of Out, _N, _, __ and ___
-    for k in [k for k in ns if k[:2] == '_i' and k[2:].isdigit()]: del ns[k]
-    ns.update(_='', __='', ___='', _i='', _ii='', _iii='')
-    dh._, dh.__, dh.___ = '', '', ''  # IPython's displayhook holds the last three outputs as well
+    for ns in (ip.user_ns, getattr(ip, 'user_ns_hidden', {})):
+        for k in [k for k in ns if _numbered(k)]: del ns[k]
+        for k in ('_', '__', '___', '_i', '_ii', '_iii'):
+            if k in ns: ns[k] = ''
+    hm, dh = getattr(ip, 'history_manager', None), getattr(ip, 'displayhook', None)
+    if hm is not None: hm.output_hist.clear()                  # this dict is `Out` (and `_oh`)
+    if dh is not None: dh._, dh.__, dh.___ = '', '', ''        # the displayhook's own copies of the last three
+    last = getattr(ip, 'last_execution_result', None)
+    if last is not None: last.result = None                    # the previous cell's output value
 
 def clean_mem():
     "Free what old outputs and the last traceback hold, collect garbage, and empty PyTorch's CUDA cache (if there is a GPU)."
