@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .conv import check_int
 from .datasets import get_grid, show_image
 from .learner import Callback
 
 # %% ../nbs/06_activations.ipynb #7702558c
 def set_seed(seed, deterministic=False):
     "Seed Python, NumPy and PyTorch (CPU and all GPUs); `deterministic` also switches PyTorch to deterministic kernels."
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"set_seed: seed must be an int, got {type(seed).__name__} {seed!r}; pass e.g. set_seed(42)")
-    if not 0 <= seed < 2**32: raise ValueError(f"set_seed: seed must be in [0, 2**32) as NumPy requires, got {seed}")
+    check_int(seed, 'seed', 0, 'set_seed')
+    if seed >= 2**32: raise ValueError(f"set_seed: seed must be in [0, 2**32) as NumPy requires, got {seed}")
     if deterministic:
         # cuBLAS only gives repeatable matmuls with a fixed workspace; it reads this when its first handle is made
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
