@@ -14,7 +14,6 @@ import traceback
 import warnings
 from collections import namedtuple
 
-import fastcore.all as fc
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F

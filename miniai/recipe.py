@@ -17,10 +17,10 @@ from torcheval.metrics import MulticlassAccuracy
 from .augment import Dropout, RandCrop, RandFlip, augment_cb
 from .conv import check_int, conv
 from .datasets import fashion_dls
-from .init import BatchTransformCB, init_weights
+from .init import init_weights
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 from .resnet import fmnist_resnet
-from .sgd import BatchSchedCB, one_cycle
+from .sgd import one_cycle
 
 # %% ../nbs/11_recipe.ipynb #61b4506d
 RECIPE_NFS = (16, 32, 64, 128, 256)
