@@ -1,4 +1,4 @@
-"""Train miniai's default recipe (`miniai.augment.fit_recipe`) on the bundled Fashion-MNIST sample and report
+"""Train miniai's default recipe (`miniai.recipe.fit_recipe`) on the bundled Fashion-MNIST sample and report
 accuracy on its 1,000 held-out images, wall time and the machine.
 
     python benchmarks/recipe.py                 # the default recipe, seed 42
@@ -15,7 +15,7 @@ import time
 import torch
 
 from _common import machine
-from miniai.augment import fit_recipe
+from miniai.recipe import fit_recipe
 from miniai.datasets import fashion_dls
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from miniai.datasets import fashion_dls
-from miniai.augment import recipe_learner  # miniai.recipe after the merge
+from miniai.recipe import recipe_learner
 
 CONFIGS = {  # name: (epochs, label smoothing)
     '12 epochs (the old default)': (12, 0.),

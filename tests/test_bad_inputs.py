@@ -42,6 +42,18 @@
 | 38 | more DDIM steps than the schedule has | ValueError | 1 <= steps <= T |
 | 39 | `miniai ddpm --channels 12,24` | exit 2, one line | multiple of 8 (GroupNorm groups) |
 | 40 | `miniai ddpm` with 7 levels for 32×32 images | exit 2, one line | multiples of 64; fewer levels |
+
+Activations, init, resnet, augment and the recipe:
+
+| mistake | raised | the message says |
+|---|---|---|
+| a hook function that isn't callable | TypeError | f(hook, mod, inp, outp) |
+| `ResBlock(8, True)` (a bool as a width) | ValueError | whole number >= 1, a bool |
+| `lsuv_init(..., max_iters=0)` | ValueError | max_iters, >= 1 |
+| `RandCrop(pad=True)` | ValueError | pad, a bool |
+| `mc_dropout_predict(..., n=1)` | ValueError | number of passes, >= 2 |
+| `recipe_learner(dls, 0)` | ValueError | epochs, >= 1 |
+| `cnn_classifier` with 3 widths | ValueError | 4 or more widths |
 """
 import math
 import os
@@ -58,10 +70,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniai.accel import AccelerateCB, MixedPrecision
+from miniai.activations import HooksCallback
+from miniai.augment import RandCrop, mc_dropout_predict
 from miniai.conv import conv
 from miniai.ddpm import ddim_sample, ddpm_unet, linear_sched, noisify
 from miniai.datasets import TensorDL, load_fashion_mnist
+from miniai.init import lsuv_init
 from miniai.learner import CheckpointCB, DeviceCB, Learner, MetricsCB, TrainCB, read_checkpoint
+from miniai.recipe import cnn_classifier, recipe_learner
+from miniai.resnet import ResBlock
 
 def dls(n=2, bs=4, classes=2):
     mk = lambda: [(torch.randn(bs, 3), torch.randint(0, classes, (bs,))) for _ in range(n)]
@@ -117,6 +134,17 @@ CASES = {
     'too many ddim steps': (lambda t: ddim_sample(unet(), (1, 1, 8, 8), linear_sched(10), steps=20), ValueError,
                             ['1 <= steps <= ', '10 steps']),
 }
+CASES.update({
+    'hook function not callable': (lambda t: HooksCallback('append_stats'), TypeError, ['f(hook, mod, inp, outp)']),
+    'bool as a ResBlock width': (lambda t: ResBlock(8, True), ValueError, ['whole number >= 1', 'a bool']),
+    'lsuv max_iters zero': (lambda t: lsuv_init(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), torch.randn(4, 2),
+                                                max_iters=0), ValueError, ['max_iters', '>= 1']),
+    'bool crop padding': (lambda t: RandCrop(pad=True), ValueError, ['pad', 'a bool']),
+    'one mc dropout pass': (lambda t: mc_dropout_predict(nn.Sequential(nn.Linear(3, 2), nn.Dropout()), dls().valid, n=1),
+                            ValueError, ['number of passes', '>= 2']),
+    'recipe for zero epochs': (lambda t: recipe_learner(dls(), 0), ValueError, ['epochs', '>= 1']),
+    'cnn with too few widths': (lambda t: cnn_classifier((16, 32, 64)), ValueError, ['4 or more']),
+})
 RAISED_BEFORE_TORCH_WARNS = {'mse shape mismatch'}  # our error comes first, not torch's broadcasting warning
 GPU_ONLY = {'cuda without gpu', 'fp16 on cpu', 'accelerate fp16 on cpu'}  # on a GPU machine these calls are fine
 
