@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
-import miniai.learner as ml
+import miniai.checkpoint as mc
 from miniai.datasets import fashion_dls
 from miniai.accel import MixedPrecision
 from miniai.ddpm import EMACB
-from miniai.learner import Callback, CheckpointCB, Learner, MetricsCB
+from miniai.checkpoint import CheckpointCB
+from miniai.learner import Callback, Learner, MetricsCB
 from miniai.sgd import BatchSchedCB
 
 p = argparse.ArgumentParser()
@@ -48,7 +49,7 @@ if args.kill_in_write:
                 os.ftruncate(fd, os.fstat(fd).st_size//2)
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_fsync(fd)
-    ml.os.fsync = fsync
+    mc.os.fsync = fsync
 
 one_cycle = BatchSchedCB(lambda opt: optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=args.epochs*len(dls.train)))
 # MixedPrecision falls back to fp32 on this CPU but keeps a GradScaler (forced), growing its scale every 5 steps, so
