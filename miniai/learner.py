@@ -33,7 +33,7 @@ from torcheval.metrics import Mean
 
 from .conv import check_int, default_device, to_cpu, to_device
 
-# %% ../nbs/04_learner.ipynb #36024631
+# %% ../nbs/04_learner.ipynb #19f542fc
 _all_ = ['to_cpu']  # the course imports to_cpu from the learner module
 
 # %% ../nbs/04_learner.ipynb #ec2c9c0e
@@ -58,7 +58,7 @@ def run_cbs(cbs, method_nm, learn=None):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
-# %% ../nbs/04_learner.ipynb #ad1034c1
+# %% ../nbs/04_learner.ipynb #aea1611a
 LEARN_ATTRS = {  # what callbacks share through `learn`: name -> who sets it, and what it holds
     'model':     "Learner(): the nn.Module being trained (AccelerateCB swaps in its prepared model)",
     'dls':       "Learner(): DataLoaders with .train and .valid (AccelerateCB swaps in prepared ones)",
@@ -66,10 +66,9 @@ LEARN_ATTRS = {  # what callbacks share through `learn`: name -> who sets it, an
     'lr':        "Learner(): the learning rate the optimizer is made with; fit(lr=...) changes it for one fit",
     'opt_func':  "Learner(): opt_func(params, lr) makes the optimizer; None for an inference-only Learner",
     'cbs':       "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
-    'opt':       "fit, at the first fit: the optimizer (GradAccumCB stands in a no-step one while accumulating; "
-                 "AccelerateCB wraps it)",
+    'opt':       "fit, the first time: the optimizer (GradAccumCB swaps in a no-step stand-in; AccelerateCB wraps it)",
     'n_epochs':  "fit: the number of epochs asked for",
-    'epochs':    "fit: range(n_epochs), what the loop iterates (ProgressCB wraps it in a bar, ResumeCB skips done epochs)",
+    'epochs':    "fit: range(n_epochs), what the loop iterates (ProgressCB wraps it, ResumeCB skips finished ones)",
     'do_valid':  "fit: whether each epoch ends with a validation pass",
     'epoch':     "the loop: the current epoch",
     'training':  "the loop (read-only: model.training): True in a training pass, False in a validation pass",
@@ -81,12 +80,11 @@ LEARN_ATTRS = {  # what callbacks share through `learn`: name -> who sets it, an
     'n_inp':     "TrainCB.before_fit (so also MixedPrecision, AccelerateCB): how many batch items the model takes",
     'metrics':   "MetricsCB.before_fit: the MetricsCB itself, with its history",
     'scaler':    "MixedPrecision.before_fit: its GradScaler or None, removed after fit (GradClipCB unscales with it)",
-    'will_step': "GradAccumCB.before_batch: False while gradients accumulate, removed after fit (MixedPrecision, "
-                 "GradClipCB read it)",
+    'will_step': "GradAccumCB.before_batch: False while gradients accumulate; removed after fit",
     'lr_finder': "lr_find: the LRFinderCB of the last run, with its lrs, losses and plot()",
 }
 
-# %% ../nbs/04_learner.ipynb #873034b3
+# %% ../nbs/04_learner.ipynb #6b37e951
 def _name(f): return getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
 
 def _note(err, f, e):
@@ -171,7 +169,7 @@ def _check_fit(learn, n_epochs, train, valid, lr):
                             f"or {nm}=False to fit")
         _check_dl(getattr(learn.dls, nm), nm)
 
-# %% ../nbs/04_learner.ipynb #ccdb146c
+# %% ../nbs/04_learner.ipynb #e9b9fef3
 def check_cb(cb):
     "Refuse a callback class instead of an instance, and a method named like an event that is not one (it would never run)."
     if isinstance(cb, type): raise TypeError(f"add_cb got the class {cb.__name__}, not an instance; pass {cb.__name__}()")
@@ -182,7 +180,7 @@ def check_cb(cb):
         raise ValueError(f"{type(cb).__name__}.{nm} is named like an event, but there is no event {nm!r}, so it would never "
                          f"run: {hint} (give a helper method that is not an event a name starting with '_')")
 
-# %% ../nbs/04_learner.ipynb #cf8937f4
+# %% ../nbs/04_learner.ipynb #65cc3efa
 def _setup_opt(learn, lr, reset):
     "Make the optimizer on the first fit (or with `reset`); later fits only change its lr when asked to."
     if learn.opt_func is not None and (reset or learn.opt is None):
@@ -225,13 +223,12 @@ class Learner:
         return self
     def rm_cb(self, cb):
         "Remove callback `cb`."
-        self.cbs.remove(cb)
-        self._handlers = {}
+        self.cbs.remove(cb); self._handlers = {}
         return self
-
     def handlers(self, nm):
         "`(callback, method)` for each callback that defines `nm`, in order; looked up once per change of `cbs`."
-        if nm not in self._handlers: self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
+        if nm not in self._handlers:
+            self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
         return self._handlers[nm]
     def callback(self, nm):
         "Run event `nm` on every callback that defines it."
@@ -258,7 +255,6 @@ class Learner:
     @with_cbs('epoch', CancelEpochException)
     def _one_epoch(self):
         for self.iter, self.batch in enumerate(self.dl): self._one_batch()
-
     def one_epoch(self, training):
         "One pass over the training or validation DataLoader."
         self.model.train(training)
