@@ -75,8 +75,9 @@ from miniai.augment import RandCrop, mc_dropout_predict
 from miniai.conv import conv
 from miniai.ddpm import ddim_sample, ddpm_unet, linear_sched, noisify
 from miniai.datasets import TensorDL, load_fashion_mnist
+from miniai.checkpoint import CheckpointCB, read_checkpoint
 from miniai.init import lsuv_init
-from miniai.learner import CheckpointCB, DeviceCB, Learner, MetricsCB, TrainCB, read_checkpoint
+from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB
 from miniai.recipe import cnn_classifier, recipe_learner
 from miniai.resnet import ResBlock
 
@@ -95,7 +96,7 @@ def bad_ckpt(tmp):
 
 CASES = {
     'n_inp too large': (lambda t: fit(cbs=[TrainCB(n_inp=2)]), ValueError, ['n_inp', 'no targets']),
-    'n_inp zero': (lambda t: TrainCB(n_inp=0), ValueError, ['n_inp must be an int >= 1']),
+    'n_inp zero': (lambda t: TrainCB(n_inp=0), ValueError, ['n_inp must be a whole number >= 1']),
     'mse shape mismatch': (lambda t: fit(nn.Linear(3, 1), SimpleNamespace(train=[(torch.randn(4, 3), torch.randn(4))], valid=[]),
                                          F.mse_loss, valid=False), ValueError, ['(4, 1)', '(4,)', 'Reshape']),
     'output too small for targets': (lambda t: fit(nn.Linear(3, 1)), ValueError, ['shape (4, 1)', "model's output size"]),
@@ -116,7 +117,7 @@ CASES = {
     'missing checkpoint': (lambda t: read_checkpoint(t/'nope.pt'), FileNotFoundError, ['not found']),
     'corrupt checkpoint': (lambda t: read_checkpoint(bad_ckpt(t)), ValueError, ['damaged', 'earlier one']),
     'resume latest without CheckpointCB': (lambda t: fit(resume='latest'), ValueError, ['CheckpointCB']),
-    'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['positive int or None']),
+    'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['whole number >= 1', 'or None']),
     'unknown data source': (lambda t: load_fashion_mnist('web'), ValueError, ['web', 'sample']),
     'hub while offline': (lambda t: load_fashion_mnist('hub'), ConnectionError, ['offline', "source='sample'"]),
     'float images to TensorDL': (lambda t: TensorDL(torch.rand(10, 28, 28), torch.zeros(10)), TypeError, ['uint8']),
