@@ -35,22 +35,24 @@ def recipe_model(nfs=RECIPE_NFS, drop=0.):
     return model.apply(partial(init_weights, leaky=0.1))   # 0.1: the slope of the ResNet's GeneralRelu
 
 # %% ../nbs/11_recipe.ipynb #4c008b16
-def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, device=None,
-                   cbs=None, progress=True):
+def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
+                   device=None, cbs=None, progress=True):
     "A `Learner` set up with the default recipe for `learn.fit(epochs)`; see `fit_recipe` for the arguments."
     check_int(epochs, 'epochs (the one-cycle schedule is planned for them)', 1, 'recipe_learner')
     all_cbs = [DeviceCB(device), TrainCB(), one_cycle(lr, epochs, dls.train), augment_cb(RandCrop(pad), RandFlip()),
                MetricsCB(accuracy=MulticlassAccuracy())]
     if progress: all_cbs.append(ProgressCB())
-    return Learner(recipe_model(nfs, drop), dls, F.cross_entropy, lr=lr, cbs=all_cbs + list(fc.L(cbs)),
+    loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
+    return Learner(recipe_model(nfs, drop), dls, loss, lr=lr, cbs=all_cbs + list(fc.L(cbs)),
                    opt_func=partial(optim.AdamW, eps=eps, weight_decay=wd))
 
-def fit_recipe(dls=None, epochs=12, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, bs=128,
-               source=None, seed=None, device=None, cbs=None, progress=True):
+def fit_recipe(dls=None, epochs=16, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
+               bs=128, source=None, seed=None, device=None, cbs=None, progress=True):
     "Train a Fashion-MNIST classifier with the default recipe and return the `Learner` (results in `learn.metrics.history`)."
     if seed is not None: torch.manual_seed(seed)
     if dls is None: dls = fashion_dls(bs=bs, source=source, seed=seed)
-    learn = recipe_learner(dls, epochs, lr=lr, nfs=nfs, pad=pad, drop=drop, wd=wd, eps=eps, device=device,
+    learn = recipe_learner(dls, epochs, lr=lr, nfs=nfs, pad=pad, drop=drop, wd=wd, eps=eps,
+                           label_smoothing=label_smoothing, device=device,
                            cbs=cbs, progress=progress)
     learn.fit(epochs)
     return learn
