@@ -25,7 +25,7 @@ from miniai.ddpm import DDPMCB, DDPMCB2, EMACB
 from miniai.init import BatchTransformCB
 from miniai.learner import (EVENTS, STEPS, CancelFitException, Callback, DeviceCB, LRFinderCB, Learner, MetricsCB,
                             MomentumLearner, ProgressCB, SingleBatchCB, TerminateOnNaNCB, TrainCB, TrainLearner)
-from miniai.sgd import BaseSchedCB, BatchSchedCB, EpochSchedCB, ParamSchedCB, RecorderCB, _lr
+from miniai.sgd import BaseSchedCB, BatchSchedCB, HasLearnCB, EpochSchedCB, ParamSchedCB, RecorderCB, _lr
 
 class Injected(Exception): pass
 
@@ -135,12 +135,13 @@ STACKS = {
                       unreachable=('zero_grad',)),  # MomentumLearner's zero_grad scales the grads; the optimizer's never runs
     'sgd': Stack(lambda tmp: [TrainCB(), BatchSchedCB(partial(OneCycleLR, max_lr=0.1, total_steps=3)),
                               EpochSchedCB(partial(StepLR, step_size=1)), ParamSchedCB('momentum', lambda pos: 0.9 - pos/2),
-                              RecorderCB(lr=_lr), MetricsCB(), ProgressCB()]),
+                              RecorderCB(lr=_lr), HasLearnCB(), MetricsCB(), ProgressCB()]),
     'activations': Stack(lambda tmp: [TrainCB(), ActivationStats(fc.risinstance(nn.ReLU)),
                                       HooksCallback(append_stats, fc.risinstance(nn.Linear)), MetricsCB(), ProgressCB()]),
     'lr_finder': Stack(lambda tmp: [TrainCB(), LRFinderCB(), ProgressCB()], lr=1e-3),
     'mixed_precision': Stack(lambda tmp: [ScaledMP(), GradClipCB(1.0), GradAccumCB(2),
                                           MetricsCB(), ProgressCB()]),
+    'mixed_precision_default': Stack(lambda tmp: [MixedPrecision(), MetricsCB(), ProgressCB()]),
     'accelerate': Stack(lambda tmp: [AccelerateCB(cpu=True), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]),
     'checkpoint': Stack(lambda tmp: [TrainCB(), EMACB(0.9), MetricsCB(), ProgressCB(),
                                      CheckpointCB(tmp/'ckpt', every_n_batches=1, keep=100)], setup=with_checkpoints),
