@@ -128,9 +128,18 @@ class MixedPrecision(TrainCB):
         if not getattr(learn, 'will_step', True): return  # GradAccumCB: still accumulating, the step comes later
         if not self.use_scaler: return learn.opt.step()
         scale = self.scaler.get_scale()
-        self.scaler.step(learn.opt)  # unscales (unless GradClipCB already did), then steps, or skips on inf/NaN
+        try: self.scaler.step(learn.opt)  # unscales (unless GradClipCB already did), then steps, or skips on inf/NaN
+        except BaseException:
+            self._restart_scaler(learn)  # a step that failed halfway leaves the scaler mid-step; the next must start clean
+            raise
         self.scaler.update()
         if self.scaler.get_scale() < scale: self.skipped_steps += 1  # the scale only drops when a step was skipped
+
+    def _restart_scaler(self, learn):
+        "A fresh GradScaler carrying on with the old one's scale and growth count, but none of its per-step state."
+        sd, self.scaler = self.scaler.state_dict(), self.make_scaler()
+        self.scaler.load_state_dict(sd)
+        learn.scaler = self.scaler
 
     def cleanup_fit(self, learn): vars(learn).pop('scaler', None)
 

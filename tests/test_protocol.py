@@ -192,10 +192,7 @@ def test_injected_error_is_the_one_the_user_sees(name, point, order, tmp_path, r
         raise
 
 # Known state left behind by a callback after a failure, to be fixed where the callback lives.
-KNOWN_LEFTOVERS = {
-    ('mixed_precision', 'step'): "MixedPrecision: an optimizer step that fails inside scaler.step() (after GradClipCB's "
-        "unscale_) leaves the GradScaler mid-step, so the next fit's unscale_ raises; cleanup_batch should reset it",
-}
+KNOWN_LEFTOVERS = {}
 
 def test_every_stack_runs_cleanly_without_injection(tmp_path, fresh_accelerate):
     "The stacks are sound: without a fault, each one fits (so every failure above is the injected one's doing)."
