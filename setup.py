@@ -8,18 +8,17 @@ cfg.read(Path(__file__).parent/'settings.ini', encoding='utf-8')
 cfg = cfg['DEFAULT']
 reqs = lambda key: cfg.get(key, '').split()
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
-lic = licenses[cfg['license']]
+spdx = {'apache2': 'Apache-2.0'}[cfg['license']]  # the licence as an SPDX id (PEP 639), not a classifier
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable']
 
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],
     long_description=(Path(__file__).parent/'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
-    author=cfg['author'], author_email=cfg['author_email'], license=lic[0], url=cfg['git_url'],
+    author=cfg['author'], author_email=cfg['author_email'] or None, license_expression=spdx, url=cfg['git_url'] or None,
     keywords=cfg['keywords'],
-    classifiers=[f"Development Status :: {statuses[int(cfg['status'])]}", f"License :: {lic[1]}",
-                 'Intended Audience :: Developers', 'Programming Language :: Python :: 3'],
+    classifiers=[f"Development Status :: {statuses[int(cfg['status'])]}", 'Intended Audience :: Developers', 'Programming Language :: Python :: 3',
+                 *[f'Programming Language :: Python :: 3.{v}' for v in (10, 11, 12)]],
     packages=setuptools.find_packages(include=['miniai', 'miniai.*']),
     package_data={'miniai': ['data/*.npz']}, include_package_data=True,
     python_requires=f">={cfg['min_python']}",

@@ -16,9 +16,7 @@ medians of wall-clock and CPU time after a warm-up.
     python benchmarks/data_pipeline.py     # well under a minute on 2 cores
 """
 import argparse
-import contextlib
 import os
-import platform
 import statistics
 import time
 
@@ -26,20 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from _common import machine
 from miniai.datasets import FMNIST_MEAN, FMNIST_STD, collate_dict, fashion_dls, inplace, load_fashion_mnist
 
 BS = 256
 GOAL_COURSE = 80  # ours must be at least this many times faster than the course's route
-
-
-def machine(threads):
-    "One line saying what this ran on."
-    cpu = platform.processor() or '?'
-    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-        cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
-    load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
-    return (f'{platform.platform()} | {cpu} | {os.cpu_count()} cores | torch {torch.__version__} | '
-            f'torch threads {threads} | load average {load}')
 
 
 @inplace
@@ -97,7 +86,7 @@ def main():
     p.add_argument('--threads', type=int, default=1, help='torch threads (default 1: the machine is shared)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print('machine:', machine(torch.get_num_threads()))
+    print('machine:', machine())
 
     ours = fashion_dls(bs=BS, source='sample', seed=0).train
     course = course_dl()

@@ -26,13 +26,13 @@ in `--budget-min` minutes from the start.
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _common import machine
 from miniai.ddpm import (ImageEval, ddim_sample, ddpm_images, fid, kid, sample, train_ddpm,
                          train_fid_classifier)
 from miniai.datasets import fashion_mnist_arrays
@@ -76,16 +76,6 @@ def parse_args(argv=None):
     if a.png is None: a.png = out/'ddpm_fid.png'
     if a.png_samplers is None: a.png_samplers = out/'ddpm_fid_samplers.png'
     return a
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
-    return (f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {gpu}, python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
 
 
 def load(): return '/'.join(f'{l:.2f}' for l in os.getloadavg())

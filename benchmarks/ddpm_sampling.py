@@ -35,10 +35,8 @@ import os
 os.environ.setdefault('OMP_NUM_THREADS', '1')  # before torch is imported: other jobs share this machine's cores
 
 import argparse
-import contextlib
 import cProfile
 import io
-import platform
 import pstats
 import statistics
 import time
@@ -47,6 +45,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from _common import machine
 from miniai.ddpm import ddim_sample, ddpm_unet, init_ddpm, linear_sched, sample
 
 BETA_MIN, BETA_MAX = 1e-4, 0.02
@@ -91,17 +90,6 @@ def parse_args(argv=None):
         p.error(f'--device {a.device}: no usable CUDA GPU here; use --device cpu')
     a.device = torch.device(a.device)
     return a
-
-
-def machine(dev):
-    "One line saying what this ran on."
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-        cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
-    gpu = (f'GPU {torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})' if dev.type == 'cuda' else
-           'no GPU used' if not torch.cuda.is_available() else 'GPU present, not used')
-    return (f'{platform.platform()} | {cpu} | {os.cpu_count()} cores | torch threads {torch.get_num_threads()} | '
-            f'{gpu} | Python {platform.python_version()} | torch {torch.__version__}')
 
 
 def loadavg(): return ', '.join(f'{x:.2f}' for x in os.getloadavg())

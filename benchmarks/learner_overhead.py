@@ -19,7 +19,6 @@ import copy
 import cProfile
 import io
 import os
-import platform
 import pstats
 import statistics
 import time
@@ -30,6 +29,7 @@ from torch import nn, optim
 from torcheval.metrics import Mean, MulticlassAccuracy
 
 import miniai.learner as ml
+from _common import machine
 from miniai.datasets import fashion_dls
 from miniai.learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 
@@ -37,16 +37,6 @@ GOAL = 1.03  # Learner/hand-loop epoch time we aim for
 SHIPPED = 'Learner + 4 callbacks (as shipped)'
 BUFFER = MetricsCB().buffer  # batches MetricsCB collects before updating its torcheval metrics
 LR, BS, SEED = 0.1, 64, 42
-
-
-def machine(threads):
-    "One line saying what this ran on."
-    cpu = platform.processor() or '?'
-    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-        cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
-    load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
-    return (f'{platform.platform()} | {cpu} | {os.cpu_count()} cores | torch {torch.__version__} | '
-            f'torch threads {threads} | load average {load}')
 
 
 def get_model():
@@ -242,7 +232,7 @@ def main():
     p.add_argument('--profile', action='store_true', help='also print a cProfile of the Learner')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print('machine:', machine(torch.get_num_threads()))
+    print('machine:', machine())
 
     last = check_same_work()
     print(f"same work checked: hand loop and Learner (buffered and per-batch metric updates) agree (last valid loss "

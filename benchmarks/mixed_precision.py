@@ -9,13 +9,12 @@ Each method trains the same diffusers UNet2DModel (`miniai.ddpm.ddpm_unet`) on t
 (noised image, step, noise) already on the device, so data loading isn't timed; only the Learner's training step is
 (forward, loss, backward, optimizer step, and the callbacks). Methods take turns, `--repeats` times, each timing
 `--steps` steps after a warm-up; the table shows the median time per step and its ratio to fp32 in the same run.
-On CUDA, MixedPrecision and AccelerateCB use fp16 with a GradScaler. On a CPU without native bf16 MixedPrecision
-falls back to fp32 and AccelerateCB runs with mixed_precision='no', so the ratios show the callbacks' own overhead;
-`--cpu-bf16` adds a row forcing bf16 autocast anyway, to show why that fallback exists.
+MixedPrecision and AccelerateCB run with their defaults, which pick the same precision: fp16 with a GradScaler on
+CUDA, bf16 on a CPU with native bf16. On a CPU without it both fall back to fp32, so the ratios show the callbacks'
+own overhead; `--cpu-bf16` adds a row with `MixedPrecision(dtype='bf16')`, bf16 autocast anyway, to show why that
+fallback exists.
 """
 import argparse
-import os
-import platform
 import re
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import optim
 
+from _common import machine
 from miniai.accel import AccelerateCB, MixedPrecision, cpu_has_bf16
 from miniai.datasets import DataLoaders
 from miniai.ddpm import ddpm_unet, init_ddpm
@@ -67,17 +67,6 @@ def parse_args(argv=None):
         p.error(f"--device {a.device}: this machine has no usable CUDA GPU; use --device cpu")
     return a
 
-def machine(dev):
-    "One line saying what this ran on."
-    cpu = platform.processor() or platform.machine()
-    try: cpu = re.search(r'model name\s*:\s*(.*)', Path('/proc/cpuinfo').read_text()).group(1)
-    except (OSError, AttributeError): pass
-    desc = (f'{cpu}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f} at the end, Python '
-            f'{platform.python_version()}, torch {torch.__version__} using {torch.get_num_threads()} threads')
-    if dev.type == 'cuda': desc = f'{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}); host: {desc}'
-    else: desc += f', native bf16: {cpu_has_bf16()}'
-    return desc
-
 def make_batches(a, dev, n):
     "`n` batches (xt, t, eps) of random images, made once on the device."
     g = torch.Generator().manual_seed(0)
@@ -102,12 +91,11 @@ def methods(a, dev):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # MixedPrecision's fp32 notice on CPUs: the label says it instead
         res = [('fp32 TrainCB', 'fp32', TrainCB(n_inp=2)), ('MixedPrecision', None, MixedPrecision(n_inp=2))]
-    kw = dict(cpu=True) if not on_cuda else {}
-    res.append(('AccelerateCB', 'fp16' if on_cuda else 'no (fp32)',
-                AccelerateCB(n_inp=2, mixed_precision='fp16' if on_cuda else 'no', **kw)))
+    acc = AccelerateCB(n_inp=2, **({} if on_cuda else dict(cpu=True)))  # 'auto': the precision MixedPrecision picks
+    res.append(('AccelerateCB', {'no': 'no (fp32)'}.get(acc.mixed_precision, acc.mixed_precision), acc))
     if a.cpu_bf16 and not on_cuda:
-        res.append(('MixedPrecision, forced bf16', 'bf16 (emulated)' if not cpu_has_bf16() else 'bf16',
-                    MixedPrecision(n_inp=2, _force_cpu_bf16=True)))
+        res.append(('MixedPrecision, bf16 by name', 'bf16 (emulated)' if not cpu_has_bf16() else 'bf16',
+                    MixedPrecision(n_inp=2, dtype='bf16')))
     return res
 
 def fit_steps(learn, dev):
@@ -140,7 +128,7 @@ def run(a):
 
 def table(a, dev, rows, secs):
     lines = [f'### {dev.type}', '',
-             f'Machine: {machine(dev)}.', '',
+             f'Machine: {machine(dev)} | native bf16: {cpu_has_bf16()}.', '',
              f'Model: diffusers UNet2DModel via `ddpm_unet(channels={a.channels}, layers={a.layers})`, {a.size}×{a.size} '
              f'1-channel images, batch size {a.bs}, Adam; median of {a.repeats} repeats of {a.steps} steps after '
              f'{a.warmup} warm-up steps. Ratio: time per step / fp32 time per step (lower is faster).', '',

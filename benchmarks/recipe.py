@@ -1,4 +1,4 @@
-"""Train miniai's default recipe (`miniai.augment.fit_recipe`) on the bundled Fashion-MNIST sample and report
+"""Train miniai's default recipe (`miniai.recipe.fit_recipe`) on the bundled Fashion-MNIST sample and report
 accuracy on its 1,000 held-out images, wall time and the machine.
 
     python benchmarks/recipe.py                 # the default recipe, seed 42
@@ -10,22 +10,13 @@ trained on. Nothing is written to disk; copy the printed line into benchmarks/RE
 """
 import argparse
 import os
-import platform
 import time
 
 import torch
 
-from miniai.augment import fit_recipe
+from _common import machine
+from miniai.recipe import fit_recipe
 from miniai.datasets import fashion_dls
-
-
-def machine():
-    "A one-line description of where this ran."
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-            f"({cpus} usable, torch threads {torch.get_num_threads()}), {gpu}, python {platform.python_version()}, "
-            f"torch {torch.__version__}")
 
 
 def load():

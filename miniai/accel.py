@@ -8,16 +8,19 @@ __all__ = ['cpu_has_bf16', 'MixedPrecision', 'GradAccumCB', 'GradClipCB', 'Accel
 # %% ../nbs/14_accel.ipynb #785ecb0c
 import contextlib
 import functools
+import os
 import warnings
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import parse_flag_from_env
 from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import DataLoader
 
-from .conv import to_device
+from .conv import check_int, map_tensors, model_device, to_device
 from .datasets import DataLoaders
-from .learner import Callback, DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
+from .learner import Callback, DeviceCB, Learner, TrainCB
 
 # %% ../nbs/14_accel.ipynb #f82cb804
 @functools.cache
@@ -34,10 +37,6 @@ def cpu_has_bf16():
 # %% ../nbs/14_accel.ipynb #e5eacbd1
 _AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 
-def _model_device(model):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device('cpu')
-
 def _check_sole_trainer(cb, learn):
     "`cb` does the training step, so no other TrainCB and no Learner subclass may do it too."
     others = [type(o).__name__ for o in learn.cbs if isinstance(o, TrainCB) and o is not cb]
@@ -52,17 +51,23 @@ def _check_sole_trainer(cb, learn):
 # %% ../nbs/14_accel.ipynb #76ba78d3
 class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
-    order = DeviceCB.order + 1  # after DeviceCB has moved the model: the precision is picked for the model's device
+    order = DeviceCB.order + 10  # the course's place: after DeviceCB has moved the model, whose device sets the precision
 
-    def __init__(self, n_inp=1, dtype='auto', _force_cpu_bf16=False, _force_scaler=False, **scaler_kwargs):
+    def __init__(self, n_inp=1, dtype='auto', **scaler_kwargs):
         super().__init__(n_inp)
         if dtype not in ('auto', 'fp16', 'bf16'):
             raise ValueError(f"MixedPrecision: dtype must be 'auto', 'fp16' or 'bf16', got {dtype!r}")
-        self.dtype = dtype
-        # The private flags let tests run the bf16 and scaler code paths on a CPU that would otherwise skip them.
-        self._force_cpu_bf16, self._force_scaler = _force_cpu_bf16, _force_scaler
-        self.scaler, self.use_scaler, self.skipped_steps, self.autocast, self._warned = None, False, 0, None, False
-        self.scaler_kwargs, self._scaler_state = scaler_kwargs, None
+        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a wrong keyword fails here, not at the first fp16 fit
+        except TypeError as e:
+            raise TypeError(f"MixedPrecision: {sorted(scaler_kwargs)} are passed to torch.amp.GradScaler, which "
+                            f"refused them ({e}); use its arguments, e.g. init_scale=2.**10, growth_interval=1000") from None
+        self.dtype, self.scaler_kwargs = dtype, scaler_kwargs
+        self.device_type, self.amp_dtype, self.scaler, self.use_scaler, self.skipped_steps = None, None, None, False, 0
+        self._warned, self._scaler_state = False, None
+
+    def _warn_once(self, msg):
+        if not self._warned: warnings.warn(msg, stacklevel=3)  # once per callback: not on every fit, never per batch
+        self._warned = True
 
     def _pick_dtype(self, dev_type):
         "The autocast dtype for device type `dev_type`, or None to train in fp32."
@@ -75,39 +80,45 @@ class MixedPrecision(TrainCB):
                 raise ValueError("MixedPrecision(dtype='fp16') on the CPU: fp16 mixed precision is a GPU feature (CPUs "
                                  "emulate fp16, and it is slower than fp32); use dtype='auto', which picks bf16 on CPUs "
                                  "that support it and fp32 otherwise, or train on a CUDA device")
-            if self._force_cpu_bf16 or cpu_has_bf16(): return torch.bfloat16
+            if cpu_has_bf16(): return torch.bfloat16
+            if self.dtype == 'bf16':  # asked for by name: do it, and say what it costs
+                self._warn_once("MixedPrecision(dtype='bf16') on a CPU without native bf16 (AVX512-BF16/AMX): PyTorch "
+                                "emulates it, which is many times slower than fp32; dtype='auto' trains in fp32 here")
+                return torch.bfloat16
             reason = "this CPU has no native bf16 (AVX512-BF16/AMX), and emulated bf16 is many times slower than fp32"
         else:
             if self.dtype != 'auto': return _AMP_DTYPES[self.dtype]
             reason = f"dtype='auto' only picks a precision for cuda and cpu; pass dtype='fp16' or 'bf16' for {dev_type!r}"
-        if not self._warned:  # once per callback: not on every fit, never per batch
-            warnings.warn(f"MixedPrecision: training in fp32 on {dev_type!r}: {reason}. Nothing else changes; the "
-                          "losses are what plain TrainCB would give.", stacklevel=2)
-            self._warned = True
+        self._warn_once(f"MixedPrecision: training in fp32 on {dev_type!r}: {reason}. Nothing else changes; the "
+                        "losses are what plain TrainCB would give.")
         return None
+
+    def make_scaler(self):
+        "A new `GradScaler` when this fit's forward pass is fp16, whose small range needs one; else None."
+        if self.amp_dtype != torch.float16: return None
+        return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs)
 
     def before_fit(self, learn):
         super().before_fit(learn)
         _check_sole_trainer(self, learn)
-        self.device_type = _model_device(learn.model).type
+        self.device_type = model_device(learn.model).type
         self.amp_dtype = self._pick_dtype(self.device_type)
-        self.use_scaler = self.amp_dtype == torch.float16 or self._force_scaler
-        if self.use_scaler and self.scaler is None: self.scaler = torch.amp.GradScaler(self.device_type, **self.scaler_kwargs)
+        fresh = self.make_scaler()
+        self.use_scaler = fresh is not None
+        if self.use_scaler and self.scaler is None: self.scaler = fresh  # kept across fits, like the optimizer
         self._load_scaler()
         learn.scaler = self.scaler if self.use_scaler else None
 
-    def before_batch(self, learn):
-        if self.amp_dtype is None: return
-        self.autocast = torch.autocast(self.device_type, dtype=self.amp_dtype)
-        self.autocast.__enter__()
+    def _autocast(self):
+        if self.amp_dtype is None: return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
-    def _exit_autocast(self):
-        if self.autocast is not None:
-            ac, self.autocast = self.autocast, None
-            ac.__exit__(None, None, None)
+    # Autocast wraps exactly the forward pass and the loss: the backward pass and other callbacks run outside it
+    def predict(self, learn):
+        with self._autocast(): super().predict(learn)
 
-    def after_loss(self, learn): self._exit_autocast()  # backward runs outside autocast
-    def cleanup_batch(self, learn): self._exit_autocast()  # ...and an exception mid-batch mustn't leave it on
+    def get_loss(self, learn):
+        with self._autocast(): super().get_loss(learn)
 
     def backward(self, learn):
         if self.use_scaler: self.scaler.scale(learn.loss).backward()
@@ -117,13 +128,20 @@ class MixedPrecision(TrainCB):
         if not getattr(learn, 'will_step', True): return  # GradAccumCB: still accumulating, the step comes later
         if not self.use_scaler: return learn.opt.step()
         scale = self.scaler.get_scale()
-        self.scaler.step(learn.opt)  # unscales (unless GradClipCB already did), then steps, or skips on inf/NaN
+        try: self.scaler.step(learn.opt)  # unscales (unless GradClipCB already did), then steps, or skips on inf/NaN
+        except BaseException:
+            self._restart_scaler(learn)  # a step that failed halfway leaves the scaler mid-step; the next must start clean
+            raise
         self.scaler.update()
         if self.scaler.get_scale() < scale: self.skipped_steps += 1  # the scale only drops when a step was skipped
 
-    def cleanup_fit(self, learn):
-        self._exit_autocast()
-        vars(learn).pop('scaler', None)
+    def _restart_scaler(self, learn):
+        "A fresh GradScaler carrying on with the old one's scale and growth count, but none of its per-step state."
+        sd, self.scaler = self.scaler.state_dict(), self.make_scaler()
+        self.scaler.load_state_dict(sd)
+        learn.scaler = self.scaler
+
+    def cleanup_fit(self, learn): vars(learn).pop('scaler', None)
 
     def state_dict(self):
         "The scaler's state (scale, growth count) and `skipped_steps`, for checkpoints."
@@ -152,10 +170,7 @@ class _NoStep:
 
 class GradAccumCB(Callback):
     "Accumulate gradients over `n` batches (each loss divided by `n`), stepping the optimizer once per group."
-    def __init__(self, n=2):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"GradAccumCB: n is the number of batches per optimizer step, an int >= 1; got {n!r}")
-        self.n, self.true_loss = n, None
+    def __init__(self, n=2): self.n, self.true_loss = check_int(n, 'n (batches per optimizer step)', 1, 'GradAccumCB'), None
 
     def before_fit(self, learn): self.count, self.group, self.n_batches = 0, self.n, None
 
@@ -188,7 +203,9 @@ class GradAccumCB(Callback):
         if isinstance(learn.opt, _NoStep): learn.opt = learn.opt.opt
         learn.will_step = True
 
-    def cleanup_fit(self, learn): vars(learn).pop('will_step', None)
+    def cleanup_fit(self, learn):
+        if isinstance(learn.opt, _NoStep): learn.opt = learn.opt.opt  # whatever happened, the real optimizer is back
+        vars(learn).pop('will_step', None)
 
 # %% ../nbs/14_accel.ipynb #d3f87403
 class GradClipCB(Callback):
@@ -206,14 +223,6 @@ class GradClipCB(Callback):
         self.norm = clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
 # %% ../nbs/14_accel.ipynb #a992cecc
-def _no_log(d): pass
-
-def _map_tensors(f, x):
-    "Apply `f` to every tensor in `x`, recursing through tuples and lists."
-    if isinstance(x, torch.Tensor): return f(x)
-    if isinstance(x, (tuple, list)): return type(x)(_map_tensors(f, o) for o in x)
-    return x
-
 def _same_device(a, b):
     a, b = torch.device(a), torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
@@ -222,46 +231,54 @@ def _free_accelerate_state(mixed_precision, cpu):
     "In a single process (a notebook), let a new Accelerator use other settings than the last one."
     # accelerate keeps one state per process and refuses an Accelerator with other settings ("restart your runtime").
     # With several processes that protects a real run; in one process it only gets in the way of trying things out.
-    from accelerate.state import AcceleratorState, PartialState
     if not AcceleratorState._shared_state or torch.distributed.is_initialized(): return
     state = AcceleratorState()
     if state.num_processes == 1 and (state.mixed_precision != mixed_precision or (cpu and state.device.type != 'cpu')):
         AcceleratorState._reset_state(reset_partial_state=True)
 
-class AccelerateCB(TrainCB):
-    "Train with HF accelerate: `mixed_precision`, gradient accumulation, clipping to `max_norm`, and several processes."
-    order = DeviceCB.order + 1  # before MetricsCB and ProgressCB: they must see the gathered batch, and stay quiet
+def _auto_precision(dev_type):
+    "What `mixed_precision='auto'` means: the launcher's choice, else fp16 on CUDA, bf16 on a CPU with native bf16, else 'no'."
+    launched = os.environ.get('ACCELERATE_MIXED_PRECISION')  # set by `accelerate launch --mixed_precision` or its config
+    if launched: return launched.lower()
+    if dev_type == 'cuda': return 'fp16'
+    if dev_type == 'cpu' and cpu_has_bf16(): return 'bf16'
+    return 'no'
 
-    def __init__(self, n_inp=1, mixed_precision='no', gradient_accumulation_steps=1, max_norm=None, **kwargs):
+def _check_cpu_precision(mixed_precision, dev_type, launched):
+    # Checked before the Accelerator exists: accelerate keeps one process-wide state, and creating it with a setting
+    # we then reject would block every later AccelerateCB in this process.
+    if dev_type != 'cpu': return
+    here = "'bf16' on this CPU, or 'no' for fp32" if cpu_has_bf16() else "'no', fp32, on this CPU"  # what 'auto' picks
+    if launched: asked, fix = f"accelerate launch --mixed_precision {mixed_precision}", "launch with --mixed_precision no"
+    else: asked, fix = f"AccelerateCB(mixed_precision={mixed_precision!r})", f"use mixed_precision='auto' ({here})"
+    if mixed_precision == 'fp16':
+        raise ValueError(f"{asked} on the CPU: accelerate's fp16 needs a GPU, and on a CPU it silently trains in fp32 "
+                         f"instead; {fix}, or run on a CUDA machine")
+    if mixed_precision == 'bf16' and not cpu_has_bf16():
+        warnings.warn(f"{asked} on a CPU without native bf16 (AVX512-BF16/AMX): the emulated bf16 is many times "
+                      f"slower than fp32; {fix} to train faster", stacklevel=3)
+
+# %% ../nbs/14_accel.ipynb #29497712
+class AccelerateCB(TrainCB):
+    "Train with HF accelerate: mixed precision, gradient accumulation, clipping to `max_norm`, and several processes."
+    order = DeviceCB.order + 1  # before MetricsCB, whose after_batch must see the batch gathered from every process
+
+    def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, **kwargs):
         super().__init__(n_inp)
-        if mixed_precision not in ('no', 'fp16', 'bf16'):
-            raise ValueError(f"AccelerateCB: mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
-        n = gradient_accumulation_steps
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"AccelerateCB: gradient_accumulation_steps must be an int >= 1, got {n!r}")
-        if max_norm is not None and (not isinstance(max_norm, (int, float)) or not max_norm > 0):
+        if mixed_precision not in ('auto', 'no', 'fp16', 'bf16'):
+            raise ValueError(f"AccelerateCB: mixed_precision must be 'auto', 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+        n = check_int(gradient_accumulation_steps, 'gradient_accumulation_steps', 1, 'AccelerateCB')
+        if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0):
             raise ValueError(f"AccelerateCB: max_norm must be a positive number or None (no clipping), got {max_norm!r}")
-        if mixed_precision != 'no': self._check_cpu_precision(mixed_precision, kwargs.get('cpu', False))
-        _free_accelerate_state(mixed_precision, kwargs.get('cpu', False))
+        cpu = kwargs.get('cpu', False) or parse_flag_from_env('ACCELERATE_USE_CPU')  # the latter: `accelerate launch --cpu`
+        dev_type = 'cpu' if cpu else PartialState().device.type
+        launched = mixed_precision == 'auto' and bool(os.environ.get('ACCELERATE_MIXED_PRECISION'))
+        if mixed_precision == 'auto': mixed_precision = _auto_precision(dev_type)
+        _check_cpu_precision(mixed_precision, dev_type, launched)
+        _free_accelerate_state(mixed_precision, cpu)
         self.acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=n, **kwargs)
         self.mixed_precision, self.n_accum, self.max_norm = mixed_precision, n, max_norm
-        self.skipped_steps, self.grad_norm, self._learn, self._opt, self._accum = 0, None, None, None, None
-
-    @staticmethod
-    def _check_cpu_precision(mixed_precision, cpu):
-        # The device is known before the Accelerator exists: accelerate keeps one process-wide state, and creating it
-        # with a setting we then reject would block every later AccelerateCB in this process.
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-        cpu = cpu or parse_flag_from_env('ACCELERATE_USE_CPU')  # set by `accelerate launch --cpu`
-        if PartialState(cpu=cpu).device.type != 'cpu': return
-        if mixed_precision == 'fp16':
-            raise ValueError("AccelerateCB(mixed_precision='fp16') on the CPU: accelerate's fp16 needs a GPU, and on a CPU "
-                             "it silently trains in fp32 instead; use mixed_precision='no' here ('bf16' only helps on "
-                             "CPUs with native bf16), or run on a CUDA machine")
-        if not cpu_has_bf16():
-            warnings.warn("AccelerateCB(mixed_precision='bf16') on a CPU without native bf16 (AVX512-BF16/AMX): the "
-                          "emulated bf16 is many times slower than fp32; mixed_precision='no' will train faster", stacklevel=3)
+        self.skipped_steps, self.grad_norm, self._learn, self._opt, self._accum, self._quiet = 0, None, None, None, None, None
 
     def _check_cbs(self, learn):
         _check_sole_trainer(self, learn)
@@ -298,20 +315,18 @@ class AccelerateCB(TrainCB):
         if self._learn is not learn: self._prepare(learn)
         elif learn.opt is not self._opt: learn.opt = self._opt = self.acc.prepare(learn.opt)  # e.g. after reset_opt
         if not self.acc.is_main_process:
-            self._silenced = []  # only the main process reports; ProgressCB sends MetricsCB's rows to its table
-            for cb in learn.cbs:
-                if isinstance(cb, MetricsCB): self._silenced.append((cb, 'logger', cb.logger)); cb.logger = _no_log
-                if isinstance(cb, ProgressCB): self._silenced.append((cb, 'log_row', None)); cb.log_row = _no_log
+            # Only the main process reports. The others send stdout nowhere for the fit, so ProgressCB's bars and table
+            # and MetricsCB's rows appear once; warnings and errors go to stderr and still show.
+            self._quiet = contextlib.ExitStack()
+            self._quiet.enter_context(contextlib.redirect_stdout(self._quiet.enter_context(open(os.devnull, 'w'))))
 
     def before_epoch(self, learn):
         self.own_last = not isinstance(learn.dl, DataLoader)  # accelerate's loaders mark their last batch themselves
         try: self.n_batches = len(learn.dl)
         except TypeError: self.n_batches = None
-        if not self.acc.is_main_process:
-            for cb in learn.cbs:
-                if isinstance(cb, ProgressCB): cb.bars = False
 
     def before_batch(self, learn):
+        self._end_accumulate()
         learn.batch = to_device(learn.batch, self.acc.device)  # a no-op for prepared loaders
         if not learn.training: return
         self._accum = contextlib.ExitStack()
@@ -351,24 +366,21 @@ class AccelerateCB(TrainCB):
         def gather_one(t):
             g = self.acc.gather(self.acc.pad_across_processes(t, dim=0))
             return torch.cat([g[i*m:i*m + n] for i, n in enumerate(ns)])
-        return _map_tensors(gather_one, x)
+        return map_tensors(gather_one, x)
 
-    def cleanup_batch(self, learn):
+    def _end_accumulate(self):
         if self._accum is not None: self._accum.close(); self._accum = None
 
+    def cleanup_batch(self, learn): self._end_accumulate()
+
     def cleanup_fit(self, learn):
-        for cb, name, old in getattr(self, '_silenced', []):
-            if old is None: vars(cb).pop(name, None)
-            else: setattr(cb, name, old)
-        self._silenced = []
+        self._end_accumulate()
+        if self._quiet is not None: self._quiet.close(); self._quiet = None  # stdout is back
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:
     "Wrap DataLoader `dl` so each batch is yielded `mult` times in a row: `mult`× the steps for the same loading work."
-    def __init__(self, dl, mult=2):
-        if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
-            raise ValueError(f"MultDL: mult is how many times each batch is repeated, an int >= 1; got {mult!r}")
-        self.dl, self.mult = dl, mult
+    def __init__(self, dl, mult=2): self.dl, self.mult = dl, check_int(mult, 'mult (times each batch is repeated)', 1, 'MultDL')
     def __len__(self): return len(self.dl)*self.mult
     def __iter__(self):
         for b in self.dl:

@@ -9,6 +9,7 @@ __all__ = ['HIST_BINS', 'HIST_MAX', 'set_seed', 'Hook', 'Hooks', 'append_stats',
 # %% ../nbs/06_activations.ipynb #603ba982
 import os
 import random
+import warnings
 from functools import partial
 
 import fastcore.all as fc
@@ -17,15 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .conv import check_int
 from .datasets import get_grid, show_image
 from .learner import Callback
 
 # %% ../nbs/06_activations.ipynb #7702558c
 def set_seed(seed, deterministic=False):
     "Seed Python, NumPy and PyTorch (CPU and all GPUs); `deterministic` also switches PyTorch to deterministic kernels."
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"set_seed: seed must be an int, got {type(seed).__name__} {seed!r}; pass e.g. set_seed(42)")
-    if not 0 <= seed < 2**32: raise ValueError(f"set_seed: seed must be in [0, 2**32) as NumPy requires, got {seed}")
+    check_int(seed, 'seed', 0, 'set_seed')
+    if seed >= 2**32: raise ValueError(f"set_seed: seed must be in [0, 2**32) as NumPy requires, got {seed}")
     if deterministic:
         # cuBLAS only gives repeatable matmuls with a fixed workspace; it reads this when its first handle is made
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
@@ -43,10 +44,10 @@ class Hook:
     def __init__(self, m, f):
         if not isinstance(m, nn.Module):
             raise TypeError(f"Hook needs an nn.Module to hook, got {type(m).__name__}; pass a layer such as model[0]")
-        self.handle = m.register_forward_hook(partial(f, self))
+        self.hook = m.register_forward_hook(partial(f, self))  # PyTorch's handle; `.hook.remove()` also works
     def remove(self):
         "Take the hook off its module (safe to call more than once)."
-        self.handle.remove()
+        self.hook.remove()
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
 
@@ -65,6 +66,9 @@ class Hooks(list):
     def remove(self):
         "Take every hook off its module."
         for h in self: h.remove()
+    def __delitem__(self, i):
+        for h in (self[i] if isinstance(i, slice) else [self[i]]): h.remove()
+        super().__delitem__(i)
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
 
@@ -99,8 +103,9 @@ class HooksCallback(Callback):
     def before_fit(self, learn):
         mods = self.mods if self.mods is not None else [m for m in learn.model.modules() if self.mod_filter(m)]
         if not mods:
-            raise ValueError(f"{type(self).__name__} found no modules to hook: mod_filter matched none of the model's "
-                             "modules; check the filter (e.g. fc.risinstance(nn.ReLU)) or pass mods=[...]")
+            warnings.warn(f"{type(self).__name__} found no modules to hook: mod_filter matched none of the model's "
+                          "modules, so this fit records nothing; check the filter (e.g. fc.risinstance(nn.ReLU)) "
+                          "or pass mods=[...]", stacklevel=2)
         self._learn = learn
         self.hooks = Hooks(mods, self._hookfunc)
 
@@ -126,15 +131,19 @@ class ActivationStats(HooksCallback):
     "Record the mean, std and histogram of the outputs of the modules passing `mod_filter` (or `mods`) while training."
     def __init__(self, mod_filter=fc.noop, on_train=True, on_valid=False, mods=None):
         super().__init__(append_stats, mod_filter, on_train, on_valid, mods)
+        self._fitted = False
 
     def cleanup_fit(self, learn):
         super().cleanup_fit(learn)
+        self._fitted = True
         for h in self.hooks:
             if hasattr(h, 'stats'): h.stats = _cpu_stats(h)
 
     def _recorded(self):
         hooks = [h for h in self.hooks if hasattr(h, 'stats')]
-        if not hooks: raise ValueError("ActivationStats has nothing to plot yet: fit the Learner with it first")
+        if not hooks:
+            why = "its last fit hooked no modules (see the warning about mod_filter)" if self._fitted else "fit the Learner with it first"
+            raise ValueError(f"ActivationStats has nothing to plot: {why}")
         return hooks
 
     def color_dim(self, figsize=(11, 5)):
@@ -152,7 +161,7 @@ class ActivationStats(HooksCallback):
         for i, (ax, h) in enumerate(zip(axs, hooks)):
             ax.plot(get_min(h))
             ax.set_ylim(0, 1.05)
-            ax.set_title(f'layer {i}')
+            ax.set_title(f'layer {i}'); ax.set_xlabel('batch'); ax.set_ylabel('fraction near 0')
         return axs
 
     def plot_stats(self, figsize=(10, 4)):
@@ -164,7 +173,7 @@ class ActivationStats(HooksCallback):
             axs[0].plot(means, label=f'layer {i}')
             axs[1].plot(stds, label=f'layer {i}')
         axs[0].set_title('means'); axs[1].set_title('stds')
-        for ax in axs: ax.set_xlabel('batch')
+        for ax, nm in zip(axs, ('mean', 'std')): ax.set_xlabel('batch'); ax.set_ylabel(f'{nm} of activations')
         axs[1].legend()
         return axs
 

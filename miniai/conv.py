@@ -85,6 +85,7 @@ def check_int(v, name, min_value=0, where=None):
 # %% ../nbs/03_conv.ipynb #f2ddd81c
 def conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):
     "A `ks`×`ks` conv from `ni` to `nf` channels with padding `ks//2`, then optional `norm(nf)` and `act()`."
+    if act is True: act = nn.ReLU  # the course's first `conv` took act=True/False for "ReLU or nothing"
     if ks % 2 == 0: raise ValueError(f"conv: kernel size ks={ks} is even; use an odd ks (e.g. 3) so padding ks//2 keeps the grid centred")
     if bias is None: bias = norm is None  # a norm layer's shift makes the conv's bias redundant
     layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=bias)]

@@ -13,7 +13,7 @@ import fastcore.all as fc
 import torch
 from torch import nn
 
-from .conv import conv, to_device
+from .conv import check_int, conv, map_tensors, model_device, model_mode, to_device
 from .init import GeneralRelu
 from .learner import Learner
 
@@ -27,15 +27,11 @@ def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3):
                          conv(nf, nf, ks=ks, stride=stride, act=None, norm=norm))
 
 # %% ../nbs/09_resnet.ipynb #bb23cd6d
-def _check_pos_int(v, name, where):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
-
 class ResBlock(nn.Module):
     "`act(convs(x) + idconv(pool(x)))`: two convs plus a shortcut; 1×1 conv if `ni != nf`, average pool if `stride > 1`."
-    def __init__(self, ni, nf, stride=1, ks=3, act=act_gr, norm=nn.BatchNorm2d):
+    def __init__(self, ni, nf, stride=1, ks=3, act=act_gr, norm=None):
         super().__init__()
-        for v, nm in ((ni, 'ni'), (nf, 'nf'), (stride, 'stride')): _check_pos_int(v, nm, 'ResBlock')
+        for v, nm in ((ni, 'ni'), (nf, 'nf'), (stride, 'stride')): check_int(v, nm, 1, 'ResBlock')
         self.convs = _conv_block(ni, nf, stride, act=act, norm=norm, ks=ks)
         self.idconv = nn.Identity() if ni == nf else conv(ni, nf, ks=1, stride=1, act=None, norm=norm)
         self.pool = nn.Identity() if stride == 1 else nn.AvgPool2d(stride, ceil_mode=True)
@@ -48,7 +44,7 @@ def fmnist_resnet(act=act_gr, nfs=(8, 16, 32, 64, 128, 256), norm=nn.BatchNorm2d
     "A ResNet from 1×28×28 images to 10 logits: a stride-1 ResBlock to `nfs[0]`, then a stride-2 ResBlock per next width."
     nfs = tuple(nfs)
     if not nfs: raise ValueError("fmnist_resnet: nfs must list at least one width, e.g. nfs=(8, 16, 32, 64)")
-    for nf in nfs: _check_pos_int(nf, 'every width in nfs', 'fmnist_resnet')
+    for nf in nfs: check_int(nf, 'every width in nfs', 1, 'fmnist_resnet')
     layers = [ResBlock(1, nfs[0], stride=1, act=act, norm=norm)]
     layers += [ResBlock(ni, nf, stride=2, act=act, norm=norm) for ni, nf in zip(nfs, nfs[1:])]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nfs[-1], 10, bias=norm is None)]
@@ -65,11 +61,9 @@ def _macs(m, inp, out):
     if isinstance(m, nn.Linear): return out.numel() * m.in_features
     return 0
 
-def _shape(x):
-    "Shape of a tensor as a tuple; of several, a tuple of shapes."
-    if isinstance(x, torch.Tensor): return tuple(x.shape)
-    if isinstance(x, (tuple, list)): return _shape(x[0]) if len(x) == 1 else tuple(_shape(o) for o in x)
-    return type(x).__name__
+def _shapes(x):
+    "Shape of a tensor as a tuple; of several (in tuples, lists, dicts), the same structure of shapes."
+    return map_tensors(lambda t: tuple(t.shape), x)
 
 # %% ../nbs/09_resnet.ipynb #6612c2d9
 class ModelSummary:
@@ -105,19 +99,12 @@ def _summary_inputs(learn, xb):
                         "pass xb=a tensor or a tuple of tensors")
     return xs
 
-def _param_device(model):
-    p = next(model.parameters(), None)
-    if p is None: p = next(model.buffers(), None)
-    return None if p is None else p.device
-
 # %% ../nbs/09_resnet.ipynb #4db1145d
-@fc.patch
-def summary(self: Learner, xb=None, show=True):
+def summary(learn, xb=None, show=True):
     "Print (if `show`) and return a `ModelSummary` of each top-level module from one eval-mode forward pass; changes nothing."
-    model = self.model
-    xs = _summary_inputs(self, xb)
-    dev = _param_device(model)
-    if dev is not None: xs = to_device(xs, dev)
+    model = learn.model
+    xs = _summary_inputs(learn, xb)
+    xs = to_device(xs, model_device(model))
     children = list(model.named_children()) or [('', model)]
     rows = [dict(module=type(c).__name__, input='-', output='-', params=sum(p.numel() for p in c.parameters()), mflops=0.)
             for _, c in children]
@@ -127,21 +114,21 @@ def summary(self: Learner, xb=None, show=True):
         for m in c.modules(): owner.setdefault(m, i)
 
     def record(i, m, inp, out):
-        if rows[i]['input'] == '-': rows[i]['input'], rows[i]['output'] = _shape(inp), _shape(out)
+        if rows[i]['input'] == '-': rows[i]['input'], rows[i]['output'] = _shapes(inp[0] if len(inp) == 1 else inp), _shapes(out)
     def add_macs(i, m, inp, out): macs[i] += _macs(m, inp, out)
 
-    modes, handles = [(m, m.training) for m in model.modules()], []
+    handles = []
     try:
         for i, (_, c) in enumerate(children): handles.append(c.register_forward_hook(partial(record, i)))
         for m, i in owner.items():
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)): handles.append(m.register_forward_hook(partial(add_macs, i)))
-        model.eval()
-        with torch.no_grad(): model(*xs)
+        with model_mode(model, training=False), torch.no_grad(): model(*xs)
     finally:
         for h in handles: h.remove()
-        for m, training in modes: m.training = training
     n = len(xs[0])
     for r, mac in zip(rows, macs): r['mflops'] = mac/n/1e6
     res = ModelSummary(rows, sum(p.numel() for p in model.parameters()), sum(macs)/n/1e6)
     if show: print(res)
     return res
+
+fc.patch_to(Learner)(summary)   # also `learn.summary(...)`

@@ -1,4 +1,5 @@
 "Tests for miniai.accel: MixedPrecision, GradAccumCB, GradClipCB and their combinations, AccelerateCB, MultDL."
+import inspect
 import json
 import math
 import os
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import miniai.accel as accel
 from miniai.accel import AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision, MultDL
 from miniai.datasets import DataLoaders
-from miniai.learner import CancelBatchException, Callback, Learner, MetricsCB, TrainCB
+from miniai.learner import CancelBatchException, Callback, Learner, MetricsCB, ProgressCB, TrainCB
 
 SCRIPT = Path(__file__).parent/'scripts'/'accel_train.py'
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -92,6 +94,12 @@ def native_bf16(monkeypatch):
     "Pretend the CPU computes bf16 natively (it is emulated, and slow, where it doesn't; the models here are tiny)."
     monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
 
+@pytest.fixture
+def always_scaler(monkeypatch):
+    "Give MixedPrecision a GradScaler whatever the precision, so the scaler's logic runs on a CPU too."
+    monkeypatch.setattr(MixedPrecision, 'make_scaler',
+                        lambda self: torch.amp.GradScaler(self.device_type, **self.scaler_kwargs))
+
 # ---------------------------------------------------------------- MixedPrecision
 
 @cpu_only
@@ -133,26 +141,65 @@ def test_fp16_on_cpu_is_refused():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="'auto', 'fp16' or 'bf16'"): MixedPrecision(dtype='float16')
-    with pytest.raises(ValueError, match="int >= 1"): GradAccumCB(0)
-    with pytest.raises(ValueError, match="positive"): GradClipCB(-1)
+    with pytest.raises(TypeError, match="GradScaler"): MixedPrecision(init_scal=2.**10)  # a typo, caught at once
+    for bad in (0, True, 2.0):  # a bool is not a number of batches
+        with pytest.raises(ValueError, match="whole number >= 1"): GradAccumCB(bad)
+    for bad in (-1, True):
+        with pytest.raises(ValueError, match="positive"): GradClipCB(bad)
     with pytest.raises(ValueError, match="remove those"): fit(TrainCB(), MixedPrecision())
 
-@pytest.mark.parametrize('where', ['after_predict', 'get_loss', 'cancel'])
-def test_autocast_is_exited_when_a_batch_fails(where):
-    class FailCB(Callback):
-        def after_predict(self, learn):
+@pytest.mark.parametrize('cls', [MixedPrecision, GradAccumCB, GradClipCB, AccelerateCB, MultDL])
+def test_no_private_arguments_in_signatures(cls):
+    "Tests reach the hard-to-reach paths by patching, not through hidden arguments of the public API."
+    assert not [p for p in inspect.signature(cls).parameters if p.startswith('_')]
+
+@cpu_only
+def test_bf16_by_name_on_slow_cpu_autocasts_with_one_warning():
+    mp, dtypes = MixedPrecision(dtype='bf16'), []
+    class DtypeCB(Callback):
+        def after_predict(self, learn): dtypes.append(learn.preds.dtype)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        learn = Learner(model(), dls(16), F.cross_entropy, lr=0.1, cbs=[mp, DtypeCB()])
+        learn.fit(1); learn.fit(1)
+    msgs = [str(w.message) for w in ws if 'MixedPrecision' in str(w.message)]
+    assert len(msgs) == 1 and 'emulates' in msgs[0], msgs
+    assert set(dtypes) == {torch.bfloat16} and mp.scaler is None
+
+def test_autocast_covers_only_forward_and_loss(native_bf16):
+    "Callbacks ordered after MixedPrecision still run outside autocast; only predict and get_loss are inside."
+    seen = set()
+    class WatchCB(Callback):
+        order = MixedPrecision.order + 1
+        def before_batch(self, learn): seen.add(('before_batch', torch.is_autocast_enabled('cpu')))
+        def after_predict(self, learn): seen.add(('preds', learn.preds.dtype))
+        def after_loss(self, learn): seen.add(('after_loss', torch.is_autocast_enabled('cpu')))
+        def after_backward(self, learn): seen.add(('after_backward', torch.is_autocast_enabled('cpu')))
+    fit(MixedPrecision(), WatchCB(), m=model().cpu())
+    assert seen == {('before_batch', False), ('preds', torch.bfloat16), ('after_loss', False), ('after_backward', False)}
+
+@pytest.mark.parametrize('where', ['forward', 'loss', 'cancel'])
+def test_autocast_is_off_after_a_failing_batch(where, native_bf16):
+    class Model(nn.Module):
+        "Note whether autocast is on in the forward pass; fail or cancel there if asked."
+        def __init__(self):
+            super().__init__()
+            self.body = model()
+        def forward(self, x):
             self.on = torch.is_autocast_enabled('cpu')
-            if where == 'after_predict': raise RuntimeError('boom')
+            if where == 'forward': raise RuntimeError('boom')
             if where == 'cancel': raise CancelBatchException()
+            return self.body(x)
     def bad_loss(preds, y):
-        if where == 'get_loss': raise RuntimeError('boom')
-        return F.cross_entropy(preds, y)
-    fail, mp = FailCB(), MixedPrecision(_force_cpu_bf16=True)
-    learn = Learner(model().cpu(), dls(16), bad_loss, cbs=[mp, fail])
+        bad_loss.on = torch.is_autocast_enabled('cpu')
+        raise RuntimeError('boom')
+    m = Model()
+    learn = Learner(m, dls(16), bad_loss if where == 'loss' else F.cross_entropy, cbs=[MixedPrecision()])
     if where == 'cancel': learn.fit(1)
     else:
         with pytest.raises((RuntimeError, ValueError), match='boom'): learn.fit(1)  # TrainCB wraps loss errors
-    assert fail.on is True  # autocast really was on during the forward pass
+    assert m.on is True  # autocast really was on during the forward pass
+    if where == 'loss': assert bad_loss.on is True  # ...and during the loss
     assert torch.is_autocast_enabled('cpu') is False
     assert torch.is_autocast_enabled() is False
 
@@ -168,9 +215,9 @@ class WeightsCB(Callback):
     def after_batch(self, learn):
         if learn.training: self.ws.append(flat_weights(learn.model).clone())
 
-def test_scaler_counts_skipped_steps_and_survives_fits():
-    # The CPU has a GradScaler too: the private flag turns it on while the model stays fp32
-    mp, ws, poison = MixedPrecision(_force_scaler=True), WeightsCB(), PoisonCB(1)
+def test_scaler_counts_skipped_steps_and_survives_fits(always_scaler):
+    # The CPU has a GradScaler too: the fixture turns it on while the model stays fp32
+    mp, ws, poison = MixedPrecision(), WeightsCB(), PoisonCB(1)
     learn = fit(mp, ws, poison, m=model().cpu(), valid=False)
     assert mp.skipped_steps == 1
     assert mp.scaler.get_scale() == 2.**15
@@ -249,8 +296,8 @@ def test_accumulation_carries_no_grads_into_next_fit_after_error():
     assert not type(learn.opt).__name__.startswith('_NoStep')  # the real optimizer is back
     assert not hasattr(learn, 'will_step')
 
-def test_clip_sees_unscaled_norm():
-    clip, spy, mp = GradClipCB(0.05), GradSpyCB(), MixedPrecision(_force_scaler=True)
+def test_clip_sees_unscaled_norm(always_scaler):
+    clip, spy, mp = GradClipCB(0.05), GradSpyCB(), MixedPrecision()
     fit(mp, clip, spy, m=model().cpu(), d=dls(64, bs=64), valid=False)
     assert mp.scaler.get_scale() == 2.**16
     torch.testing.assert_close(clip.norm, big_batch_grad().norm(), rtol=1e-4, atol=0)
@@ -259,10 +306,10 @@ def test_clip_sees_unscaled_norm():
 def clipped(g, max_norm): return g*min(1., max_norm/(g.norm().item() + 1e-6))
 
 @pytest.mark.parametrize('combo', ['mp+clip', 'mp+accum', 'clip+accum', 'mp+clip+accum'])
-def test_combinations(combo):
+def test_combinations(combo, always_scaler):
     "Each pair and the triple give the gradient (at the one step) of one fp32 batch of 64, clipped if asked."
     use_mp, use_clip, use_accum = 'mp' in combo, 'clip' in combo, 'accum' in combo
-    mp = MixedPrecision(_force_scaler=True) if use_mp else None
+    mp = MixedPrecision() if use_mp else None
     clip, spy, steps = GradClipCB(0.05), GradSpyCB(), StepCounterCB()
     cbs = [mp or TrainCB(), spy, steps] + ([clip] if use_clip else []) + ([GradAccumCB(4)] if use_accum else [])
     fit(*cbs, m=model().cpu(), d=dls(64, bs=16 if use_accum else 64), valid=False)
@@ -274,16 +321,17 @@ def test_combinations(combo):
     torch.testing.assert_close(spy.grads[0], expected, rtol=1e-4, atol=1e-7*expected.abs().max().item())
     if use_mp: assert mp.scaler.get_scale() == 2.**16 and mp.skipped_steps == 0
 
-def test_scaler_steps_once_per_group():
+def test_scaler_steps_once_per_group(always_scaler):
     "With accumulation, scaler.step/update run once per group, so the whole group is at one scale."
     class UpdateCounterCB(Callback):
+        order = MixedPrecision.order + 1
         def before_fit(self, learn):  # runs after MixedPrecision.before_fit has published the scaler
             self.n, update = 0, learn.scaler.update
             def counted(*a, **k):
                 self.n += 1
                 return update(*a, **k)
             learn.scaler.update = counted
-    mp, spy, upd = MixedPrecision(_force_scaler=True), GradSpyCB(), UpdateCounterCB()
+    mp, spy, upd = MixedPrecision(), GradSpyCB(), UpdateCounterCB()
     fit(mp, GradAccumCB(4), spy, upd, m=model().cpu(), d=dls(64, bs=16), valid=False)
     assert upd.n == 1
     torch.testing.assert_close(spy.grads[0]/2.**16, big_batch_grad(), rtol=1e-4, atol=1e-7)
@@ -291,7 +339,7 @@ def test_scaler_steps_once_per_group():
 # ---------------------------------------------------------------- AccelerateCB
 
 def test_accelerate_prepares_once(fresh_accelerate):
-    cb, ref, losses = AccelerateCB(), LossesCB(), LossesCB()
+    cb, ref, losses = AccelerateCB(mixed_precision='no'), LossesCB(), LossesCB()
     n = []
     prepare = cb.acc.prepare
     cb.acc.prepare = lambda *a, **k: (n.append(len(a)), prepare(*a, **k))[1]
@@ -305,7 +353,7 @@ def test_accelerate_prepares_once(fresh_accelerate):
     assert n == [4, 1]
 
 def test_accelerate_accumulation_and_clipping_match_callbacks(fresh_accelerate):
-    cb, steps = AccelerateCB(gradient_accumulation_steps=4, max_norm=0.05), StepCounterCB()
+    cb, steps = AccelerateCB(mixed_precision='no', gradient_accumulation_steps=4, max_norm=0.05), StepCounterCB()
     learn = Learner(model(), dls(64, bs=16), F.cross_entropy, lr=0.1, cbs=[cb])
     learn.fit(1, valid=False)
     clip = GradClipCB(0.05)
@@ -315,16 +363,73 @@ def test_accelerate_accumulation_and_clipping_match_callbacks(fresh_accelerate):
 
 @cpu_only
 def test_accelerate_fp16_on_cpu_is_refused(fresh_accelerate):
-    with pytest.raises(ValueError, match="silently trains in fp32"): AccelerateCB(mixed_precision='fp16')
+    with pytest.raises(ValueError, match="silently trains in fp32.*mixed_precision='auto'"): AccelerateCB(mixed_precision='fp16')
     AccelerateCB()  # and the refusal left accelerate's state free for another setting
+
+def test_accelerate_bad_arguments(fresh_accelerate):
+    with pytest.raises(ValueError, match="'auto', 'no', 'fp16' or 'bf16'"): AccelerateCB(mixed_precision='fp8')
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="gradient_accumulation_steps must be a whole number >= 1"):
+            AccelerateCB(gradient_accumulation_steps=bad)
+    for bad in (0, -1., True):
+        with pytest.raises(ValueError, match="max_norm"): AccelerateCB(max_norm=bad)
+
+def test_accelerate_auto_precision(fresh_accelerate, monkeypatch):
+    monkeypatch.delenv('ACCELERATE_MIXED_PRECISION', raising=False)
+    cb = AccelerateCB()
+    assert cb.mixed_precision == ('fp16' if torch.cuda.is_available() else 'no')  # this CPU has no native bf16
+    assert cb.acc.mixed_precision == cb.mixed_precision
+
+@cpu_only
+def test_accelerate_auto_precision_on_native_bf16_cpu(fresh_accelerate, monkeypatch, native_bf16):
+    monkeypatch.delenv('ACCELERATE_MIXED_PRECISION', raising=False)
+    assert AccelerateCB().mixed_precision == 'bf16'
+
+def test_accelerate_auto_follows_the_launcher(fresh_accelerate, monkeypatch):
+    "Under `accelerate launch --mixed_precision X`, 'auto' is X, as for a plain Accelerator()."
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'no')
+    assert AccelerateCB().mixed_precision == 'no'
+    if not torch.cuda.is_available():
+        monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'fp16')
+        with pytest.raises(ValueError, match="accelerate launch --mixed_precision fp16 on the CPU.*launch with --mixed_precision no"):
+            AccelerateCB()
 
 @cpu_only
 def test_accelerate_bf16_on_slow_cpu_warns(fresh_accelerate):
-    with pytest.warns(UserWarning, match="many times slower"): AccelerateCB(mixed_precision='bf16')
+    with pytest.warns(UserWarning, match="many times slower.*mixed_precision='auto'"): AccelerateCB(mixed_precision='bf16')
 
 def test_accelerate_refuses_clashing_callbacks(fresh_accelerate):
     for other in (GradClipCB(), GradAccumCB(2), TrainCB()):
         with pytest.raises(ValueError, match="remove"): fit(AccelerateCB(), other)
+
+@pytest.mark.parametrize('main', [True, False])
+def test_only_the_main_process_reports(main, fresh_accelerate, monkeypatch, capsys):
+    "On other processes the fit prints nothing; MetricsCB still computes, and no callback is changed afterwards."
+    monkeypatch.setattr(Accelerator, 'is_main_process', property(lambda self: main))
+    metrics, progress = MetricsCB(), ProgressCB()
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[AccelerateCB(mixed_precision='no'), metrics, progress])
+    print('before')
+    learn.fit(2)
+    print('after')
+    out = capsys.readouterr().out.split('\n')
+    assert out[0] == 'before' and out[-2:] == ['after', '']
+    assert len(out) == (3 + 1 + 4 if main else 3)  # the main process prints a header and 4 rows
+    assert len(metrics.history) == 4
+    assert metrics.logger is print and 'log_row' not in vars(progress)  # back as they were
+
+@pytest.mark.parametrize('where', ['before_fit', 'after_batch'])
+def test_other_processes_get_stdout_back_after_an_error(where, fresh_accelerate, monkeypatch, capsys):
+    monkeypatch.setattr(Accelerator, 'is_main_process', property(lambda self: False))
+    class BoomCB(Callback):
+        order = 50  # after AccelerateCB has sent stdout away
+        def before_fit(self, learn):
+            if where == 'before_fit': raise RuntimeError('boom')
+        def after_batch(self, learn):
+            if where == 'after_batch' and learn.iter == 1: raise RuntimeError('boom')
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[AccelerateCB(mixed_precision='no'), MetricsCB(), BoomCB()])
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1)
+    print('after')
+    assert capsys.readouterr().out == 'after\n'
 
 def free_port():
     with socket.socket() as s:
@@ -392,6 +497,7 @@ def test_multdl():
     assert len(out) == len(m)
     assert m.batch_size == 4 and m.dataset is dl.dataset
     assert len(MultDL(dl)) == 6
-    with pytest.raises(ValueError, match='int >= 1'): MultDL(dl, 1.5)
+    for bad in (1.5, 0, True):
+        with pytest.raises(ValueError, match='whole number >= 1'): MultDL(dl, bad)
     learn = fit(TrainCB(), steps := StepCounterCB(), d=DataLoaders(MultDL(dls().train, 2), dls().valid))
     assert steps.steps == 8

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniai.augment import (Dropout, Dropout2d, RandCopy, RandCrop, RandErase, RandFlip, TTD_CB, mc_dropout_predict,
+from miniai.augment import (CapturePreds, Dropout, Dropout2d, RandCopy, RandCrop, RandErase, RandFlip, TTD_CB, mc_dropout_predict,
                             rand_copy, rand_crop, rand_erase, rand_flip)
 from miniai.datasets import DataLoaders, TensorDL
 from miniai.learner import Callback, Learner, TrainCB
@@ -99,3 +99,27 @@ def test_dropout_rejects_bad_p(bad):
                                   lambda: RandErase(0.), lambda: RandCopy(max_num=0), lambda: rand_erase(torch.zeros(1, 1, 4, 4, dtype=torch.int64))])
 def test_bad_augmentation_arguments_raise_early(call):
     with pytest.raises((ValueError, TypeError)): call()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self): super().__init__(); self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+    def forward(self, x1, x2): return self.a(x1) + self.b(x2)
+
+
+def test_capture_preds_keeps_several_inputs_apart_and_can_skip_them():
+    g = torch.Generator().manual_seed(0)
+    x1, x2, y = torch.randn(20, 4, generator=g), torch.randn(20, 2, generator=g), torch.randint(0, 3, (20,), generator=g)
+    batches = [(x1[i:i+8], x2[i:i+8], y[i:i+8]) for i in range(0, 20, 8)]
+    learn = Learner(_TwoInputs(), DataLoaders(batches, batches), F.cross_entropy, cbs=[TrainCB(n_inp=2)])
+    preds, targs, (i1, i2) = learn.capture_preds(inps=True)
+    assert preds.shape == (20, 3) and torch.equal(targs, y) and torch.equal(i1, x1) and torch.equal(i2, x2)
+    cp = CapturePreds(inps=False)
+    learn.fit(1, train=False, cbs=cp)
+    assert cp.all_inps is None and torch.equal(cp.all_preds, preds)
+
+
+def test_recipe_names_moved_but_still_import_from_augment_with_a_warning():
+    import miniai.augment, miniai.recipe
+    with pytest.warns(DeprecationWarning, match='miniai.recipe'):
+        assert miniai.augment.recipe_learner is miniai.recipe.recipe_learner
+    with pytest.raises(AttributeError): miniai.augment.not_a_name

@@ -42,6 +42,18 @@
 | 38 | more DDIM steps than the schedule has | ValueError | 1 <= steps <= T |
 | 39 | `miniai ddpm --channels 12,24` | exit 2, one line | multiple of 8 (GroupNorm groups) |
 | 40 | `miniai ddpm` with 7 levels for 32×32 images | exit 2, one line | multiples of 64; fewer levels |
+
+Activations, init, resnet, augment and the recipe:
+
+| mistake | raised | the message says |
+|---|---|---|
+| a hook function that isn't callable | TypeError | f(hook, mod, inp, outp) |
+| `ResBlock(8, True)` (a bool as a width) | ValueError | whole number >= 1, a bool |
+| `lsuv_init(..., max_iters=0)` | ValueError | max_iters, >= 1 |
+| `RandCrop(pad=True)` | ValueError | pad, a bool |
+| `mc_dropout_predict(..., n=1)` | ValueError | number of passes, >= 2 |
+| `recipe_learner(dls, 0)` | ValueError | epochs, >= 1 |
+| `cnn_classifier` with 3 widths | ValueError | 4 or more widths |
 """
 import math
 import os
@@ -58,10 +70,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniai.accel import AccelerateCB, MixedPrecision
+from miniai.activations import HooksCallback
+from miniai.augment import RandCrop, mc_dropout_predict
 from miniai.conv import conv
 from miniai.ddpm import ddim_sample, ddpm_unet, linear_sched, noisify
 from miniai.datasets import TensorDL, load_fashion_mnist
-from miniai.learner import CheckpointCB, DeviceCB, Learner, MetricsCB, TrainCB, read_checkpoint
+from miniai.checkpoint import CheckpointCB, read_checkpoint
+from miniai.init import lsuv_init
+from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB
+from miniai.recipe import cnn_classifier, recipe_learner
+from miniai.resnet import ResBlock
 
 def dls(n=2, bs=4, classes=2):
     mk = lambda: [(torch.randn(bs, 3), torch.randint(0, classes, (bs,))) for _ in range(n)]
@@ -78,7 +96,7 @@ def bad_ckpt(tmp):
 
 CASES = {
     'n_inp too large': (lambda t: fit(cbs=[TrainCB(n_inp=2)]), ValueError, ['n_inp', 'no targets']),
-    'n_inp zero': (lambda t: TrainCB(n_inp=0), ValueError, ['n_inp must be an int >= 1']),
+    'n_inp zero': (lambda t: TrainCB(n_inp=0), ValueError, ['n_inp must be a whole number >= 1']),
     'mse shape mismatch': (lambda t: fit(nn.Linear(3, 1), SimpleNamespace(train=[(torch.randn(4, 3), torch.randn(4))], valid=[]),
                                          F.mse_loss, valid=False), ValueError, ['(4, 1)', '(4,)', 'Reshape']),
     'output too small for targets': (lambda t: fit(nn.Linear(3, 1)), ValueError, ['shape (4, 1)', "model's output size"]),
@@ -99,7 +117,7 @@ CASES = {
     'missing checkpoint': (lambda t: read_checkpoint(t/'nope.pt'), FileNotFoundError, ['not found']),
     'corrupt checkpoint': (lambda t: read_checkpoint(bad_ckpt(t)), ValueError, ['damaged', 'earlier one']),
     'resume latest without CheckpointCB': (lambda t: fit(resume='latest'), ValueError, ['CheckpointCB']),
-    'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['positive int or None']),
+    'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['whole number >= 1', 'or None']),
     'unknown data source': (lambda t: load_fashion_mnist('web'), ValueError, ['web', 'sample']),
     'hub while offline': (lambda t: load_fashion_mnist('hub'), ConnectionError, ['offline', "source='sample'"]),
     'float images to TensorDL': (lambda t: TensorDL(torch.rand(10, 28, 28), torch.zeros(10)), TypeError, ['uint8']),
@@ -117,6 +135,17 @@ CASES = {
     'too many ddim steps': (lambda t: ddim_sample(unet(), (1, 1, 8, 8), linear_sched(10), steps=20), ValueError,
                             ['1 <= steps <= ', '10 steps']),
 }
+CASES.update({
+    'hook function not callable': (lambda t: HooksCallback('append_stats'), TypeError, ['f(hook, mod, inp, outp)']),
+    'bool as a ResBlock width': (lambda t: ResBlock(8, True), ValueError, ['whole number >= 1', 'a bool']),
+    'lsuv max_iters zero': (lambda t: lsuv_init(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), torch.randn(4, 2),
+                                                max_iters=0), ValueError, ['max_iters', '>= 1']),
+    'bool crop padding': (lambda t: RandCrop(pad=True), ValueError, ['pad', 'a bool']),
+    'one mc dropout pass': (lambda t: mc_dropout_predict(nn.Sequential(nn.Linear(3, 2), nn.Dropout()), dls().valid, n=1),
+                            ValueError, ['number of passes', '>= 2']),
+    'recipe for zero epochs': (lambda t: recipe_learner(dls(), 0), ValueError, ['epochs', '>= 1']),
+    'cnn with too few widths': (lambda t: cnn_classifier((16, 32, 64)), ValueError, ['4 or more']),
+})
 RAISED_BEFORE_TORCH_WARNS = {'mse shape mismatch'}  # our error comes first, not torch's broadcasting warning
 GPU_ONLY = {'cuda without gpu', 'fp16 on cpu', 'accelerate fp16 on cpu'}  # on a GPU machine these calls are fine
 

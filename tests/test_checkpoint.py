@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miniai.learner import read_checkpoint
+from miniai.checkpoint import read_checkpoint
 
 SCRIPT = Path(__file__).parent/'scripts'/'ckpt_train.py'
 N_BATCHES = 2*57  # 2 epochs of the sample's 7,226 training images at bs 128
@@ -56,7 +56,8 @@ def test_cuda_rng_states_are_saved_and_restored(tmp_path, monkeypatch):
     "No GPU here: fake two CUDA devices' RNG states and check they go through a checkpoint file and back."
     from types import SimpleNamespace
     from torch import nn
-    from miniai.learner import Learner, set_rng_state
+    from miniai.checkpoint import set_rng_state
+    from miniai.learner import Learner
     fake, restored = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)], []
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [t.clone() for t in fake])

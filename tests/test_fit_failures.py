@@ -62,3 +62,14 @@ def test_grads_are_not_left_behind_by_a_failed_batch_for_the_next_fit():
     learn = Learner(nn.Linear(3, 2), dls(), F.cross_entropy, lr=0.1, cbs=[TrainCB()])
     with pytest.raises(Injected): learn.fit(1, cbs=FailAfterBackward())
     assert all(p.grad is None for p in learn.model.parameters())
+
+def test_keyboard_interrupt_still_cleans_up_and_comes_through():
+    class CtrlC(Callback):
+        def after_batch(self, learn):
+            if learn.iter == 1: raise KeyboardInterrupt()
+    rec = Recorder()
+    learn = Learner(nn.Linear(3, 2), dls(), F.cross_entropy, lr=0.1, cbs=[TrainCB()])
+    n_cbs = list(learn.cbs)
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=[rec, CtrlC()])
+    assert rec.seen == ['cleanup_batch', 'cleanup_batch', 'cleanup_epoch', 'cleanup_fit']
+    assert learn.cbs == n_cbs and all(p.grad is None for p in learn.model.parameters())

@@ -85,3 +85,24 @@ def test_param_sched_needs_a_sized_train_loader():
     learn = make_learner()
     learn.dls.train = iter(list(learn.dls.train))
     with pytest.raises(TypeError, match='len'): learn.fit(1, valid=False, cbs=ParamSchedCB('lr', sched_lin(0.1, 0.2)))
+
+
+def test_recorder_gives_course_style_functions_the_first_group_as_pg():
+    learn = make_learner(lr=None)
+    learn.opt = optim.SGD([{'params': learn.model[0].parameters(), 'lr': 0.1},
+                           {'params': learn.model[2].parameters(), 'lr': 0.01}], lr=0.01, momentum=0.9)
+    def course_lr(cb): return cb.pg['lr']   # the course's recorder functions take the callback
+    rec = RecorderCB(lr=_lr, course=course_lr)
+    learn.fit(1, valid=False, cbs=[rec, ParamSchedCB('lr', sched_lin(1., 2.))])
+    assert rec.recs['course'] == rec.recs['lr'] == pytest.approx([1 + i/N_BATCHES for i in range(N_BATCHES)])
+    assert rec.pg is learn.opt.param_groups[0]
+
+
+def test_has_learn_cb_lets_go_of_the_learner_after_fit():
+    from miniai.sgd import HasLearnCB
+    class Peek(HasLearnCB):
+        def after_step(self, learn): self.during = self.learn
+    cb = Peek()
+    learn = make_learner(cbs=[cb])
+    learn.fit(1, valid=False)
+    assert cb.during is learn and cb.learn is None

@@ -35,8 +35,9 @@ def train(out_dir, even_batches):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
     # split_batches: each global batch of BS is shared out between the processes, so any process count sees the
-    # same global batches as a single process does
-    cb = AccelerateCB(dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=even_batches))
+    # same global batches as a single process does; fp32, so the runs agree to float rounding
+    config = DataLoaderConfiguration(split_batches=True, even_batches=even_batches)
+    cb = AccelerateCB(mixed_precision='no', dataloader_config=config)
     metrics = MetricsCB(MulticlassAccuracy())
     learn = Learner(model, get_dls(), F.cross_entropy, lr=0.1, cbs=[cb, metrics, ProgressCB()])
     learn.fit(EPOCHS)

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
-import miniai.learner as ml
+import miniai.checkpoint as mc
 from miniai.datasets import fashion_dls
 from miniai.accel import MixedPrecision
 from miniai.ddpm import EMACB
-from miniai.learner import Callback, CheckpointCB, Learner, MetricsCB
+from miniai.checkpoint import CheckpointCB
+from miniai.learner import Callback, Learner, MetricsCB
 from miniai.sgd import BatchSchedCB
 
 p = argparse.ArgumentParser()
@@ -48,13 +49,17 @@ if args.kill_in_write:
                 os.ftruncate(fd, os.fstat(fd).st_size//2)
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_fsync(fd)
-    ml.os.fsync = fsync
+    mc.os.fsync = fsync
 
 one_cycle = BatchSchedCB(lambda opt: optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=args.epochs*len(dls.train)))
 # MixedPrecision falls back to fp32 on this CPU but keeps a GradScaler (forced), growing its scale every 5 steps, so
 # the scaler's state changes during the run and must come back on resume; EMACB's average must too.
 warnings.filterwarnings('ignore', message='MixedPrecision: training in fp32')
-mp, ema = MixedPrecision(_force_scaler=True, growth_interval=5), EMACB(0.9)
+class ScaledMP(MixedPrecision):
+    "Keeps a GradScaler although this CPU run is fp32, so its state is in the checkpoints too."
+    def make_scaler(self): return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs)
+
+mp, ema = ScaledMP(growth_interval=5), EMACB(0.9)
 cbs = [mp, ema, one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
 learn = Learner(model, dls, F.cross_entropy, lr=0.05, cbs=cbs, opt_func=lambda ps, lr: optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=1e-4))
 learn.fit(args.epochs, resume='latest' if args.resume else None)

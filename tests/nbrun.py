@@ -1,0 +1,62 @@
+"""Execute notebooks in a real Jupyter kernel, as a reader does; used by tests/test_notebooks.py and to commit outputs.
+
+    python tests/nbrun.py nbs/04_learner.ipynb ...   # execute in place, keep the outputs, then nbdev_clean
+    python tests/nbrun.py --all                       # every notebook, two kernels side by side
+"""
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT/'nbs'
+
+def notebooks(): return sorted(NBS.glob('*.ipynb'))
+
+def kernel_env():
+    "The environment a Jupyter user's kernel has: the inline plot backend (not Agg) and one torch thread per kernel."
+    env = {k: v for k, v in os.environ.items() if k != 'MPLBACKEND'}
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env.setdefault('HF_DATASETS_OFFLINE', '1')
+    env.setdefault('HF_HUB_OFFLINE', '1')
+    return env
+
+def execute(path, timeout=900):
+    "Run notebook `path` top to bottom in a fresh python3 kernel; return (executed notebook, seconds)."
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
+    start = time.time()
+    client.execute(env=kernel_env())
+    return nb, time.time() - start
+
+def execute_all(paths, workers=2):
+    "Execute `paths` in `workers` kernels at once; return {path: (notebook, seconds)}."
+    with ThreadPoolExecutor(workers) as ex: return dict(zip(paths, ex.map(execute, paths)))
+
+def output_kinds(cell):
+    "What a reader sees under a code cell: a set drawn from 'text', 'html', 'image' (stderr and errors aside)."
+    kinds = set()
+    for o in cell.get('outputs', []):
+        if o['output_type'] == 'stream':
+            if o.get('name') == 'stdout': kinds.add('text')
+        elif o['output_type'] in ('execute_result', 'display_data'):
+            data = o.get('data', {})
+            if any(k.startswith('image/') for k in data): kinds.add('image')
+            elif 'text/html' in data: kinds.add('html')
+            elif data: kinds.add('text')
+    return kinds
+
+def code_cells(nb): return [c for c in nb['cells'] if c['cell_type'] == 'code']
+
+if __name__ == '__main__':
+    args = sys.argv[1:]
+    paths = notebooks() if args == ['--all'] else [Path(a).resolve() for a in args]
+    for p, (nb, secs) in execute_all(paths).items():
+        nbformat.write(nb, p)
+        subprocess.run(['nbdev_clean', '--fname', str(p)], check=True, cwd=ROOT)
+        print(f'{p.name}: {secs:.0f} s')
