@@ -252,7 +252,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                             'miniai.cli._use_accelerate': ('cli.html#_use_accelerate', 'miniai/cli.py'),
                             'miniai.cli._writable_dir': ('cli.html#_writable_dir', 'miniai/cli.py'),
                             'miniai.cli.build_model': ('cli.html#build_model', 'miniai/cli.py'),
-                            'miniai.cli.cnn_classifier': ('cli.html#cnn_classifier', 'miniai/cli.py'),
                             'miniai.cli.ddpm': ('cli.html#ddpm', 'miniai/cli.py'),
                             'miniai.cli.default_epochs': ('cli.html#default_epochs', 'miniai/cli.py'),
                             'miniai.cli.fit': ('cli.html#fit', 'miniai/cli.py'),

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import miniai
-from miniai.augment import RECIPE_NFS
+from miniai.recipe import RECIPE_NFS
 
 MINIAI = Path(sys.executable).parent/'miniai'
 SAMPLE = Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
