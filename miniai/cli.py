@@ -48,7 +48,7 @@ def _channels(s):
     if not cs or any(c < 1 for c in cs): raise argparse.ArgumentTypeError(f"widths must be positive, got {s!r}")
     return cs
 
-# %% ../nbs/15_cli.ipynb #206722dc
+# %% ../nbs/15_cli.ipynb #8729c0bc
 def _writable_dir(path, flag='--out'):
     "Check that folder `path` can be created and written to, before any work, leaving no trace; CLIError naming `flag` if not."
     path = Path(path)
@@ -83,7 +83,7 @@ def _check_device(device=None):
         raise CLIError(f"{what}: this machine has no usable Apple GPU; {fix}")
     return dev
 
-# %% ../nbs/15_cli.ipynb #3f34e659
+# %% ../nbs/15_cli.ipynb #8c9bf609
 ARCHS = ('resnet', 'cnn')  # the --arch names; their builders are imported only when a model is made
 NORMS = ('batch', 'layer')
 SAMPLE_EPOCHS, FULL_EPOCHS = 16, 5  # fit's default epochs on the bundled sample (the recipe's) and on the full dataset
@@ -111,7 +111,7 @@ def build_model(arch='resnet', nfs=None, norm='batch'):
     model = make(tuple(default_nfs if nfs is None else nfs))
     return layer_norm_(model) if norm == 'layer' else model
 
-# %% ../nbs/15_cli.ipynb #49fa8ea2
+# %% ../nbs/15_cli.ipynb #5704e5d7
 def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
     "(torch threads or None to keep torch's own, notice or None): `requested`; else $OMP_NUM_THREADS; else fewer when busy."
     if requested is not None: return requested, None
@@ -124,7 +124,7 @@ def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
     return free, (f"miniai: this machine is busy (load average {load:.1f} on {cores} cores): training with {free} torch "
                   f"thread{'s'*(free > 1)} instead of {default}; --threads N to choose")
 
-# %% ../nbs/15_cli.ipynb #0f2d6dc8
+# %% ../nbs/15_cli.ipynb #d6a11e5a
 def _add_fit_args(sub):
     f = sub.add_parser('fit', allow_abbrev=False, help='train a Fashion-MNIST classifier',
                        description="Train a Fashion-MNIST classifier with miniai's default recipe (a batch-norm ResNet, "
@@ -157,7 +157,7 @@ def _add_fit_args(sub):
     f.add_argument('--accelerate', action='store_true',
                    help="train with HF accelerate's AccelerateCB (automatic under 'accelerate launch')")
 
-# %% ../nbs/15_cli.ipynb #552850fe
+# %% ../nbs/15_cli.ipynb #5689370b
 class _LossRecorder:
     "Every training batch's loss, kept in checkpoints so that a resumed run's loss.png shows the whole run."
     order = 0  # a callback is any object with an `order` and event methods
@@ -217,7 +217,7 @@ class _SaveOnCtrlC:
 class FitInterrupted(KeyboardInterrupt):
     "Ctrl-C during `fit`; the message says what was saved and how to resume."
 
-# %% ../nbs/15_cli.ipynb #3d97849a
+# %% ../nbs/15_cli.ipynb #eb6e0cf2
 FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, seed=42, data=None)  # what defines a run
 
 def default_epochs(n_train):
@@ -251,13 +251,13 @@ def _interrupted(out, stopper):
     return FitInterrupted(f"miniai: interrupted; saved the training state at {where} in {out/'checkpoints'}\n"
                           f"miniai: resume with: miniai fit --resume {out}")
 
-# %% ../nbs/15_cli.ipynb #3d822231
+# %% ../nbs/15_cli.ipynb #2cfe4511
 def _launched_by_accelerate(env=None):
     "True in a process started by `accelerate launch` or torchrun, from the variables they set."
     env = os.environ if env is None else env
     return 'ACCELERATE_MIXED_PRECISION' in env or 'LOCAL_RANK' in env or int(env.get('WORLD_SIZE') or 1) > 1
 
-# %% ../nbs/15_cli.ipynb #628c2b22
+# %% ../nbs/15_cli.ipynb #9836e145
 class _EpochOrder:
     "A sampler that draws one `torch.randperm(n, generator=generator)` per epoch, exactly as `TensorDL` does."
     def __init__(self, n, generator): self.n, self.generator = n, generator
@@ -306,7 +306,7 @@ def _accelerate_cb(dev):
     precision = 'auto' if os.environ.get('ACCELERATE_MIXED_PRECISION') else 'no'  # 'auto' takes the launcher's choice
     return AccelerateCB(mixed_precision=precision, cpu=dev.type == 'cpu')
 
-# %% ../nbs/15_cli.ipynb #587449dd
+# %% ../nbs/15_cli.ipynb #b278244a
 def _cnn_learner(dls, epochs, lr, norm, device, cbs):
     "The small CNN with AdamW and one-cycle, without augmentation."
     from functools import partial
@@ -450,7 +450,7 @@ def _run_fit(args):
         from accelerate import PartialState
         PartialState().destroy_process_group()
 
-# %% ../nbs/15_cli.ipynb #d8f5fa5f
+# %% ../nbs/15_cli.ipynb #1eb83b05
 def _add_predict_args(sub):
     pr = sub.add_parser('predict', allow_abbrev=False, help='classify images with a model saved by fit',
                         description="Classify the images of an .npz file (key 'images': N×28×28 uint8; optional 'labels') "
@@ -557,7 +557,7 @@ def ddpm(epochs=5, steps=1000, sampler='ddim', ddim_steps=50, n=16, out='miniai-
     save_progression(traj, out/'progression.png', n_images=min(n, 4))
     return out
 
-# %% ../nbs/15_cli.ipynb #e3555d75
+# %% ../nbs/15_cli.ipynb #13cd08bd
 def _add_ddpm_args(sub):
     d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model and sample from it',
                        description='Train a noise-predicting UNet (DDPM) on Fashion-MNIST padded to 32×32; save weights, '
