@@ -137,21 +137,21 @@ def _add_fit_args(sub):
     f.add_argument('--norm', choices=NORMS, default=None,
                    help="'batch' (default); 'layer': GroupNorm(1, C) in --arch cnn, which normalises each image on its "
                         "own, so several processes train exactly as one")
-    f.add_argument('--epochs', type=_positive(int), default=None,
+    f.add_argument('--epochs', type=_positive(int), default=None, metavar='N',
                    help=f'passes over the training set (default: {SAMPLE_EPOCHS} on the bundled sample, {FULL_EPOCHS} on the full dataset)')
-    f.add_argument('--bs', type=_positive(int), default=None, help='batch size, over all processes together (default: 128)')
+    f.add_argument('--bs', type=_positive(int), default=None, metavar='N', help='batch size, over all processes together (default: 128)')
     f.add_argument('--lr', type=_positive(float), default=None, help='peak learning rate of the one-cycle schedule (default: 2e-2)')
     f.add_argument('--data', choices=['auto', 'hub', 'sample'], default=None,
                    help="'hub': full Fashion-MNIST from the Hugging Face Hub/cache; 'sample': the bundled 8,226 real images; "
                         "'auto' (default, or $MINIAI_DATA): the Hub if reachable, else the sample")
-    f.add_argument('--seed', type=int, default=None, help='random seed (default: 42)')
-    f.add_argument('--out', type=Path, default=None,
+    f.add_argument('--seed', type=int, default=None, metavar='N', help='random seed (default: 42)')
+    f.add_argument('--out', type=Path, default=None, metavar='DIR',
                    help='folder for model.pt, config.json, loss.png, and checkpoints/ while training (default: ./miniai-run)')
     f.add_argument('--resume', type=Path, default=None, metavar='DIR',
                    help="carry on the interrupted run in DIR (its --out) from its last checkpoint, with the settings it "
                         "was started with; the result is the same as an uninterrupted run's")
     f.add_argument('--device', default=None, help='torch device, e.g. cpu or cuda (default: the best available)')
-    f.add_argument('--threads', type=_positive(int), default=None,
+    f.add_argument('--threads', type=_positive(int), default=None, metavar='N',
                    help="torch CPU threads (default: $OMP_NUM_THREADS if set, else torch's default, fewer when the "
                         "machine is busy)")
     f.add_argument('--accelerate', action='store_true',
@@ -456,10 +456,10 @@ def _add_predict_args(sub):
                         description="Classify the images of an .npz file (key 'images': N×28×28 uint8; optional 'labels') "
                                     "with a model folder written by 'miniai fit'. Writes a CSV of predictions; prints "
                                     "'accuracy: …' last when labels are present.")
-    pr.add_argument('--model', type=Path, required=True, help="folder written by 'miniai fit'")
-    pr.add_argument('--images', type=Path, required=True, help="an .npz file with 'images' (N×28×28 uint8) and optionally 'labels'")
-    pr.add_argument('--out', type=Path, default=None, help='CSV file for the predictions (default: MODEL/predictions.csv)')
-    pr.add_argument('--bs', type=_positive(int), default=512, help='batch size (default: 512)')
+    pr.add_argument('--model', type=Path, required=True, metavar='DIR', help="folder written by 'miniai fit'")
+    pr.add_argument('--images', type=Path, required=True, metavar='FILE', help="an .npz file with 'images' (N×28×28 uint8) and optionally 'labels'")
+    pr.add_argument('--out', type=Path, default=None, metavar='FILE', help='CSV file for the predictions (default: MODEL/predictions.csv)')
+    pr.add_argument('--bs', type=_positive(int), default=512, metavar='N', help='batch size (default: 512)')
     pr.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None,
                     help="average the softmax of each image and its mirror image (default: on for a model trained with "
                          "flipped images, the recipe's ResNet; off for --arch cnn, where it hurts)")

@@ -208,20 +208,3 @@ def test_help_explains_every_option():
                 '--threads', '--accelerate'): assert opt in r.stdout
     r = run('predict', '--help')
     for opt in ('--model', '--images', '--out', '--tta', '--no-tta'): assert opt in r.stdout
-
-def test_ddpm_tiny_writes_sample_grid_and_progression(tmp_path):
-    r = run('ddpm', '--epochs', 1, '--steps', 50, '--sampler', 'ddim', '--ddim-steps', 10, '--n', 9, '--channels', '16,32',
-            '--n-train', 128, '--bs', 64, '--out', tmp_path/'dd')
-    assert r.returncode == 0, r.stderr
-    for f in ('samples.png', 'progression.png'):
-        with Image.open(tmp_path/'dd'/f) as im:
-            im.verify()
-    with Image.open(tmp_path/'dd'/'samples.png') as im:
-        assert im.format == 'PNG' and im.size == (3*32 + 4*2, 3*32 + 4*2)  # a 3×3 grid of 32×32 with 2-pixel gaps
-    with Image.open(tmp_path/'dd'/'progression.png') as im:
-        assert im.size[0] > im.size[1] > 32  # frames left to right, one row per image
-    assert isinstance(torch.load(tmp_path/'dd'/'model.pt', weights_only=True), dict)
-
-def test_ddpm_bad_channels_is_one_line(tmp_path):
-    r = run('ddpm', '--channels', '12,20', '--out', tmp_path/'x', timeout=60)
-    assert r.returncode == 2 and r.stderr.strip().startswith('miniai: error:') and 'multiple of' in r.stderr, r.stderr
