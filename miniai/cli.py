@@ -487,7 +487,7 @@ def read_images(path):
     "Load `images` (N×28×28 uint8) and optional `labels` from an .npz file, checking the layout."
     import numpy as np
     path = Path(path)
-    if not path.exists(): raise CLIError(f"{path} not found")
+    if not path.exists(): raise CLIError(f"--images {path}: not found")
     try: d = np.load(path)
     except Exception as e: raise CLIError(f"{path} is not a readable .npz file ({type(e).__name__})") from None
     if not hasattr(d, 'files'): raise CLIError(f"{path} holds one array, not an .npz archive; save it with np.savez(path, images=...)")
