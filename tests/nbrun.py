@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT/'nbs'
@@ -27,15 +28,16 @@ def kernel_env():
     return env
 
 def execute(path, timeout=900):
-    "Run notebook `path` top to bottom in a fresh python3 kernel; return (executed notebook, seconds)."
+    "Run notebook `path` top to bottom in a fresh python3 kernel; return (executed notebook, seconds, error or None)."
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
     start = time.time()
-    client.execute(env=kernel_env())
-    return nb, time.time() - start
+    try: client.execute(env=kernel_env())
+    except CellExecutionError as e: return nb, time.time() - start, e
+    return nb, time.time() - start, None
 
 def execute_all(paths, workers=2):
-    "Execute `paths` in `workers` kernels at once; return {path: (notebook, seconds)}."
+    "Execute `paths` in `workers` kernels at once; return {path: (notebook, seconds, error or None)}."
     with ThreadPoolExecutor(workers) as ex: return dict(zip(paths, ex.map(execute, paths)))
 
 def output_kinds(cell):
@@ -56,7 +58,8 @@ def code_cells(nb): return [c for c in nb['cells'] if c['cell_type'] == 'code']
 if __name__ == '__main__':
     args = sys.argv[1:]
     paths = notebooks() if args == ['--all'] else [Path(a).resolve() for a in args]
-    for p, (nb, secs) in execute_all(paths).items():
+    for p, (nb, secs, err) in execute_all(paths).items():
+        if err is not None: sys.exit(f'{p.name} failed in Jupyter, not written:\n{err}')
         nbformat.write(nb, p)
         subprocess.run(['nbdev_clean', '--fname', str(p)], check=True, cwd=ROOT)
         print(f'{p.name}: {secs:.0f} s')
