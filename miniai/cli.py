@@ -183,7 +183,7 @@ def predict(model_dir, images, out=None, bs=512):
     acc = float((preds == y).mean()) if y is not None and len(y) else None
     return preds, acc
 
-# %% ../nbs/15_cli.ipynb #3ba48f16
+# %% ../nbs/15_cli.ipynb #5851bcbd
 def _add_ddpm_args(sub):
     "Add the `ddpm` and `sample` subcommands to the subparsers `sub`."
     d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model, sample from it and score the samples',
@@ -219,11 +219,11 @@ def _add_ddpm_args(sub):
 def ddpm(epochs=15, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='miniai-ddpm', bs=64, lr=2e-3,
          channels=(16, 32, 32), n_train=None, data=None, seed=42, device=None, sched='linear'):
     "Train a DDPM on Fashion-MNIST, sample and score `n` images, and save them and the model into `out`."
-    from miniai.ddpm import ddpm_pixels, save_ddpm, save_samples, score_samples, short_run_warning, train_ddpm  # loads diffusers
     groups = min(8, min(channels))
     if any(c % groups for c in channels):
         raise CLIError(f"--channels {','.join(map(str, channels))}: every width must be a multiple of {groups} (GroupNorm groups)")
     if sampler == 'ddim' and ddim_steps > steps: raise CLIError(f"--ddim-steps {ddim_steps} is more than --steps {steps}")
+    from miniai.ddpm import ddpm_pixels, save_ddpm, save_samples, score_samples, short_run_warning, train_ddpm  # loads diffusers
     start = time.time()
     res = train_ddpm(epochs=epochs, bs=bs, lr=lr, n_steps=steps, sched=sched, source=data, channels=channels, groups=groups,
                      n_train=n_train, device=device, seed=seed)
@@ -241,12 +241,12 @@ def ddpm(epochs=15, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='minia
                      f"held-out images; {n} real training images score FID {scores['real_fid']:.2f}, KID {scores['real_kid']:.4f}")
     return out
 
-# %% ../nbs/15_cli.ipynb #e8bdf651
+# %% ../nbs/15_cli.ipynb #0454bb74
 def sample(model, n=64, sampler=None, ddim_steps=None, out=None, weights='ema', seed=0, device=None):
     "Draw `n` images from the model folder `model` written by `ddpm`; save a labelled grid PNG (default MODEL/samples-SEED.png)."
-    from miniai.ddpm import load_ddpm, save_samples  # loads diffusers
     out = Path(out) if out is not None else Path(model)/f'samples-{seed}.png'
     if out.suffix.lower() != '.png': raise CLIError(f"--out {out}: expected a file name ending in .png")
+    from miniai.ddpm import load_ddpm, save_samples  # loads diffusers
     try: unet, sched, cfg = load_ddpm(model, weights)
     except FileNotFoundError as e: raise CLIError(f"{e}") from None
     sampler, ddim_steps = sampler or cfg.get('sampler', 'ddim'), ddim_steps or cfg.get('ddim_steps', 50)
