@@ -183,14 +183,15 @@ def predict(model_dir, images, out=None, bs=512):
     acc = float((preds == y).mean()) if y is not None and len(y) else None
     return preds, acc
 
-# %% ../nbs/15_cli.ipynb #5851bcbd
+# %% ../nbs/15_cli.ipynb #f88e7bde
 def _add_ddpm_args(sub):
     "Add the `ddpm` and `sample` subcommands to the subparsers `sub`."
     d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model, sample from it and score the samples',
                        description='Train a noise-predicting UNet (DDPM) on Fashion-MNIST padded to 32×32, sample --n images, '
                                    'print their FID and KID against the held-out images, and save the model, samples.npz, '
                                    'a labelled grid and a denoising progression to --out.')
-    d.add_argument('--epochs', type=_positive(int), default=15, help='passes over the training set (default: 15)')
+    d.add_argument('--epochs', type=_positive(int), default=None,
+                   help='passes over the training set (default: 15 on the bundled sample, 2 on the full dataset)')
     d.add_argument('--steps', type=_positive(int), default=1000, help='diffusion steps T of the schedule (default: 1000)')
     d.add_argument('--sched', choices=['linear', 'cosine'], default='linear', help="noise schedule (default: linear, the paper's)")
     d.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help="'ddim': --ddim-steps steps (default); 'ddpm': all T steps")
@@ -216,7 +217,7 @@ def _add_ddpm_args(sub):
     s.add_argument('--device', default=None, help='torch device (default: the best available)')
 
 # %% ../nbs/15_cli.ipynb #5e54afed
-def ddpm(epochs=15, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='miniai-ddpm', bs=64, lr=2e-3,
+def ddpm(epochs=None, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='miniai-ddpm', bs=64, lr=2e-3,
          channels=(16, 32, 32), n_train=None, data=None, seed=42, device=None, sched='linear'):
     "Train a DDPM on Fashion-MNIST, sample and score `n` images, and save them and the model into `out`."
     groups = min(8, min(channels))
@@ -241,7 +242,7 @@ def ddpm(epochs=15, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='minia
                      f"held-out images; {n} real training images score FID {scores['real_fid']:.2f}, KID {scores['real_kid']:.4f}")
     return out
 
-# %% ../nbs/15_cli.ipynb #0454bb74
+# %% ../nbs/15_cli.ipynb #dafd57fe
 def sample(model, n=64, sampler=None, ddim_steps=None, out=None, weights='ema', seed=0, device=None):
     "Draw `n` images from the model folder `model` written by `ddpm`; save a labelled grid PNG (default MODEL/samples-SEED.png)."
     out = Path(out) if out is not None else Path(model)/f'samples-{seed}.png'

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['MIN_TRAIN_STEPS', 'TITLE_PX', 'LABEL_PX', 'ddpm_pixels', 'NoiseSched', 'linear_sched', 'cosine_sched', 'respace',
            'noisify', 'UNet', 'ddpm_unet', 'init_ddpm', 'DDPMCB', 'EMACB', 'ddpm_step', 'Traj', 'sample',
-           'ddim_timesteps', 'ddim_step', 'ddim_sample', 'collate_ddpm', 'dl_ddpm', 'DDPMCB2', 'train_ddpm',
-           'short_run_warning', 'score_samples', 'save_grid', 'save_progression', 'save_ddpm', 'load_ddpm',
-           'save_samples', 'ddpm_images']
+           'ddim_timesteps', 'ddim_step', 'ddim_sample', 'collate_ddpm', 'dl_ddpm', 'DDPMCB2', 'ddpm_epochs',
+           'train_ddpm', 'short_run_warning', 'score_samples', 'save_grid', 'save_progression', 'save_ddpm',
+           'load_ddpm', 'save_samples', 'ddpm_images']
 
 # %% ../nbs/13_ddpm.ipynb #761cc2be
 import inspect
@@ -445,16 +445,22 @@ def _make_sched(sched, n_steps):
         return linear_sched(n_steps, 1e-4*k, 0.02*k)
     raise ValueError(f"sched must be 'linear', 'cosine' or a NoiseSched; got {sched!r}")
 
-def train_ddpm(epochs=15, bs=64, lr=2e-3, n_steps=1000, sched='linear', source=None, channels=(16, 32, 32),
+def ddpm_epochs(n_train):
+    "`train_ddpm`'s epochs when none are given: 15 for the 7,226-image sample, 2 for the full 60,000 (similar step counts)."
+    return 15 if n_train < 20_000 else 2
+
+def train_ddpm(epochs=None, bs=64, lr=2e-3, n_steps=1000, sched='linear', source=None, channels=(16, 32, 32),
                layers=1, groups=8, attn=False, ema=0.999, n_train=None, device=None, seed=None, progress=True, cbs=None):
     "Train a noise-predicting UNet on Fashion-MNIST (32×32, [-1,1]); returns a namespace: learn, model, ema_model, sched, config."
-    for nm, v in (('epochs', epochs), ('bs', bs), ('layers', layers)): check_int(v, nm, 1, where='train_ddpm')
+    for nm, v in (('bs', bs), ('layers', layers)): check_int(v, nm, 1, where='train_ddpm')
+    if epochs is not None: check_int(epochs, 'epochs', 1, where='train_ddpm')
     if seed is not None: torch.manual_seed(seed)
     sched_name = sched if isinstance(sched, str) else None
     sched = _make_sched(sched, n_steps)
     model = init_ddpm(ddpm_unet(channels, layers, groups, attn))
     arrays = fashion_mnist_arrays(source)
     xtr, xva = ddpm_images(arrays['train'][0][:n_train]), ddpm_images(arrays['valid'][0])
+    if epochs is None: epochs = ddpm_epochs(len(xtr))
     dl_tr = dl_ddpm(xtr, bs, sched, shuffle=True, flat=True, drop_last=len(xtr) >= bs)
     dls = DataLoaders(dl_tr, dl_ddpm(xva, 2*bs, sched, shuffle=False, flat=True))
     ema_cb = EMACB(ema) if ema else None
@@ -543,7 +549,7 @@ def save_progression(traj, path, n_frames=10, n_images=8, which='x0', title=None
     labels = [f't={traj.t[i]}' for i in idx.tolist()]
     return _save_png(arr, path, scale, title, labels, col_px=frames.shape[-1] + 2)
 
-# %% ../nbs/13_ddpm.ipynb #02c99283
+# %% ../nbs/13_ddpm.ipynb #0495f005
 def _cpu_state(model): return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 def save_ddpm(run, path, **extra):
@@ -570,7 +576,7 @@ def load_ddpm(path, weights='ema'):
     sched = NoiseSched(cfg['betas']) if cfg.get('betas') else _make_sched(cfg['sched'], cfg['n_steps'])
     return model.eval(), sched, cfg
 
-# %% ../nbs/13_ddpm.ipynb #90b4db4d
+# %% ../nbs/13_ddpm.ipynb #3edcc60e
 def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, seed=0, grid=None, progression=None,
                  weights='EMA', progress=False):
     "Sample `n` images with 'ddim' (`ddim_steps` steps) or 'ddpm' (every step); save PNGs to `grid`/`progression`."
