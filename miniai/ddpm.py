@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
@@ -549,7 +548,7 @@ def save_progression(traj, path, n_frames=10, n_images=8, which='x0', title=None
     labels = [f't={traj.t[i]}' for i in idx.tolist()]
     return _save_png(arr, path, scale, title, labels, col_px=frames.shape[-1] + 2)
 
-# %% ../nbs/13_ddpm.ipynb #0495f005
+# %% ../nbs/13_ddpm.ipynb #035940ec
 def _cpu_state(model): return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 def save_ddpm(run, path, **extra):
@@ -576,7 +575,7 @@ def load_ddpm(path, weights='ema'):
     sched = NoiseSched(cfg['betas']) if cfg.get('betas') else _make_sched(cfg['sched'], cfg['n_steps'])
     return model.eval(), sched, cfg
 
-# %% ../nbs/13_ddpm.ipynb #3edcc60e
+# %% ../nbs/13_ddpm.ipynb #2ba363d9
 def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, seed=0, grid=None, progression=None,
                  weights='EMA', progress=False):
     "Sample `n` images with 'ddim' (`ddim_steps` steps) or 'ddpm' (every step); save PNGs to `grid`/`progression`."

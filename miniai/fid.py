@@ -6,8 +6,7 @@
 __all__ = ['FID_CLASSIFIER_PATH', 'ddpm_images', 'fid_classifier', 'train_fid_classifier', 'save_fid_classifier',
            'load_fid_classifier', 'fid', 'kid', 'ImageEval']
 
-# %% ../nbs/12_fid.ipynb #19d0089b
-import math
+# %% ../nbs/12_fid.ipynb #d322e500
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from .datasets import DataLoaders, fashion_mnist_arrays
 from .learner import Callback, DeviceCB, Learner, TrainCB
 from .sgd import one_cycle
 
-# %% ../nbs/12_fid.ipynb #f010ae9b
+# %% ../nbs/12_fid.ipynb #8e41b95a
 def ddpm_images(x, pad=2):
     "uint8 images (N,H,W) or (N,C,H,W) as float32 (N,C,H+2*pad,W+2*pad) scaled to [-1, 1], padded with the background -1."
     x = torch.as_tensor(x)
@@ -34,14 +33,14 @@ def ddpm_images(x, pad=2):
     x = x.float().div(127.5).sub(1)
     return F.pad(x, (pad,)*4, value=-1.)
 
-# %% ../nbs/12_fid.ipynb #5f90e9f8
+# %% ../nbs/12_fid.ipynb #7430de16
 def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
     "A small conv classifier for 32×32 images whose penultimate layer (pooled, `nfs[-1]` wide) gives FID features."
     layers, ni = [], in_channels
     for nf in nfs: layers.append(conv(ni, nf, norm=nn.BatchNorm2d)); ni = nf
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ni, n_classes))
 
-# %% ../nbs/12_fid.ipynb #83016b35
+# %% ../nbs/12_fid.ipynb #9c2f6cd0
 @torch.no_grad()
 def _accuracy(model, x, y, bs=512):
     dev = model_device(model)
@@ -63,7 +62,7 @@ def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, d
     Learner(model, dls, F.cross_entropy, lr=lr, opt_func=optim.AdamW, cbs=cbs).fit(epochs, valid=False)
     return model.eval(), _accuracy(model, xv, yv)
 
-# %% ../nbs/12_fid.ipynb #752fc6a9
+# %% ../nbs/12_fid.ipynb #cb79c567
 # found through `miniai.__file__`, which (unlike this module's `__file__`) also exists in the notebook
 FID_CLASSIFIER_PATH = Path(miniai.__file__).parent/'data'/'fid_classifier.npz'
 
@@ -82,7 +81,7 @@ def load_fid_classifier(path=None):
         model.load_state_dict({k: torch.from_numpy(d[k]) for k in d.files if k != '_nfs'})
     return model.eval()
 
-# %% ../nbs/12_fid.ipynb #a6d02d1b
+# %% ../nbs/12_fid.ipynb #0745ac61
 def _check_feats(a, b):
     a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
@@ -110,7 +109,7 @@ def fid(feats_a, feats_b):
     a, b = _check_feats(feats_a, feats_b)
     return _fid_from_stats(*_stats(a), *_stats(b))
 
-# %% ../nbs/12_fid.ipynb #c69b3033
+# %% ../nbs/12_fid.ipynb #00f25883
 def kid(feats_a, feats_b):
     "Kernel inception distance: unbiased MMD² with kernel (x·y/d + 1)³ between two feature sets, in float64."
     a, b = _check_feats(feats_a, feats_b)
@@ -120,7 +119,7 @@ def kid(feats_a, feats_b):
     return ((kaa.sum() - kaa.diagonal().sum())/(m*(m - 1)) + (kbb.sum() - kbb.diagonal().sum())/(n*(n - 1))
             - 2*k(a, b).mean()).item()
 
-# %% ../nbs/12_fid.ipynb #37b2fa10
+# %% ../nbs/12_fid.ipynb #62b1660d
 class _FeatsCB(Callback):
     "The step of an inference-only Learner: `preds = model(x)` for each batch's images, kept flattened in `feats`."
     def __init__(self): self.feats = []
@@ -138,7 +137,7 @@ class _FeatsCB(Callback):
     def _no_training(self, learn): raise RuntimeError("ImageEval's Learner only computes features; it can't train")
     backward = step = zero_grad = _no_training
 
-# %% ../nbs/12_fid.ipynb #6bb1ae3f
+# %% ../nbs/12_fid.ipynb #ee222df6
 class ImageEval:
     "FID/KID of images against real ones, on the features `model(x)` (e.g. a trained classifier without its last layer)."
     def __init__(self, model, dls, cbs=None, bs=512):
