@@ -196,10 +196,11 @@ def _add_ddpm_args(sub):
     d.add_argument('--sched', choices=['linear', 'cosine'], default='linear', help="noise schedule (default: linear, the paper's)")
     d.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help="'ddim': --ddim-steps steps (default); 'ddpm': all T steps")
     d.add_argument('--ddim-steps', type=_positive(int), default=50, help='sampling steps for --sampler ddim (default: 50)')
+    d.add_argument('--eta', type=float, default=1., help='DDIM noise: 0 deterministic, 1 as much as DDPM (default: 1)')
     d.add_argument('--n', type=_positive(int), default=500, help='images to sample and score (default: 500)')
     d.add_argument('--out', type=Path, default=Path('miniai-ddpm'), help='folder for the outputs (default: ./miniai-ddpm)')
     d.add_argument('--bs', type=_positive(int), default=64, help='batch size (default: 64)')
-    d.add_argument('--lr', type=_positive(float), default=2e-3, help='peak learning rate (default: 2e-3; 5e-3 diverged in our runs)')
+    d.add_argument('--lr', type=_positive(float), default=4e-3, help='peak learning rate (default: 4e-3; wider UNets need less)')
     d.add_argument('--channels', type=_channels, default=(16, 32, 32), help='UNet widths, comma separated (default: 16,32,32)')
     d.add_argument('--n-train', type=_positive(int), default=None, help='train on only the first N images (default: all)')
     d.add_argument('--data', choices=['auto', 'hub', 'sample'], default=None, help="as for 'fit'")
@@ -211,14 +212,15 @@ def _add_ddpm_args(sub):
     s.add_argument('--n', type=_positive(int), default=64, help='images to draw (default: 64)')
     s.add_argument('--sampler', choices=['ddim', 'ddpm'], default=None, help="default: the one 'miniai ddpm' used")
     s.add_argument('--ddim-steps', type=_positive(int), default=None, help="DDIM steps (default: the ones 'miniai ddpm' used)")
+    s.add_argument('--eta', type=float, default=None, help="DDIM noise, 0 to 1 (default: the one 'miniai ddpm' used)")
     s.add_argument('--weights', choices=['ema', 'raw'], default='ema', help='EMA (default) or raw weights')
     s.add_argument('--seed', type=int, default=0, help='random seed: another seed, other images (default: 0)')
     s.add_argument('--out', type=Path, default=None, help='PNG file to write (default: MODEL/samples-SEED.png)')
     s.add_argument('--device', default=None, help='torch device (default: the best available)')
 
 # %% ../nbs/15_cli.ipynb #5e54afed
-def ddpm(epochs=None, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='miniai-ddpm', bs=64, lr=2e-3,
-         channels=(16, 32, 32), n_train=None, data=None, seed=42, device=None, sched='linear'):
+def ddpm(epochs=None, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='miniai-ddpm', bs=64, lr=4e-3,
+         channels=(16, 32, 32), n_train=None, data=None, seed=42, device=None, sched='linear', eta=1.):
     "Train a DDPM on Fashion-MNIST, sample and score `n` images, and save them and the model into `out`."
     groups = min(8, min(channels))
     if any(c % groups for c in channels):
@@ -229,21 +231,21 @@ def ddpm(epochs=None, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='min
     res = train_ddpm(epochs=epochs, bs=bs, lr=lr, n_steps=steps, sched=sched, source=data, channels=channels, groups=groups,
                      n_train=n_train, device=device, seed=seed)
     if (warning := short_run_warning(res.config)): print(warning, flush=True)
-    out = save_ddpm(res, out, data=data, sampler=sampler, ddim_steps=ddim_steps)  # the model first: sampling may be stopped
-    imgs = save_samples(res.ema_model.module, res.sched, n, sampler, ddim_steps, seed, out/'samples.png',
+    out = save_ddpm(res, out, data=data, sampler=sampler, ddim_steps=ddim_steps, eta=eta)  # the model first: sampling may be stopped
+    imgs = save_samples(res.ema_model.module, res.sched, n, sampler, ddim_steps, eta, seed, out/'samples.png',
                         out/'progression.png', progress=True)
     np.savez_compressed(out/'samples.npz', images=ddpm_pixels(imgs).numpy())
     scores = score_samples(imgs, data) if n > 1 else None
     cfg = json.loads((out/'config.json').read_text())
     cfg.update(scores=scores, seconds=round(time.time() - start, 1))
     (out/'config.json').write_text(json.dumps(cfg, indent=2))
-    what = f"{sampler.upper()}, {ddim_steps if sampler == 'ddim' else steps} steps, EMA weights"
-    if scores: print(f"FID {scores['fid']:.2f}, KID {scores['kid']:.4f}: {n} samples ({what}) against the {scores['n_ref']:,} "
-                     f"held-out images; {n} real training images score FID {scores['real_fid']:.2f}, KID {scores['real_kid']:.4f}")
+    what = f"DDIM eta={eta:g}, {ddim_steps} steps" if sampler == 'ddim' else f"DDPM, {steps} steps"
+    if scores: print(f"FID {scores['fid']:.2f}, KID {scores['kid']:.4f}: {n} samples ({what}, EMA weights) against the {scores['n_ref']:,} "
+                     f"held-out images; {scores['n_real']} real training images score FID {scores['real_fid']:.2f}, KID {scores['real_kid']:.4f}")
     return out
 
 # %% ../nbs/15_cli.ipynb #dafd57fe
-def sample(model, n=64, sampler=None, ddim_steps=None, out=None, weights='ema', seed=0, device=None):
+def sample(model, n=64, sampler=None, ddim_steps=None, out=None, weights='ema', seed=0, device=None, eta=None):
     "Draw `n` images from the model folder `model` written by `ddpm`; save a labelled grid PNG (default MODEL/samples-SEED.png)."
     out = Path(out) if out is not None else Path(model)/f'samples-{seed}.png'
     if out.suffix.lower() != '.png': raise CLIError(f"--out {out}: expected a file name ending in .png")
@@ -251,10 +253,11 @@ def sample(model, n=64, sampler=None, ddim_steps=None, out=None, weights='ema', 
     try: unet, sched, cfg = load_ddpm(model, weights)
     except FileNotFoundError as e: raise CLIError(f"{e}") from None
     sampler, ddim_steps = sampler or cfg.get('sampler', 'ddim'), ddim_steps or cfg.get('ddim_steps', 50)
+    eta = cfg.get('eta', 0.) if eta is None else eta
     if sampler == 'ddim' and ddim_steps > len(sched):
         raise CLIError(f"--ddim-steps {ddim_steps} is more than the model's {len(sched)} diffusion steps")
     unet.to(torch.device(device) if device else default_device())
-    save_samples(unet, sched, n, sampler, ddim_steps, seed, grid=out, weights='EMA' if weights == 'ema' else 'raw',
+    save_samples(unet, sched, n, sampler, ddim_steps, eta, seed, grid=out, weights='EMA' if weights == 'ema' else 'raw',
                  progress=True)
     return out
 
@@ -273,11 +276,12 @@ def main(argv=None):
             if acc is not None: print(f"accuracy: {acc:.4f}")
         elif args.cmd == 'ddpm':
             out = ddpm(args.epochs, args.steps, args.sampler, args.ddim_steps, args.n, args.out, args.bs, args.lr,
-                       args.channels, args.n_train, args.data, args.seed, args.device, args.sched)
+                       args.channels, args.n_train, args.data, args.seed, args.device, args.sched, args.eta)
             print(f"saved ema.pt, model.pt, config.json, samples.npz, samples.png and progression.png to {out}; "
                   f"draw more with: miniai sample --model {out}")
         elif args.cmd == 'sample':
-            out = sample(args.model, args.n, args.sampler, args.ddim_steps, args.out, args.weights, args.seed, args.device)
+            out = sample(args.model, args.n, args.sampler, args.ddim_steps, args.out, args.weights, args.seed, args.device,
+                         args.eta)
             print(f"saved a grid of {min(args.n, 64)} of {args.n} samples to {out}")
         else:
             p.print_help()

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['MIN_TRAIN_STEPS', 'TITLE_PX', 'LABEL_PX', 'ddpm_pixels', 'NoiseSched', 'linear_sched', 'cosine_sched', 'respace',
            'noisify', 'UNet', 'ddpm_unet', 'init_ddpm', 'DDPMCB', 'EMACB', 'ddpm_step', 'Traj', 'sample',
-           'ddim_timesteps', 'ddim_step', 'ddim_sample', 'collate_ddpm', 'dl_ddpm', 'DDPMCB2', 'ddpm_epochs',
-           'train_ddpm', 'short_run_warning', 'score_samples', 'save_grid', 'save_progression', 'save_ddpm',
-           'load_ddpm', 'save_samples', 'ddpm_images']
+           'ddim_timesteps', 'ddim_step', 'ddim_sample', 'collate_ddpm', 'dl_ddpm', 'DDPMCB2', 'min_snr_weights',
+           'ddpm_epochs', 'train_ddpm', 'short_run_warning', 'score_samples', 'save_grid', 'save_progression',
+           'save_ddpm', 'load_ddpm', 'save_samples', 'ddpm_images']
 
 # %% ../nbs/13_ddpm.ipynb #761cc2be
 import inspect
@@ -432,6 +432,13 @@ class DDPMCB2(Callback):
     def after_predict(self, learn):
         if hasattr(learn.preds, 'sample'): learn.preds = learn.preds.sample
 
+# %% ../nbs/13_ddpm.ipynb #d1fd6d30
+def min_snr_weights(sched, gamma=5.):
+    "Per-step weights min(SNR_t, gamma)/SNR_t (Min-SNR-γ), for drawing t in `noisify(..., weights=...)`."
+    abar = _abar_tensor(sched).double()
+    snr = abar/(1 - abar)
+    return (snr.clamp(max=gamma)/snr).float()
+
 # %% ../nbs/13_ddpm.ipynb #6f0ea713
 def _make_sched(sched, n_steps):
     if isinstance(sched, NoiseSched): return sched
@@ -448,8 +455,9 @@ def ddpm_epochs(n_train):
     "`train_ddpm`'s epochs when none are given: 15 for the 7,226-image sample, 2 for the full 60,000 (similar step counts)."
     return 15 if n_train < 20_000 else 2
 
-def train_ddpm(epochs=None, bs=64, lr=2e-3, n_steps=1000, sched='linear', source=None, channels=(16, 32, 32),
-               layers=1, groups=8, attn=False, ema=0.999, n_train=None, device=None, seed=None, progress=True, cbs=None):
+def train_ddpm(epochs=None, bs=64, lr=4e-3, n_steps=1000, sched='linear', source=None, channels=(16, 32, 32),
+               layers=1, groups=8, attn=False, ema=0.999, min_snr=None, n_train=None, device=None, seed=None,
+               progress=True, cbs=None):
     "Train a noise-predicting UNet on Fashion-MNIST (32×32, [-1,1]); returns a namespace: learn, model, ema_model, sched, config."
     for nm, v in (('bs', bs), ('layers', layers)): check_int(v, nm, 1, where='train_ddpm')
     if epochs is not None: check_int(epochs, 'epochs', 1, where='train_ddpm')
@@ -460,7 +468,8 @@ def train_ddpm(epochs=None, bs=64, lr=2e-3, n_steps=1000, sched='linear', source
     arrays = fashion_mnist_arrays(source)
     xtr, xva = ddpm_images(arrays['train'][0][:n_train]), ddpm_images(arrays['valid'][0])
     if epochs is None: epochs = ddpm_epochs(len(xtr))
-    dl_tr = dl_ddpm(xtr, bs, sched, shuffle=True, flat=True, drop_last=len(xtr) >= bs)
+    weights = min_snr_weights(sched, min_snr) if min_snr else None
+    dl_tr = dl_ddpm(xtr, bs, sched, shuffle=True, flat=True, drop_last=len(xtr) >= bs, weights=weights)
     dls = DataLoaders(dl_tr, dl_ddpm(xva, 2*bs, sched, shuffle=False, flat=True))
     ema_cb = EMACB(ema) if ema else None
     all_cbs = [TrainCB(n_inp=2), DeviceCB(device), one_cycle(lr, epochs, dl_tr)] + ([ema_cb] if ema_cb else [])
@@ -469,8 +478,9 @@ def train_ddpm(epochs=None, bs=64, lr=2e-3, n_steps=1000, sched='linear', source
     start = time.perf_counter()
     learn.fit(epochs)
     config = dict(channels=list(channels), layers=layers, groups=groups, attn=attn, in_channels=1, size=32, pad=2,
-                  n_steps=len(sched), sched=sched_name, epochs=epochs, bs=bs, lr=lr, ema=ema, n_train=len(xtr),
-                  opt_steps=epochs*len(dl_tr), seed=seed, train_seconds=round(time.perf_counter() - start, 1))
+                  n_steps=len(sched), sched=sched_name, epochs=epochs, bs=bs, lr=lr, ema=ema, min_snr=min_snr,
+                  n_train=len(xtr), opt_steps=epochs*len(dl_tr), seed=seed,
+                  train_seconds=round(time.perf_counter() - start, 1))
     return SimpleNamespace(learn=learn, model=model, ema_model=ema_cb.ema_model if ema_cb else None, sched=sched,
                            config=config)
 
@@ -490,8 +500,8 @@ def score_samples(imgs, source=None, classifier=None):
     clf = load_fid_classifier() if classifier is None else classifier
     ie = ImageEval(clf[:-1], ddpm_images(arrays['valid'][0]))
     real = ddpm_images(arrays['train'][0][-len(imgs):])  # the last ones: a short run's n_train takes the first
-    return dict(n=len(imgs), n_ref=len(ie.feats), fid=ie.fid(imgs), kid=ie.kid(imgs), real_fid=ie.fid(real),
-                real_kid=ie.kid(real))
+    return dict(n=len(imgs), n_ref=len(ie.feats), fid=ie.fid(imgs), kid=ie.kid(imgs), n_real=len(real),
+                real_fid=ie.fid(real), real_kid=ie.kid(real))
 
 # %% ../nbs/13_ddpm.ipynb #57aaf518
 TITLE_PX, LABEL_PX = 30, 18  # heights in pixels of the title band and of the progression's column-label band
@@ -576,18 +586,19 @@ def load_ddpm(path, weights='ema'):
     return model.eval(), sched, cfg
 
 # %% ../nbs/13_ddpm.ipynb #2ba363d9
-def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, seed=0, grid=None, progression=None,
+def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, eta=0., seed=0, grid=None, progression=None,
                  weights='EMA', progress=False):
-    "Sample `n` images with 'ddim' (`ddim_steps` steps) or 'ddpm' (every step); save PNGs to `grid`/`progression`."
+    "Sample `n` images with 'ddim' (`ddim_steps` steps, `eta`) or 'ddpm' (every step); save PNGs to `grid`/`progression`."
     if sampler not in ('ddim', 'ddpm'): raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     check_int(n, 'n', 1, where='save_samples')
     gen = torch.Generator(device=model_device(model)).manual_seed(seed)
     steps = ddim_steps if sampler == 'ddim' else len(sched)
     kw = dict(generator=gen, return_traj=progression is not None, traj_every=max(1, steps//10), progress=progress)
-    if sampler == 'ddim': out = ddim_sample(model, (n, 1, 32, 32), sched, ddim_steps, **kw)
+    if sampler == 'ddim': out = ddim_sample(model, (n, 1, 32, 32), sched, ddim_steps, eta=eta, **kw)
     else: out = sample(model, (n, 1, 32, 32), sched, **kw)
     imgs, traj = out if progression is not None else (out, None)
-    what = f"{sampler.upper()}, {steps} steps, {weights} weights"
+    what = f"DDIM η={eta:g}, {steps} steps" if sampler == 'ddim' else f"DDPM, {steps} steps"
+    what += f", {weights} weights"
     if grid is not None:
         save_grid(imgs[:64], grid, nrow=min(8, math.ceil(math.sqrt(min(n, 64)))), title=f"{what}: {min(n, 64)} of {n} samples")
     if progression is not None:

@@ -62,12 +62,12 @@ def test_config_round_trips(trained):
     out, _ = trained
     cfg = json.loads((out/'config.json').read_text())
     assert (cfg['channels'], cfg['n_steps'], cfg['sched'], cfg['size'], cfg['pad']) == ([8, 16], 50, 'linear', 32, 2)
-    assert (cfg['sampler'], cfg['ddim_steps'], cfg['epochs'], cfg['opt_steps'], cfg['seed']) == ('ddim', 10, 1, 4, 3)
+    assert (cfg['sampler'], cfg['ddim_steps'], cfg['eta'], cfg['epochs'], cfg['opt_steps'], cfg['seed']) == ('ddim', 10, 1., 1, 4, 3)
     assert set(cfg['scores']) >= {'fid', 'kid', 'real_fid', 'real_kid'} and cfg['scores']['fid'] > cfg['scores']['real_fid']
     model, sched, cfg2 = load_ddpm(out)
     assert cfg2 == cfg and len(sched) == 50 and sum(p.numel() for p in model.parameters()) > 1000
     # the saved EMA weights are what sampled samples.npz: the same call gives the same pixels
-    imgs = save_samples(model, sched, 20, 'ddim', 10, seed=3)
+    imgs = save_samples(model, sched, 20, 'ddim', 10, eta=1., seed=3)
     with np.load(out/'samples.npz') as d:
         ours = imgs[:, 0, 2:30, 2:30].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         assert (ours == d['images']).mean() > 0.99  # the same images (a rare pixel may round the other way)
@@ -93,7 +93,7 @@ def test_sample_draws_a_new_grid(trained, tmp_path):
     with Image.open(tmp_path/'new.png') as im: assert im.size == grid_size(6, 3)
     expect = tmp_path/'expect.png'
     model, sched, _ = load_ddpm(out)
-    save_samples(model, sched, 6, 'ddim', 10, seed=1, grid=expect, weights='EMA')
+    save_samples(model, sched, 6, 'ddim', 10, eta=1., seed=1, grid=expect, weights='EMA')
     assert np.array_equal(np.asarray(Image.open(tmp_path/'new.png')), np.asarray(Image.open(expect)))
     r = run('sample', '--model', out, '--n', 4, '--weights', 'raw', '--sampler', 'ddpm')
     assert r.returncode == 0 and (out/'samples-0.png').exists(), r.stderr
@@ -117,3 +117,4 @@ def test_cli_defaults_are_train_ddpms():
     d = {k: p.default for k, p in inspect.signature(train_ddpm).parameters.items()}
     assert (a.epochs, a.bs, a.lr, a.steps, a.sched, tuple(a.channels)) == \
            (d['epochs'], d['bs'], d['lr'], d['n_steps'], d['sched'], tuple(d['channels']))
+    assert (a.sampler, a.ddim_steps, a.eta, a.n) == ('ddim', 50, 1., 500)  # the sampler of the measured default run
