@@ -432,7 +432,7 @@ class DDPMCB2(Callback):
     def after_predict(self, learn):
         if hasattr(learn.preds, 'sample'): learn.preds = learn.preds.sample
 
-# %% ../nbs/13_ddpm.ipynb #d1fd6d30
+# %% ../nbs/13_ddpm.ipynb #de2d8e32
 def min_snr_weights(sched, gamma=5.):
     "Per-step weights min(SNR_t, gamma)/SNR_t (Min-SNR-γ), for drawing t in `noisify(..., weights=...)`."
     abar = _abar_tensor(sched).double()
