@@ -432,7 +432,7 @@ class DDPMCB2(Callback):
     def after_predict(self, learn):
         if hasattr(learn.preds, 'sample'): learn.preds = learn.preds.sample
 
-# %% ../nbs/13_ddpm.ipynb #de2d8e32
+# %% ../nbs/13_ddpm.ipynb #18c5c92a
 def min_snr_weights(sched, gamma=5.):
     "Per-step weights min(SNR_t, gamma)/SNR_t (Min-SNR-γ), for drawing t in `noisify(..., weights=...)`."
     abar = _abar_tensor(sched).double()
@@ -530,7 +530,7 @@ def _save_png(arr, path, scale, title=None, col_labels=None, col_px=None, pad=2)
     h, w = arr.shape[:2]
     top = (TITLE_PX if title else 0) + (LABEL_PX if col_labels else 0)
     dpi = 100
-    fig = Figure(figsize=(w/dpi, (h + top)/dpi), dpi=dpi, facecolor='white')
+    fig = Figure(figsize=(w/dpi, (h + top)/dpi), dpi=dpi, facecolor='white', tight_layout=False)  # we place everything
     fig.figimage(arr, xo=0, yo=0, cmap='gray', vmin=0, vmax=1, origin='upper')  # pixel for pixel, no resampling
     y = lambda px: 1 - px/(h + top)  # figure coordinates of a height measured from the top, in pixels
     if title:
