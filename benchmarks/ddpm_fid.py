@@ -1,4 +1,4 @@
-"""DDPM sample quality on a CPU: FID/KID and time of DDPM (1000 steps) vs DDIM (100, 50 steps), raw vs EMA weights.
+"""DDPM sample quality on a CPU (the first study; `miniai ddpm` now prints FID/KID itself): FID/KID and time of DDPM (1000 steps) vs DDIM (100, 50 steps), raw vs EMA weights.
 
     python benchmarks/ddpm_fid.py             # the measured configuration, ~27 min on 1 core (AMD EPYC)
     python benchmarks/ddpm_fid.py --small     # a ~1 minute smoke run (tiny model, N=32); numbers mean nothing
@@ -9,7 +9,7 @@ and scaled to [-1, 1]):
 
 1. trains a small noise-predicting UNet with `miniai.ddpm.train_ddpm` (paper's 1000-step linear schedule, Adam,
    one-cycle lr, EMA copy of the weights), seed 0;
-2. trains the FID classifier with `train_fid_classifier` (seed 0) and builds `ImageEval` on the held-out images
+2. trains the FID classifier with `miniai.fid.train_fid_classifier` (seed 0) and builds `ImageEval` on the held-out images
    `valid[N:]` (the reference set);
 3. generates N images per row, each row from a generator seeded the same way, so every row starts from the same
    x_T (and raw/EMA rows of one sampler follow exactly the same noise), in chunks of `--chunk` images;
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from _common import machine
-from miniai.ddpm import (ImageEval, ddim_sample, ddpm_images, fid, kid, sample, train_ddpm,
-                         train_fid_classifier)
+from miniai.ddpm import ddim_sample, ddpm_images, sample, train_ddpm
+from miniai.fid import ImageEval, fid, kid, train_fid_classifier
 from miniai.datasets import fashion_mnist_arrays
 
 HERE = Path(__file__).resolve().parent
@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument('--clf-epochs', type=int, help=f"FID classifier epochs (default {FULL['clf_epochs']})")
     p.add_argument('--ddpm-raw', choices=('auto', 'on', 'off'), default='auto',
                    help="the DDPM raw-weights row: 'auto' runs it if it should fit in --budget-min")
+    p.add_argument('--ddim-rederive', choices=('on', 'off'), default='on',
+                   help="DDIM's eps re-derived from the clipped x0 ('on', ddim_sample's default since it was found to help; runs 1 and 2 in RESULTS.md were made before, as 'off')")
     p.add_argument('--budget-min', type=float, help=f"time budget for 'auto' (default {FULL['budget_min']})")
     p.add_argument('--seed', type=int, default=0, help='seed for training, classifier and sampling (default 0)')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
@@ -97,10 +99,10 @@ def gen_images(fn, model, n, chunk, seed, label, **kw):
 
 def scores(ie, feats, boot, seed):
     "FID and KID of generated features against the reference, and their bootstrap sd over the generated items."
-    f, k = fid(feats, ie.real_feats), kid(feats, ie.real_feats)
-    ref = ie.real_feats
+    f, k = fid(feats, ie.feats), kid(feats, ie.feats)
+    ref = ie.feats
     d, m = feats.shape[1], len(ref)
-    kern = lambda x, y: (x@y.T/d + 1)**3  # KID's kernel, as in miniai.ddpm.kid
+    kern = lambda x, y: (x@y.T/d + 1)**3  # KID's kernel, as in miniai.fid.kid
     krr = kern(ref, ref)
     t_rr = (krr.sum() - krr.diagonal().sum())/(m*(m - 1))  # the reference's term is the same for every resample
     k_gg, k_gr = kern(feats, feats), kern(feats, ref).mean(1)
@@ -172,7 +174,7 @@ def main(argv=None):
     clf_secs = time.perf_counter() - t0
     x_valid = ddpm_images(fashion_mnist_arrays('sample')['valid'][0])
     if not 2 <= a.n <= len(x_valid) - 2: raise SystemExit(f'--n must leave a reference: 2 <= n <= {len(x_valid) - 2}')
-    ie = ImageEval(clf, x_valid[a.n:])
+    ie = ImageEval(clf[:-1], x_valid[a.n:])  # the features: the classifier without its last layer
     log(f'FID classifier: {a.clf_epochs} epochs, held-out accuracy {acc:.4f}, {clf_secs:.0f}s; '
         f'reference = held-out images valid[{a.n}:] ({len(x_valid) - a.n} images)')
 
@@ -201,7 +203,8 @@ def main(argv=None):
             x, secs = gen_images(sample, model, a.n, a.chunk, a.seed, label, sched=sched)
             steps = len(sched)
         else:
-            x, secs = gen_images(ddim_sample, model, a.n, a.chunk, a.seed, label, sched=sched, steps=steps)
+            x, secs = gen_images(ddim_sample, model, a.n, a.chunk, a.seed, label, sched=sched, steps=steps,
+                                 rederive=a.ddim_rederive == 'on')
         imgs[(kind, w, steps)] = (x, secs)
         rows.append((kind, w, steps, x, secs))
         log(f'{label}: {secs:.1f}s, {secs/a.n:.3f}s/image')
@@ -209,7 +212,7 @@ def main(argv=None):
     # 4. scores
     res = []
     for i, (kind, w, steps, x, secs) in enumerate(rows):
-        f, fsd, k, ksd = scores(ie, ie.feats(x), a.boot, a.seed + i)
+        f, fsd, k, ksd = scores(ie, ie.get_feats(x), a.boot, a.seed + i)
         res.append((kind, w, steps, f, fsd, k, ksd, secs))
 
     # 5. pictures

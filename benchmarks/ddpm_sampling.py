@@ -154,7 +154,8 @@ def contenders(model, shape, a):
         'ours DDPM': lambda g: sample(model, shape, ours, generator=g),
         'diffusers DDPM': lambda g: diffusers_loop(model, shape, ddpm_ref, g),
         'ours DDIM': lambda g: ddim_sample(model, shape, ours, steps=a.ddim_steps, generator=g),
-        'diffusers DDIM': lambda g: diffusers_loop(model, shape, ddim_ref, g, eta=0.),
+        # ddim_sample re-derives eps from the clipped x0 by default: diffusers' use_clipped_model_output=True
+        'diffusers DDIM': lambda g: diffusers_loop(model, shape, ddim_ref, g, eta=0., use_clipped_model_output=True),
     }
 
 

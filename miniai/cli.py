@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['USER_ERRORS', 'ARCHS', 'NORMS', 'SAMPLE_EPOCHS', 'FULL_EPOCHS', 'FIT_DEFAULTS', 'COMMANDS', 'CLIError', 'layer_norm_',
            'build_model', 'pick_threads', 'FitInterrupted', 'default_epochs', 'fit', 'load_model', 'read_images',
-           'trained_with_flips', 'predict', 'ddpm', 'get_parser', 'main']
+           'trained_with_flips', 'predict', 'ddpm', 'sample', 'get_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #34e9dbe4
 import argparse
@@ -535,42 +535,52 @@ def _run_predict(args):
     if acc is not None: print(f"accuracy: {acc:.4f}")
 
 # %% ../nbs/15_cli.ipynb #5e54afed
-def ddpm(epochs=5, steps=1000, sampler='ddim', ddim_steps=50, n=16, out='miniai-ddpm', bs=128, lr=2e-3,
-         channels=(32, 64, 128, 128), n_train=None, data=None, seed=42, device=None):
-    "Train a DDPM on Fashion-MNIST, then save `model.pt`, `samples.png` and `progression.png` into `out`."
-    import torch
-    from miniai.ddpm import train_ddpm, sample, ddim_sample, save_grid, save_progression  # diffusers loads only here
+def ddpm(epochs=None, steps=1000, sampler='ddim', ddim_steps=50, n=500, out='miniai-ddpm', bs=64, lr=4e-3,
+         channels=(16, 32, 32), n_train=None, data=None, seed=42, device=None, sched='linear', eta=1.):
+    "Train a DDPM on Fashion-MNIST, sample and score `n` images, and save them and the model into `out`."
     groups = min(8, min(channels))
     if any(c % groups for c in channels):
         raise CLIError(f"--channels {','.join(map(str, channels))}: every width must be a multiple of {groups} (GroupNorm groups)")
-    res = train_ddpm(epochs=epochs, bs=bs, lr=lr, n_steps=steps, source=data, channels=channels, groups=groups,
+    if sampler == 'ddim' and ddim_steps > steps: raise CLIError(f"--ddim-steps {ddim_steps} is more than --steps {steps}")
+    _writable_dir(out)
+    _check_device(device)
+    import numpy as np
+    from miniai.ddpm import ddpm_pixels, save_ddpm, save_samples, score_samples, short_run_warning, train_ddpm  # loads diffusers
+    start = time.time()
+    res = train_ddpm(epochs=epochs, bs=bs, lr=lr, n_steps=steps, sched=sched, source=data, channels=channels, groups=groups,
                      n_train=n_train, device=device, seed=seed)
-    model = res.ema_model if res.ema_model is not None else res.model
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in res.model.state_dict().items()}, out/'model.pt')
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    shape = (n, 1, 32, 32)
-    if sampler == 'ddpm': imgs, traj = sample(model, shape, res.sched, generator=gen, return_traj=True)
-    else: imgs, traj = ddim_sample(model, shape, res.sched, steps=ddim_steps, generator=gen, return_traj=True)
-    save_grid(imgs.cpu(), out/'samples.png', nrow=int(math.ceil(math.sqrt(n))))
-    save_progression(traj, out/'progression.png', n_images=min(n, 4))
+    if (warning := short_run_warning(res.config)): print(warning, flush=True)
+    out = save_ddpm(res, out, data=data, sampler=sampler, ddim_steps=ddim_steps, eta=eta)  # the model first: sampling may be stopped
+    imgs = save_samples(res.ema_model.module, res.sched, n, sampler, ddim_steps, eta, seed, out/'samples.png',
+                        out/'progression.png', progress=True)
+    np.savez_compressed(out/'samples.npz', images=ddpm_pixels(imgs).numpy())
+    scores = score_samples(imgs, data) if n > 1 else None
+    cfg = json.loads((out/'config.json').read_text())
+    cfg.update(scores=scores, seconds=round(time.time() - start, 1))
+    (out/'config.json').write_text(json.dumps(cfg, indent=2))
+    what = f"DDIM eta={eta:g}, {ddim_steps} steps" if sampler == 'ddim' else f"DDPM, {steps} steps"
+    if scores: print(f"FID {scores['fid']:.2f}, KID {scores['kid']:.4f}: {n} samples ({what}, EMA weights) against the {scores['n_ref']:,} "
+                     f"held-out images; {scores['n_real']} real training images score FID {scores['real_fid']:.2f}, KID {scores['real_kid']:.4f}")
     return out
 
-# %% ../nbs/15_cli.ipynb #13cd08bd
+# %% ../nbs/15_cli.ipynb #f88e7bde
 def _add_ddpm_args(sub):
-    d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model and sample from it',
-                       description='Train a noise-predicting UNet (DDPM) on Fashion-MNIST padded to 32×32; save weights, '
-                                   'a PNG grid of samples and a PNG of one denoising progression to --out.')
-    d.add_argument('--epochs', type=_positive(int), default=5, help='passes over the training set (default: 5)')
-    d.add_argument('--steps', type=_positive(int), default=1000, help='diffusion steps T for training and DDPM sampling (default: 1000)')
-    d.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddim', help="'ddpm': T steps; 'ddim': --ddim-steps steps (default: ddim)")
+    d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model, sample from it and score the samples',
+                       description='Train a noise-predicting UNet (DDPM) on Fashion-MNIST padded to 32×32, sample --n images, '
+                                   'print their FID and KID against the held-out images, and save the model, samples.npz, '
+                                   'a labelled grid and a denoising progression to --out.')
+    d.add_argument('--epochs', type=_positive(int), default=None,
+                   help='passes over the training set (default: 15 on the bundled sample, 2 on the full dataset)')
+    d.add_argument('--steps', type=_positive(int), default=1000, help='diffusion steps T of the schedule (default: 1000)')
+    d.add_argument('--sched', choices=['linear', 'cosine'], default='linear', help="noise schedule (default: linear, the paper's)")
+    d.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help="'ddim': --ddim-steps steps (default); 'ddpm': all T steps")
     d.add_argument('--ddim-steps', type=_positive(int), default=50, help='sampling steps for --sampler ddim (default: 50)')
-    d.add_argument('--n', type=_positive(int), default=16, help='images to sample (default: 16)')
+    d.add_argument('--eta', type=float, default=1., help='DDIM noise: 0 deterministic, 1 as much as DDPM (default: 1)')
+    d.add_argument('--n', type=_positive(int), default=500, help='images to sample and score (default: 500)')
     d.add_argument('--out', type=Path, default=Path('miniai-ddpm'), help='folder for the outputs (default: ./miniai-ddpm)')
-    d.add_argument('--bs', type=_positive(int), default=128, help='batch size (default: 128)')
-    d.add_argument('--lr', type=_positive(float), default=2e-3, help='peak learning rate (default: 2e-3; 5e-3 diverged in our runs)')
-    d.add_argument('--channels', type=_channels, default=(32, 64, 128, 128), help='UNet widths, comma separated (default: 32,64,128,128)')
+    d.add_argument('--bs', type=_positive(int), default=64, help='batch size (default: 64)')
+    d.add_argument('--lr', type=_positive(float), default=4e-3, help='peak learning rate (default: 4e-3; wider UNets need less)')
+    d.add_argument('--channels', type=_channels, default=(16, 32, 32), help='UNet widths, comma separated (default: 16,32,32)')
     d.add_argument('--n-train', type=_positive(int), default=None, help='train on only the first N images (default: all)')
     d.add_argument('--data', choices=['auto', 'hub', 'sample'], default=None, help="as for 'fit'")
     d.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
@@ -578,11 +588,51 @@ def _add_ddpm_args(sub):
 
 def _run_ddpm(args):
     out = ddpm(args.epochs, args.steps, args.sampler, args.ddim_steps, args.n, args.out, args.bs, args.lr,
-               args.channels, args.n_train, args.data, args.seed, args.device)
-    print(f"saved model.pt, samples.png and progression.png to {out}")
+               args.channels, args.n_train, args.data, args.seed, args.device, args.sched, args.eta)
+    print(f"saved ema.pt, model.pt, config.json, samples.npz, samples.png and progression.png to {out}; "
+          f"draw more with: miniai sample --model {out}")
+
+
+# %% ../nbs/15_cli.ipynb #dafd57fe
+def sample(model, n=64, sampler=None, ddim_steps=None, out=None, weights='ema', seed=0, device=None, eta=None):
+    "Draw `n` images from the model folder `model` written by `ddpm`; save a labelled grid PNG (default MODEL/samples-SEED.png)."
+    out = Path(out) if out is not None else Path(model)/f'samples-{seed}.png'
+    if out.suffix.lower() != '.png': raise CLIError(f"--out {out}: expected a file name ending in .png")
+    _writable_dir(out.parent)
+    dev = _check_device(device)
+    from miniai.ddpm import load_ddpm, save_samples  # loads diffusers
+    try: unet, sched, cfg = load_ddpm(model, weights)
+    except FileNotFoundError as e: raise CLIError(f"{e}") from None
+    sampler, ddim_steps = sampler or cfg.get('sampler', 'ddim'), ddim_steps or cfg.get('ddim_steps', 50)
+    eta = cfg.get('eta', 0.) if eta is None else eta
+    if sampler == 'ddim' and ddim_steps > len(sched):
+        raise CLIError(f"--ddim-steps {ddim_steps} is more than the model's {len(sched)} diffusion steps")
+    unet.to(dev)
+    save_samples(unet, sched, n, sampler, ddim_steps, eta, seed, grid=out, weights='EMA' if weights == 'ema' else 'raw',
+                 progress=True)
+    return out
+
+def _add_sample_args(sub):
+    s = sub.add_parser('sample', allow_abbrev=False, help="draw new images from a model saved by 'miniai ddpm'",
+                       description="Rebuild the model in a folder written by 'miniai ddpm' and save a labelled grid of new samples.")
+    s.add_argument('--model', type=Path, required=True, help="folder written by 'miniai ddpm'")
+    s.add_argument('--n', type=_positive(int), default=64, help='images to draw (default: 64)')
+    s.add_argument('--sampler', choices=['ddim', 'ddpm'], default=None, help="default: the one 'miniai ddpm' used")
+    s.add_argument('--ddim-steps', type=_positive(int), default=None, help="DDIM steps (default: the ones 'miniai ddpm' used)")
+    s.add_argument('--eta', type=float, default=None, help="DDIM noise, 0 to 1 (default: the one 'miniai ddpm' used)")
+    s.add_argument('--weights', choices=['ema', 'raw'], default='ema', help='EMA (default) or raw weights')
+    s.add_argument('--seed', type=int, default=0, help='random seed: another seed, other images (default: 0)')
+    s.add_argument('--out', type=Path, default=None, help='PNG file to write (default: MODEL/samples-SEED.png)')
+    s.add_argument('--device', default=None, help='torch device (default: the best available)')
+
+def _run_sample(args):
+    out = sample(args.model, args.n, args.sampler, args.ddim_steps, args.out, args.weights, args.seed, args.device, args.eta)
+    print(f"saved a grid of {min(args.n, 64)} of {args.n} samples to {out}")
+
 
 # %% ../nbs/15_cli.ipynb #43f0437c
-COMMANDS = {'fit': (_add_fit_args, _run_fit), 'predict': (_add_predict_args, _run_predict), 'ddpm': (_add_ddpm_args, _run_ddpm)}
+COMMANDS = {'fit': (_add_fit_args, _run_fit), 'predict': (_add_predict_args, _run_predict), 'ddpm': (_add_ddpm_args, _run_ddpm),
+            'sample': (_add_sample_args, _run_sample)}
 
 def get_parser():
     "The argument parser for the `miniai` command."

@@ -1,11 +1,13 @@
-"""miniai.ddpm against diffusers' schedulers, plus the sampler's contract (generator, device, dtype, model use)."""
+"""miniai.ddpm against diffusers' schedulers, plus the sampler's contract (generator, device, dtype, model use), EMA
+warm-up, how the sampler calls the model, and saving/loading a model folder."""
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from miniai.ddpm import (EMACB, NoiseSched, collate_ddpm, cosine_sched, ddim_sample, ddim_step, ddim_timesteps,
-                         ddpm_step, fid, kid, linear_sched, noisify, respace, sample)
+from miniai.ddpm import (DDPMCB, EMACB, NoiseSched, UNet, collate_ddpm, cosine_sched, ddim_sample, ddim_step,
+                         ddim_timesteps, ddpm_images, ddpm_pixels, ddpm_step, ddpm_unet, init_ddpm, linear_sched, load_ddpm,
+                         noisify, respace, sample, save_ddpm, save_grid, save_progression, short_run_warning, train_ddpm)
 
 SHAPE = (3, 1, 8, 8)
 STEPS_TO_CHECK = [0, 1, 2, 17, 500, 998, 999]
@@ -73,9 +75,11 @@ def test_ddpm_step_matches_diffusers(clip, var):
         _close(x_prev, out.prev_sample)
 
 
+@pytest.mark.parametrize('rederive', [True, False])
 @pytest.mark.parametrize('clip', [True, False])
 @pytest.mark.parametrize('eta', [0.0, 0.5, 1.0])
-def test_ddim_step_matches_diffusers(clip, eta):
+def test_ddim_step_matches_diffusers(clip, eta, rederive):
+    "`rederive` (eps from the clipped x0, our default) is diffusers' `use_clipped_model_output=True`."
     sched = linear_sched()
     n_inf = 50
     ref = _in_float64(DDIMScheduler(trained_betas=sched.beta.numpy(), clip_sample=clip, prediction_type='epsilon',
@@ -84,8 +88,8 @@ def test_ddim_step_matches_diffusers(clip, eta):
     for t in ref.timesteps.tolist():
         x_t, eps = _inputs(t)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t), dtype=F64)
-        out = ref.step(eps, t, x_t, eta=eta, variance_noise=noise if eta > 0 else None)
-        x_prev, x0 = ddim_step(x_t, eps, t, t - 1000//n_inf, sched, eta=eta, noise=noise, clip=clip)
+        out = ref.step(eps, t, x_t, eta=eta, variance_noise=noise if eta > 0 else None, use_clipped_model_output=rederive)
+        x_prev, x0 = ddim_step(x_t, eps, t, t - 1000//n_inf, sched, eta=eta, noise=noise, clip=clip, rederive=rederive)
         _close(x0, out.pred_original_sample)
         _close(x_prev, out.prev_sample)
 
@@ -122,15 +126,18 @@ def test_sample_matches_a_diffusers_loop():
     _close(ours, x)
 
 
-def test_ddim_sample_matches_a_diffusers_loop():
+@pytest.mark.parametrize('rederive', [True, False])
+def test_ddim_sample_matches_a_diffusers_loop(rederive):
     sched, model = linear_sched(), ScaleModel(F64)
-    ours = ddim_sample(model, SHAPE, sched, steps=20, generator=torch.Generator().manual_seed(0))
+    ours = ddim_sample(model, SHAPE, sched, steps=20, generator=torch.Generator().manual_seed(0), rederive=rederive)
     ref = _in_float64(DDIMScheduler(trained_betas=sched.beta.numpy(), timestep_spacing='trailing'), sched)
     ref.set_timesteps(20)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=F64)
     with torch.no_grad():
-        for t in ref.timesteps.tolist(): x = ref.step(model(x, torch.full((SHAPE[0],), t)), t, x).prev_sample
+        for t in ref.timesteps.tolist():
+            x = ref.step(model(x, torch.full((SHAPE[0],), t)), t, x, use_clipped_model_output=rederive).prev_sample
     _close(ours, x)
+    assert (ours - ddim_sample(model, SHAPE, sched, 20, generator=torch.Generator().manual_seed(0), rederive=not rederive)).abs().max() > 1e-3
 
 
 def test_sample_is_repeatable_and_uses_the_models_device_and_dtype():
@@ -171,11 +178,15 @@ def test_generator_on_the_wrong_device_is_refused():
         sample(ScaleModel(), SHAPE, linear_sched(10, 1e-2, 0.5), generator=torch.Generator('cuda'))
 
 
-def test_ddim_eta1_all_steps_is_ddpm():
+@pytest.mark.parametrize('clip', [True, False])
+def test_ddim_eta1_all_steps_is_ddpm(clip):
+    "With eps re-derived from the clipped x0, DDIM with eta=1 over every step is DDPM even when clipping."
     sched, model = linear_sched(40, 2e-3, 0.3), ScaleModel(F64)
-    a = sample(model, SHAPE, sched, generator=torch.Generator().manual_seed(1), clip=False)
-    b = ddim_sample(model, SHAPE, sched, steps=40, eta=1., generator=torch.Generator().manual_seed(1), clip=False)
+    g = lambda: torch.Generator().manual_seed(1)
+    a = sample(model, SHAPE, sched, generator=g(), clip=clip)
+    b = ddim_sample(model, SHAPE, sched, steps=40, eta=1., generator=g(), clip=clip)
     _close(a, b)
+    if clip: assert (a - ddim_sample(model, SHAPE, sched, 40, eta=1., generator=g(), rederive=False)).abs().max() > 1e-3
 
 
 class GaussianOracle(nn.Module):
@@ -235,39 +246,165 @@ def test_collate_ddpm_dict_items():
     _close(xt, (1 - sched.abar[t]).sqrt().view(-1, 1, 1, 1)*eps, 1e-6)  # x0 = 0: only noise left
 
 
-# --- EMA and FID/KID ----------------------------------------------------------------------------------------------
+# --- EMA ------------------------------------------------------------------------------------------------------------
 
-def test_ema_cb_average():
+def _ema_run(cb, ws, model=None):
     from types import SimpleNamespace
-    lin = nn.Linear(3, 2)
-    cb, learn = EMACB(0.9), SimpleNamespace(model=lin)
+    lin = model or nn.Linear(3, 2)
+    learn = SimpleNamespace(model=lin)
     cb.before_fit(learn)
-    ws = [torch.randn(2, 3) for _ in range(5)]
-    expect = None
     for w in ws:
         with torch.no_grad(): lin.weight.copy_(w)
         cb.after_step(learn)
-        expect = w.clone() if expect is None else 0.9*expect + 0.1*w
+    return cb
+
+
+def test_ema_cb_average_without_warmup():
+    ws = [torch.randn(2, 3) for _ in range(5)]
+    cb = _ema_run(EMACB(0.9, warmup=False), ws)
+    expect = ws[0].clone()
+    for w in ws[1:]: expect = 0.9*expect + 0.1*w
     _close(cb.ema_model.module.weight, expect, 1e-6)
 
 
-def test_fid_matches_a_direct_formula():
-    torch.manual_seed(0)
-    a, b = torch.randn(300, 6), torch.randn(400, 6) @ torch.randn(6, 6) + 0.5
-    a, b = a.double(), b.double()
-    ca, cb = torch.cov(a.T), torch.cov(b.T)
-    # tr sqrt(ca cb) as the sum of square roots of the (real, non-negative) eigenvalues of ca cb
-    tr = torch.linalg.eigvals(ca @ cb).real.clamp(min=0).sqrt().sum()
-    expect = (a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2*tr
-    assert fid(a, b) == pytest.approx(expect.item(), rel=1e-8)
-    assert fid(a, a) == pytest.approx(0., abs=1e-8)
+def test_ema_cb_warmup_decay():
+    "After n earlier updates the decay is min(decay, (1+n)/(10+n)); the first update copies."
+    ws = [torch.randn(2, 3) for _ in range(6)]
+    cb = _ema_run(EMACB(0.3), ws)
+    expect = ws[0].clone()
+    for n, w in enumerate(ws[1:], 1):
+        d = min(0.3, (1 + n)/(10 + n))
+        expect = d*expect + (1 - d)*w
+    _close(cb.ema_model.module.weight, expect, 1e-6)
+    assert [EMACB(0.999).decay_at(n) for n in (0, 8, 90)] == pytest.approx([0.1, 0.5, 0.91])
+    assert EMACB(0.999).decay_at(100_000) == 0.999 and EMACB(0.999, warmup=False).decay_at(0) == 0.999
 
 
-def test_kid_matches_a_loop():
-    torch.manual_seed(0)
-    a, b = torch.randn(7, 3).double(), (torch.randn(9, 3) + 1).double()
-    k = lambda x, y: (float(x @ y)/3 + 1)**3
-    aa = sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j)/(7*6)
-    bb = sum(k(b[i], b[j]) for i in range(9) for j in range(9) if i != j)/(9*8)
-    ab = sum(k(x, y) for x in a for y in b)/(7*9)
-    assert kid(a, b) == pytest.approx(aa + bb - 2*ab, rel=1e-10)
+def test_ema_warmup_moves_towards_the_weights_after_a_few_steps():
+    "After 30 steps from w0 to a fixed w1, the warm-up EMA is close to w1; the plain 0.999 average hardly moved."
+    w0, w1 = torch.zeros(2, 3), torch.ones(2, 3)
+    warm = _ema_run(EMACB(0.999), [w0] + [w1]*30).ema_model.module.weight
+    plain = _ema_run(EMACB(0.999, warmup=False), [w0] + [w1]*30).ema_model.module.weight
+    assert (warm > 0.99).all() and (plain < 0.05).all(), (warm, plain)
+
+
+def test_ema_cb_averages_floats_and_copies_integer_buffers():
+    from types import SimpleNamespace
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    cb = EMACB(0.9); learn = SimpleNamespace(model=m)
+    cb.before_fit(learn)
+    for _ in range(3):
+        m.train()(torch.randn(8, 3))  # batch norm counts its batches in an int64 buffer
+        cb.after_step(learn)
+    assert cb.ema_model.module[1].num_batches_tracked.item() == 3
+    assert cb.ema_model.module[1].running_mean.abs().sum() > 0
+
+
+@pytest.mark.parametrize('bad', [1.0, -0.1, True, '0.9'])
+def test_ema_cb_refuses_bad_decay(bad):
+    with pytest.raises(ValueError, match='decay'): EMACB(bad)
+
+
+# --- how the sampler calls the model -------------------------------------------------------------------------------
+
+class PairModel(nn.Module):
+    "A course-style model: forward takes one input, the (xt, t) pair."
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+    def forward(self, x):
+        xt, t = x
+        return self.w*xt
+
+
+class ArgsModel(nn.Module):
+    "A wrapper whose signature can't tell: forward(*args)."
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, *args): return self.inner(*args)
+
+
+def test_sampler_calls_a_one_input_model_with_the_pair():
+    sched, m = linear_sched(10, 1e-2, 0.5), PairModel()
+    for f in (lambda **k: sample(m, SHAPE, sched, **k), lambda **k: ddim_sample(m, SHAPE, sched, 5, **k),
+              lambda **k: DDPMCB(sched=sched).sample(m, SHAPE, **k)):
+        assert f(generator=torch.Generator().manual_seed(0)).shape == SHAPE
+    with pytest.raises(TypeError): sample(m, SHAPE, sched, pair_input=False)
+
+
+def test_sampler_rule_for_wrappers_and_unclear_signatures():
+    from torch.optim.swa_utils import AveragedModel
+    sched = linear_sched(10, 1e-2, 0.5)
+    assert sample(AveragedModel(PairModel()), SHAPE, sched).shape == SHAPE  # looked through .module
+    unclear_pair, unclear_two = ArgsModel(PairModel()), ArgsModel(ScaleModel())
+    assert DDPMCB(sched=sched).sample(unclear_pair, SHAPE).shape == SHAPE  # DDPMCB trained with the pair
+    assert sample(unclear_two, SHAPE, sched).shape == SHAPE  # sample's default: two arguments
+    assert sample(unclear_pair, SHAPE, sched, pair_input=True).shape == SHAPE
+    with pytest.raises(TypeError): DDPMCB(sched=sched).sample(unclear_two, SHAPE)
+
+
+def test_our_unet_takes_either_call():
+    m = init_ddpm(ddpm_unet((8, 16), 1, 4))
+    sched = linear_sched(10, 1e-2, 0.5)
+    a = sample(m, (2, 1, 32, 32), sched, generator=torch.Generator().manual_seed(0), pair_input=True)
+    b = sample(m, (2, 1, 32, 32), sched, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_sample_refuses_the_course_signature():
+    with pytest.raises(TypeError, match=r'ddpm_cb.sample\(model, sz\)'):
+        sample(ScaleModel(), SHAPE, linear_sched().alpha, linear_sched().abar)
+
+
+def test_sample_progress_prints_lines_with_time_left(capsys):
+    sample(ScaleModel(), SHAPE, linear_sched(20, 5e-3, 0.5), progress=True)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith('DDPM, 20 steps: step 20/20') and 'left' in lines[0], lines
+    ddim_sample(ScaleModel(), SHAPE, linear_sched(20, 5e-3, 0.5), 4, progress=True)
+    assert capsys.readouterr().out.count('DDIM, 4 steps: step') == 4
+
+
+# --- images, pictures, saving and loading --------------------------------------------------------------------------
+
+def test_ddpm_pixels_undoes_ddpm_images():
+    x = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    assert torch.equal(ddpm_pixels(ddpm_images(x)), x)
+    assert ddpm_pixels(torch.full((1, 1, 32, 32), 3.)).unique().tolist() == [255]  # clipped, not wrapped around
+    with pytest.raises(TypeError): ddpm_pixels(x)
+
+
+def test_saved_pngs_are_scaled_and_titled(tmp_path):
+    import matplotlib.pyplot as plt
+    from miniai.ddpm import LABEL_PX, TITLE_PX
+    imgs = torch.rand(10, 1, 32, 32)*2 - 1
+    p = save_grid(imgs, tmp_path/'g.png', nrow=5, title='a title', scale=4)
+    png = plt.imread(p)
+    assert png.shape[:2] == (4*(2*34 + 2) + TITLE_PX, 4*(5*34 + 2))
+    assert png[:TITLE_PX].min() < 0.5  # text in the band
+    block = png[TITLE_PX + 8:TITLE_PX + 8 + 128, 8:8 + 128, 0]  # the first image, 4x4 blocks of one value each
+    _close(torch.tensor(block[::4, ::4]).double(), ((imgs[0, 0] + 1)/2).double(), 2/255)
+    assert (block.reshape(32, 4, 32, 4).std(axis=(1, 3)) == 0).all()  # nearest-neighbour: no blur
+    assert plt.imread(save_grid(imgs, tmp_path/'plain.png', nrow=5, scale=1)).shape[:2] == (2*34 + 2, 5*34 + 2)
+    sched, model = linear_sched(30, 5e-3, 0.3), ScaleModel()
+    _, traj = sample(model, (3, 1, 32, 32), sched, return_traj=True, traj_every=10)
+    p2 = save_progression(traj, tmp_path/'p.png', n_frames=4, n_images=2, title='walk')
+    assert plt.imread(p2).shape[:2] == (3*(2*34 + 2) + TITLE_PX + LABEL_PX, 3*(4*34 + 2))
+
+
+def test_save_and_load_ddpm_round_trip(tmp_path):
+    run = train_ddpm(epochs=1, bs=32, n_steps=50, n_train=64, channels=(8, 16), groups=4, source='sample', device='cpu',
+                     seed=0, progress=False)
+    save_ddpm(run, tmp_path/'m', note='x')
+    model, sched, cfg = load_ddpm(tmp_path/'m')
+    assert cfg == {**run.config, 'note': 'x'} and cfg['opt_steps'] == 2
+    assert torch.equal(sched.abar, run.sched.abar)
+    for a, b in zip(model.state_dict().values(), run.ema_model.module.state_dict().values()): assert torch.equal(a, b)
+    raw = load_ddpm(tmp_path/'m', 'raw')[0]
+    for a, b in zip(raw.state_dict().values(), run.model.state_dict().values()): assert torch.equal(a, b)
+    assert short_run_warning(cfg).startswith('warning: only 2 optimizer steps')
+    # a schedule without a name is saved as its betas
+    run.sched, run.config['sched'] = respace(linear_sched(), 50), None
+    save_ddpm(run, tmp_path/'r')
+    assert torch.equal(load_ddpm(tmp_path/'r')[1].abar, run.sched.abar)
+    with pytest.raises(FileNotFoundError, match='config.json not found'): load_ddpm(tmp_path/'nothing')
