@@ -31,7 +31,7 @@ from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, default_collate
 
-from .conv import check_int, model_device, model_mode, to_cpu
+from .conv import check_int, model_device, model_dtype, model_mode, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays
 from .fid import ImageEval, ddpm_images, load_fid_classifier
 from .learner import Callback, DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
@@ -288,10 +288,7 @@ class Traj(NamedTuple):
     xt: torch.Tensor
     x0: torch.Tensor
 
-def _dev_dtype(model):
-    "The device and dtype of `model`'s first parameter (CPU and float32 for a model without any)."
-    p = next(model.parameters(), None)
-    return model_device(model), (p.dtype if p is not None else torch.float32)
+def _dev_dtype(model): return model_device(model), model_dtype(model)
 
 def _check_sched(sched, where):
     if not isinstance(sched, NoiseSched):

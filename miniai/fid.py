@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import miniai
 
-from .conv import check_int, conv, model_device, model_mode
+from .conv import check_int, conv, model_device, model_dtype, model_mode
 from .datasets import DataLoaders, fashion_mnist_arrays
 from .learner import Callback, DeviceCB, Learner, TrainCB
 from .sgd import one_cycle
@@ -124,8 +124,7 @@ class _FeatsCB(Callback):
     "The step of an inference-only Learner: `preds = model(x)` for each batch's images, kept flattened in `feats`."
     def __init__(self): self.feats = []
     def before_fit(self, learn):
-        self.feats, p = [], next(learn.model.parameters(), None)
-        self.dtype = p.dtype if p is not None else torch.float32
+        self.feats, self.dtype = [], model_dtype(learn.model)
     def predict(self, learn):
         b = learn.batch
         x = b[0] if isinstance(b, (tuple, list)) else b

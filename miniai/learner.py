@@ -31,7 +31,7 @@ from torch import optim
 from torch.optim.lr_scheduler import ExponentialLR
 from torcheval.metrics import Mean
 
-from .conv import check_int, default_device, to_cpu, to_device
+from .conv import check_int, default_device, module_modes, restore_modes, to_cpu, to_device
 
 # %% ../nbs/04_learner.ipynb #19f542fc
 _all_ = ['to_cpu']  # the course imports to_cpu from the learner module
@@ -202,10 +202,7 @@ def _set_lr(opt, lr):
 def _drop_grads(model):
     for p in model.parameters(): p.grad = None  # not opt.zero_grad(): a hand-written optimizer's may fail on missing grads
 
-def _modes(model): return [(m, m.training) for m in model.modules()]
 
-def _set_modes(modes):
-    for m, training in modes: m.training = training
 
 # %% ../nbs/04_learner.ipynb #990b7929
 class Learner:
@@ -270,7 +267,7 @@ class Learner:
 
     def fit(self, n_epochs=1, train=True, valid=True, cbs=None, lr=None, reset_opt=False):
         "Train for `n_epochs`, each followed by a validation pass; `cbs` are added for this call only."
-        cbs, modes = list(fc.L(cbs)), _modes(self.model)
+        cbs, modes = list(fc.L(cbs)), module_modes(self.model)
         try:
             for cb in cbs: self.add_cb(cb)
             _check_fit(self, n_epochs, train, valid, lr)
@@ -278,7 +275,7 @@ class Learner:
             _setup_opt(self, lr, reset_opt)
             self._fit(train, valid)
         except BaseException as e:  # leave nothing half-done (no gradients of an unfinished step), without hiding `e`
-            _call_all([partial(_drop_grads, self.model), partial(_set_modes, modes)], err=e)
+            _call_all([partial(_drop_grads, self.model), partial(restore_modes, modes)], err=e)
             raise
         finally:
             for cb in cbs:
@@ -631,11 +628,11 @@ class LRFinderCB(Callback):
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
     gen = getattr(getattr(self.dls, 'train', None), 'generator', None)  # a loader's own shuffling generator, if any
-    state, opt, modes, rng = copy.deepcopy(self.model.state_dict()), self.opt, _modes(self.model), get_rng_state(gen)
+    state, opt, modes, rng = copy.deepcopy(self.model.state_dict()), self.opt, module_modes(self.model), get_rng_state(gen)
     cb = LRFinderCB(gamma=gamma, max_mult=max_mult)
     self.opt = None  # the finder trains with a throwaway optimizer; the real one is left as it was
     with _undo_after(partial(self.model.load_state_dict, state), partial(setattr, self, 'opt', opt),
-                     partial(_set_modes, modes), partial(set_rng_state, rng, gen)):
+                     partial(restore_modes, modes), partial(set_rng_state, rng, gen)):
         self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
     self.lr_finder = cb
     if plot: cb.plot()
