@@ -531,11 +531,15 @@ class ProgressCB(Callback):
 
     def _update_graph(self, learn):
         self._flush()
+        if len(self.losses) < 2: return  # a single point makes an empty-looking graph
         graphs = [[list(range(len(self.losses))), self.losses]]
         if self.val_losses:
             n = len(learn.dls.train) if hasattr(learn.dls.train, '__len__') else len(self.losses)//max(len(self.val_losses), 1)
             graphs.append([[(i+1)*n for i in range(len(self.val_losses))], self.val_losses])
         self.mbar.update_graph(graphs)
+        ax = self.mbar.graph_ax  # fastprogress draws no labels: add them and show the figure again
+        ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss while training (valid: end of each epoch)')
+        self.mbar.graph_out.update(ax.figure)
 
     def plot_losses(self, ax=None):
         "Plot the recorded training loss per batch, and validation loss per epoch if there is one."
