@@ -151,7 +151,9 @@ class ActivationStats(HooksCallback):
         hooks = self._recorded()
         _, axs = get_grid(len(hooks), figsize=figsize, layout='constrained')
         for i, (ax, h) in enumerate(zip(axs, hooks)):
-            show_image(get_hist(h), ax, origin='lower', aspect='auto', cmap='viridis', title=f'layer {i}')
+            hist = get_hist(h)
+            ax.imshow(hist, origin='lower', aspect='auto', cmap='viridis', extent=(0, hist.shape[1], 0, HIST_MAX))
+            ax.set_title(f'layer {i}'); ax.set_xlabel('batch'); ax.set_ylabel('|activation|')
         return axs
 
     def dead_chart(self, figsize=(11, 5)):

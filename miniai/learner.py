@@ -538,6 +538,7 @@ class ProgressCB(Callback):
             graphs.append([[(i+1)*n for i in range(len(self.val_losses))], self.val_losses])
         self.mbar.update_graph(graphs)
         ax = self.mbar.graph_ax  # fastprogress draws no labels: add them and show the figure again
+        for line in ax.lines[1:]: line.set_marker('o')  # one validation point is a dot, not an invisible line
         ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss while training (valid: end of each epoch)')
         self.mbar.graph_out.update(ax.figure)
 

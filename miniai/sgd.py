@@ -141,7 +141,7 @@ class RecorderCB(Callback):
     def plot(self, axs=None):
         "One plot per recorded value, against the optimizer step."
         if axs is None:
-            _, axs = plt.subplots(1, len(self.recs), figsize=(4*len(self.recs), 3), squeeze=False)
+            _, axs = plt.subplots(1, len(self.recs), figsize=(4*len(self.recs), 3), squeeze=False, layout='constrained')
             axs = axs[0]
         for ax, (k, v) in zip(axs, self.recs.items()):
             ax.plot(v)
