@@ -477,6 +477,9 @@ def load_model(model_dir):
     try: cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e: raise CLIError(f"{cfg_path} is not valid JSON ({e}); re-run 'miniai fit'") from None
     arch = cfg.get('arch')
+    if arch is None and 'channels' in cfg:  # a diffusion model's folder
+        raise CLIError(f"{model_dir} holds a model from 'miniai ddpm', which draws images; --model needs a folder written by "
+                       f"'miniai fit' (use 'miniai sample --model {model_dir}' for this one)")
     if arch not in ARCHS: raise CLIError(f"{cfg_path} names arch {arch!r}; this miniai knows {list(ARCHS)}")
     model = build_model(arch, cfg.get('nfs'), cfg.get('norm', 'batch'))
     try: model.load_state_dict(torch.load(w_path, map_location='cpu', weights_only=True))

@@ -120,6 +120,14 @@ def test_bad_input_is_one_line(args, words, tmp_path):
     assert words in err, err
     assert list(tmp_path.iterdir()) == []  # not even an empty ./miniai-run folder is left behind
 
+def test_predict_with_a_ddpm_folder_points_to_sample(tmp_path):
+    "A folder from 'miniai ddpm' given to predict: one line that says what it is and which command uses it."
+    ddpm_dir = tmp_path/'ddpm'; ddpm_dir.mkdir()
+    (ddpm_dir/'config.json').write_text('{"channels": [16, 32, 32], "n_steps": 1000}')
+    (ddpm_dir/'model.pt').write_bytes(b'')
+    r = run('predict', '--model', str(ddpm_dir), '--images', str(tmp_path/'x.npz'), timeout=60)
+    assert r.returncode == 2 and "miniai sample --model" in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
 def test_version():
     r = run('--version', timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == f'miniai {miniai.__version__}', (r.stdout, r.stderr)
