@@ -125,6 +125,7 @@ def test_predict_with_a_ddpm_folder_points_to_sample(tmp_path):
     ddpm_dir = tmp_path/'ddpm'; ddpm_dir.mkdir()
     (ddpm_dir/'config.json').write_text('{"channels": [16, 32, 32], "n_steps": 1000}')
     (ddpm_dir/'model.pt').write_bytes(b'')
+    np.savez(tmp_path/'x.npz', images=np.zeros((2, 28, 28), np.uint8))
     r = run('predict', '--model', str(ddpm_dir), '--images', str(tmp_path/'x.npz'), timeout=60)
     assert r.returncode == 2 and "miniai sample --model" in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
