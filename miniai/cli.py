@@ -368,27 +368,22 @@ def fit(epochs=None, bs=None, lr=None, data=None, out=None, seed=None, device=No
         raise CLIError(f"{out} holds an unfinished run (checkpoints in {out/'checkpoints'}); carry on with 'miniai fit "
                        f"--resume {out}', or pass another --out (or delete that folder) to start afresh")
 
-    import torch
     acc_cb = _accelerate_cb(dev) if accelerate or _launched_by_accelerate() else None
     n_proc = 1 if acc_cb is None else acc_cb.acc.num_processes
-    is_main = acc_cb is None or acc_cb.acc.is_main_process
     if n_proc > 1 and resume is not None:
         raise CLIError(f"--resume runs in one process: checkpoints are written only by single-process runs")
     if n_proc > 1 and cfg['bs'] % n_proc:  # DDP averages the processes' gradients: their shares must be equal
         raise CLIError(f"--bs {cfg['bs']} can't be shared out equally between {n_proc} processes; pass a multiple of {n_proc}")
-    n, notice = pick_threads(threads, torch.get_num_threads())
-    if n is not None: torch.set_num_threads(n)
-    if notice and is_main: print(notice, file=sys.stderr)
     from miniai.checkpoint import CheckpointCB  # the checkpoint API: CheckpointCB, Learner.save, fit(resume=...)
     ckpt_cbs = [CheckpointCB(out/'checkpoints', keep=2)] if n_proc == 1 else []
     stopper = _SaveOnCtrlC(ckpt_cbs[0]) if ckpt_cbs else None
-    try: learn = _train(cfg, out, dev, acc_cb, ckpt_cbs + ([stopper] if stopper else []), resume is not None)
+    try: learn = _train(cfg, out, dev, acc_cb, ckpt_cbs + ([stopper] if stopper else []), resume is not None, threads)
     except KeyboardInterrupt:
         if n_proc > 1: raise
         raise _interrupted(out, stopper) from None
     return learn
 
-def _train(cfg, out, dev, acc_cb, ckpt_cbs, resuming):
+def _train(cfg, out, dev, acc_cb, ckpt_cbs, resuming, threads=None):
     "`fit`'s work once the arguments are checked: load the data, build the Learner with `ckpt_cbs`, train, save."
     import torch
     from miniai.datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_dls
@@ -400,6 +395,9 @@ def _train(cfg, out, dev, acc_cb, ckpt_cbs, resuming):
     try: dls = fashion_dls(bs=cfg['bs'], source=cfg['data'], seed=cfg['seed'])
     finally:
         if sys.stderr is not stderr: sys.stderr.close(); sys.stderr = stderr
+    n, notice = pick_threads(threads, torch.get_num_threads())  # once the data is there: a mistake before is the only line
+    if n is not None: torch.set_num_threads(n)
+    if notice and is_main: print(notice, file=sys.stderr)
     n_train = len(dls.train.x)
     if resuming and n_train != cfg['n_train']:
         raise CLIError(f"--resume {out}: the run trained on {cfg['n_train']:,} images, but --data {cfg['data']} now gives {n_train:,}")
