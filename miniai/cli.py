@@ -175,14 +175,11 @@ class _LossRecorder:
         return dict(losses=list(self.losses))
     def load_state_dict(self, sd): self.losses, self._pending = list(sd['losses']), []
 
-def _ckpt_name(epoch, done): return f'ckpt-e{epoch:04d}-b{done:06d}.pt'  # CheckpointCB's names: they sort in training order
-
 def _ckpt_where(path):
     "Where in training the checkpoint file `path` was saved, in words."
-    import re
-    m = re.fullmatch(r'ckpt-e(\d+)-b(\d+)\.pt', Path(path).name)
-    if m is None: return Path(path).name
-    epoch, done = map(int, m.groups())
+    from miniai.checkpoint import ckpt_position
+    if (pos := ckpt_position(path)) is None: return Path(path).name
+    epoch, done = pos
     return f"epoch {epoch}, batch {done}" if done else f"the start of epoch {epoch}"
 
 class _SaveOnCtrlC:
@@ -203,9 +200,8 @@ class _SaveOnCtrlC:
 
     def after_batch(self, learn):
         if not (self.asked and learn.training): return
-        done, ccb = learn.iter + 1, self.ckpt_cb
-        # with the random state this epoch began in, which CheckpointCB keeps: a resumed run replays the epoch's shuffle
-        learn.save(ccb.path/_ckpt_name(learn.epoch, done), learn.epoch, done, ccb.epoch_rng)
+        done = learn.iter + 1
+        self.ckpt_cb.save_now(learn, learn.epoch, done)  # with the epoch's starting random state, to replay its shuffle
         self.where = f"epoch {learn.epoch}, batch {done} of {len(learn.dls.train)}"
         raise KeyboardInterrupt
 
@@ -221,10 +217,12 @@ class FitInterrupted(KeyboardInterrupt):
 FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, seed=42, data=None)  # what defines a run
 
 def default_epochs(n_train):
-    "`fit`'s epochs when none are given: the recipe's 12 for a sample-sized training set, 5 for the full 60,000."
+    "`fit`'s epochs when none are given: `SAMPLE_EPOCHS` for a sample-sized training set, `FULL_EPOCHS` for the full 60,000."
     return SAMPLE_EPOCHS if n_train < 20_000 else FULL_EPOCHS
 
-def _checkpoints(out): return sorted((Path(out)/'checkpoints').glob('ckpt-*.pt'))
+def _checkpoints(out):
+    from miniai.checkpoint import ckpt_files
+    return ckpt_files(Path(out)/'checkpoints')
 
 def _saved_run(out, given):
     "config.json of the run in `out`, for --resume; CLIError if there is nothing to resume or a `given` flag contradicts it."
