@@ -16,7 +16,7 @@ import fastcore.all as fc
 import torch
 
 from .conv import check_int
-from .learner import CancelBatchException, Callback, Learner, get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, _setup_opt, get_rng_state, set_rng_state
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93
 _all_ = ['get_rng_state', 'set_rng_state']  # they live in miniai.learner (lr_find uses them too); checkpoints are their main job
@@ -92,8 +92,7 @@ def load(self: Learner, path, with_opt=True):
     ck = read_checkpoint(path)
     self.model.load_state_dict(ck['model'])
     if with_opt and ck['opt'] is not None:
-        if self.opt is None and self.opt_func is not None:
-            self.opt = self.opt_func(self.model.parameters(), self.lr) if self.lr else self.opt_func(self.model.parameters())
+        _setup_opt(self, None, False)  # made as fit would make it, if there is none yet
         if self.opt is not None: self.opt.load_state_dict(ck['opt'])
     return ck
 
