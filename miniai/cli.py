@@ -158,23 +158,6 @@ def _add_fit_args(sub):
                    help="train with HF accelerate's AccelerateCB (automatic under 'accelerate launch')")
 
 # %% ../nbs/15_cli.ipynb #5689370b
-class _LossRecorder:
-    "Every training batch's loss, kept in checkpoints so that a resumed run's loss.png shows the whole run."
-    order = 0  # a callback is any object with an `order` and event methods
-    def __init__(self): self.losses, self._pending = [], []
-    def after_batch(self, learn):
-        if learn.training: self._pending.append(learn.loss.detach())
-    def after_epoch(self, learn): self._flush()
-    def _flush(self):
-        if self._pending:
-            import torch
-            self.losses += torch.stack(self._pending).float().cpu().tolist()
-        self._pending = []
-    def state_dict(self):
-        self._flush()
-        return dict(losses=list(self.losses))
-    def load_state_dict(self, sd): self.losses, self._pending = list(sd['losses']), []
-
 def _ckpt_where(path):
     "Where in training the checkpoint file `path` was saved, in words."
     from miniai.checkpoint import ckpt_position
@@ -333,15 +316,11 @@ def _use_accelerate(learn, acc_cb):
               "of the batch (torch's SyncBatchNorm needs GPUs); --arch cnn --norm layer trains exactly as one process "
               "would", file=sys.stderr)
 
-def _save_loss_plot(losses, history, path):
-    "Training loss per batch, and validation loss per epoch, as a PNG."
+def _save_loss_plot(progress_cb, path):
+    "ProgressCB's training loss per batch and validation loss per epoch (the whole run, resumed or not), as a PNG."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    ax.plot(losses, label='train')
-    val = [h['loss'] for h in history if not h['train']]
-    if val: ax.plot([(i+1)*len(losses)/len(val) for i in range(len(val))], val, 'o-', label='valid')
-    ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
+    progress_cb.plot_losses(fig.add_subplot()).set_title('miniai fit: loss')
     fig.savefig(path, dpi=100, bbox_inches='tight')
 
 # %% ../nbs/15_cli.ipynb #3e461b3d
@@ -385,7 +364,7 @@ def _train(cfg, out, dev, acc_cb, ckpt_cbs, resuming, threads=None):
     "`fit`'s work once the arguments are checked: load the data, build the Learner with `ckpt_cbs`, train, save."
     import torch
     from miniai.datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_dls
-    from miniai.learner import MetricsCB
+    from miniai.learner import MetricsCB, ProgressCB
     is_main, n_proc = acc_cb is None or acc_cb.acc.is_main_process, 1 if acc_cb is None else acc_cb.acc.num_processes
     torch.manual_seed(cfg['seed'])
     stderr = sys.stderr
@@ -410,8 +389,7 @@ def _train(cfg, out, dev, acc_cb, ckpt_cbs, resuming, threads=None):
             out.mkdir(parents=True, exist_ok=True)
             (out/'config.json').write_text(json.dumps(cfg, indent=2))
 
-    ckpt_dir, recorder = out/'checkpoints', _LossRecorder()
-    cbs = [recorder, *ckpt_cbs]
+    ckpt_dir, cbs = out/'checkpoints', list(ckpt_cbs)
     if not ckpt_cbs and is_main: print("miniai: no checkpoints in a multi-process run: Ctrl-C loses the run", file=sys.stderr)
     epochs, lr = cfg['epochs'], cfg['lr']
     if cfg['arch'] == 'resnet':  # the recipe: crop and flip augmentation, label smoothing
@@ -430,7 +408,7 @@ def _train(cfg, out, dev, acc_cb, ckpt_cbs, resuming, threads=None):
         cfg.update(seconds=round(time.time()-start, 1), threads=torch.get_num_threads(), processes=n_proc,
                    resumed=resuming, history=history)
         (out/'config.json').write_text(json.dumps(cfg, indent=2))
-        _save_loss_plot(recorder.losses, history, out/'loss.png')
+        _save_loss_plot(next(cb for cb in learn.cbs if isinstance(cb, ProgressCB)), out/'loss.png')
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # model.pt has what they had
     return learn
 

@@ -131,7 +131,7 @@ class _FeatsCB(Callback):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ImageEval needs batches of image tensors, or tuples (images, ...); got {type(x).__name__}")
         learn.preds = learn.model(x.to(self.dtype))
-        self.feats.append(learn.preds.flatten(1).double().cpu())
+        self.feats.append(learn.preds.detach().flatten(1))  # stays on the device: one copy to the CPU at the end
     def get_loss(self, learn): learn.loss = learn.preds.new_zeros(())
 
 # %% ../nbs/12_fid.ipynb #ee222df6
@@ -156,7 +156,7 @@ class ImageEval:
     def _run(self, dl):
         self.learn.dls = DataLoaders([], dl)
         with model_mode(self.learn.model, False): self.learn.fit(1, train=False)
-        return torch.cat(self._feats_cb.feats)
+        return torch.cat(self._feats_cb.feats).double().cpu()
 
     def get_feats(self, samp):
         "Features of images `samp` (a tensor, or a DataLoader of image batches) as a float64 CPU tensor."

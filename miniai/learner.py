@@ -529,6 +529,12 @@ class ProgressCB(Callback):
         if self._pending: self.losses += torch.stack(self._pending).float().cpu().tolist()
         self._pending = []
 
+    def state_dict(self):
+        "The losses so far, for checkpoints: a resumed run's curve shows the whole run."
+        self._flush()
+        return dict(losses=list(self.losses), val_losses=list(self.val_losses))
+    def load_state_dict(self, sd): self.losses, self.val_losses, self._pending = list(sd['losses']), list(sd['val_losses']), []
+
     def _update_graph(self, learn):
         self._flush()
         if len(self.losses) < 2: return  # a single point makes an empty-looking graph
