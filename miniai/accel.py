@@ -18,7 +18,8 @@ from accelerate.utils import parse_flag_from_env
 from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import DataLoader
 
-from .conv import check_int, map_tensors, model_device, to_device
+from .checks import check_int
+from .conv import map_tensors, model_device, to_device
 from .datasets import DataLoaders
 from .learner import Callback, DeviceCB, Learner, TrainCB
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .conv import check_int
+from .checks import check_int
 from .datasets import get_grid, show_image
 from .learner import Callback
 

@@ -19,7 +19,8 @@ import fastcore.all as fc
 import torch
 from torch import nn
 
-from .conv import check_int, model_device, model_mode, to_cpu, to_device
+from .checks import check_int
+from .conv import model_device, model_mode, to_cpu, to_device
 from .datasets import show_images
 from .init import BatchTransformCB
 from .learner import Callback, CancelFitException, Learner

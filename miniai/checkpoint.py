@@ -15,7 +15,7 @@ from pathlib import Path
 import fastcore.all as fc
 import torch
 
-from .conv import check_int
+from .checks import check_int
 from .learner import CancelBatchException, Callback, Learner, _setup_opt, get_rng_state, set_rng_state
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['default_device', 'map_tensors', 'to_device', 'to_cpu', 'collate_device', 'model_device', 'model_dtype',
-           'module_modes', 'restore_modes', 'model_mode', 'check_int', 'conv', 'def_device']
+           'module_modes', 'restore_modes', 'model_mode', 'conv', 'def_device']
 
 # %% ../nbs/03_conv.ipynb #1b5308ee
 import os
@@ -84,15 +84,6 @@ def model_mode(model, training=False):
     model.train(training)
     try: yield model
     finally: restore_modes(modes)
-
-# %% ../nbs/03_conv.ipynb #771ddd51
-def check_int(v, name, min_value=0, where=None):
-    "Raise a clear `ValueError` unless `v` is an int (not a bool) `>= min_value`; return `v`."
-    if isinstance(v, bool) or not isinstance(v, int) or v < min_value:
-        kind = 'a bool' if isinstance(v, bool) else type(v).__name__
-        pre = f"{where}: " if where else ''
-        raise ValueError(f"{pre}{name} must be a whole number >= {min_value}, got {v!r} ({kind})")
-    return v
 
 # %% ../nbs/03_conv.ipynb #f2ddd81c
 def conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):

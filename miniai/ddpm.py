@@ -31,7 +31,8 @@ from torch import nn, optim
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, default_collate
 
-from .conv import check_int, model_device, model_dtype, model_mode, to_cpu
+from .checks import check_int
+from .conv import model_device, model_dtype, model_mode, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays
 from .fid import ImageEval, ddpm_images, load_fid_classifier
 from .learner import Callback, DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB

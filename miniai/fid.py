@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import miniai
 
-from .conv import check_int, conv, model_device, model_dtype, model_mode
+from .checks import check_int
+from .conv import conv, model_device, model_dtype, model_mode
 from .datasets import DataLoaders, fashion_mnist_arrays
 from .learner import Callback, DeviceCB, Learner, TrainCB
 from .sgd import one_cycle

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import Hook
-from .conv import check_int, conv, model_device, to_device
+from .checks import check_int
+from .conv import conv, model_device, to_device
 from .learner import Callback, DeviceCB
 
 # %% ../nbs/07_init.ipynb #66884d3b

@@ -31,7 +31,8 @@ from torch import optim
 from torch.optim.lr_scheduler import ExponentialLR
 from torcheval.metrics import Mean
 
-from .conv import check_int, default_device, module_modes, restore_modes, to_cpu, to_device
+from .checks import check_int
+from .conv import default_device, module_modes, restore_modes, to_cpu, to_device
 
 # %% ../nbs/04_learner.ipynb #19f542fc
 _all_ = ['to_cpu']  # the course imports to_cpu from the learner module

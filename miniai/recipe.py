@@ -15,7 +15,8 @@ from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
 from .augment import Dropout, RandCrop, RandFlip, augment_cb
-from .conv import check_int, conv
+from .checks import check_int
+from .conv import conv
 from .datasets import fashion_dls
 from .init import init_weights
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB

@@ -13,7 +13,8 @@ import fastcore.all as fc
 import torch
 from torch import nn
 
-from .conv import check_int, conv, map_tensors, model_device, model_mode, to_device
+from .checks import check_int
+from .conv import conv, map_tensors, model_device, model_mode, to_device
 from .init import GeneralRelu
 from .learner import Learner
 
