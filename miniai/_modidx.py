@@ -275,6 +275,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                              'miniai.conv.model_dtype': ('conv.html#model_dtype', 'miniai/conv.py'),
                              'miniai.conv.model_mode': ('conv.html#model_mode', 'miniai/conv.py'),
                              'miniai.conv.module_modes': ('conv.html#module_modes', 'miniai/conv.py'),
+                             'miniai.conv.pick_threads': ('conv.html#pick_threads', 'miniai/conv.py'),
                              'miniai.conv.restore_modes': ('conv.html#restore_modes', 'miniai/conv.py'),
                              'miniai.conv.to_cpu': ('conv.html#to_cpu', 'miniai/conv.py'),
                              'miniai.conv.to_device': ('conv.html#to_device', 'miniai/conv.py')},

@@ -189,17 +189,6 @@ cli.load_model = broken
 sys.exit(cli.main(['predict', '--model', {str(out)!r}, '--images', {str(SAMPLE)!r}]))""")
         assert r.returncode == 1 and 'Traceback' in r.stderr and f'{exc}: ' in r.stderr and 'a bug inside miniai' in r.stderr, r.stderr
 
-def test_pick_threads_from_faked_load():
-    from miniai.cli import pick_threads
-    assert pick_threads(3, default=2, env={}, load=9., cores=2) == (3, None)                 # --threads wins
-    assert pick_threads(None, default=2, env={'OMP_NUM_THREADS': '2'}, load=9., cores=2) == (None, None)  # the user's env
-    assert pick_threads(None, default=2, env={}, load=0.4, cores=2) == (None, None)          # quiet: torch's default
-    n, notice = pick_threads(None, default=2, env={}, load=1.1, cores=2)                     # one core taken
-    assert n == 1 and 'busy' in notice and 'load average 1.1' in notice and '--threads' in notice
-    assert pick_threads(None, default=2, env={}, load=30., cores=2)[0] == 1                  # never below one
-    assert pick_threads(None, default=8, env={}, load=6., cores=16) == (None, None)          # 10 cores free >= 8
-    assert pick_threads(None, default=8, env={}, load=11.7, cores=16)[0] == 4
-
 def test_busy_machine_notice_and_threads_flag(tmp_path):
     "--threads is what the run uses; without it and without OMP_NUM_THREADS, a busy machine is told about once."
     env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
