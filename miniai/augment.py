@@ -8,9 +8,7 @@ __all__ = ['DROPOUT_TYPES', 'MCDropout', 'Dropout', 'Dropout2d', 'tfm_batch', 'h
            'CapturePreds', 'capture_preds', 'tta', 'TTD_CB', 'mc_dropout_predict', 'summary']
 
 # %% ../nbs/10_augment.ipynb #645d07ee
-import importlib
 import math
-import warnings
 from collections import namedtuple
 from contextlib import contextmanager
 from functools import partial
@@ -19,7 +17,7 @@ import fastcore.all as fc
 import torch
 from torch import nn
 
-from .checks import check_int
+from .checks import check_float, check_int
 from .conv import model_device, model_mode, to_cpu, to_device
 from .datasets import show_images
 from .init import BatchTransformCB
@@ -27,17 +25,11 @@ from .learner import Callback, CancelFitException, Learner
 from .resnet import summary
 
 # %% ../nbs/10_augment.ipynb #1816a37d
-def _check_p(p, where):
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"{where}: p is the probability of dropping an activation and must be a number in [0, 1), "
-                         f"got {p!r}; use e.g. p=0.1 (p=0 turns it off)")
-
 class Dropout(nn.Module):
     "Zero each activation with probability `p` while training and scale the rest by `1/(1-p)`; identity in eval."
     def __init__(self, p=0.5):
         super().__init__()
-        _check_p(p, type(self).__name__)
-        self.p = p
+        self.p = check_float(p, 'p', '[0, 1)', type(self).__name__)
 
     def mask_shape(self, x): return x.shape
 
@@ -71,9 +63,7 @@ def _check_images(x, where, floating=False):
     if floating and not x.is_floating_point():
         raise TypeError(f"{where} needs floating-point images, got {x.dtype}; convert with x.float()")
 
-def _check_prob(p, where):
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise ValueError(f"{where}: p is a probability and must be a number in [0, 1], got {p!r}")
+
 
 # %% ../nbs/10_augment.ipynb #c0bf1f37
 def hflip(x):
@@ -83,7 +73,7 @@ def hflip(x):
 def rand_flip(x, p=0.5):
     "Mirror each image of batch `x` (N, C, H, W) left to right with probability `p`, chosen per item."
     _check_images(x, 'rand_flip')
-    _check_prob(p, 'rand_flip')
+    check_float(p, 'p', '[0, 1]', 'rand_flip')
     flip = torch.rand(len(x), device=x.device) < p
     return torch.where(flip[:, None, None, None], hflip(x), x)
 
@@ -91,18 +81,15 @@ class RandFlip(nn.Module):
     "Module form of `rand_flip`: mirror each image left to right with probability `p`."
     def __init__(self, p=0.5):
         super().__init__()
-        _check_prob(p, 'RandFlip')
-        self.p = p
+        self.p = check_float(p, 'p', '[0, 1]', 'RandFlip')
     def forward(self, x): return rand_flip(x, self.p)
     def extra_repr(self): return f'p={self.p}'
 
 # %% ../nbs/10_augment.ipynb #c1a79505
-def _check_pad(pad, where): check_int(pad, 'pad (pixels of padding)', 0, where)
-
 def rand_crop(x, pad=4):
     "Pad each image of batch `x` by `pad` pixels with its darkest value, then crop back to H×W at a random offset per item."
     _check_images(x, 'rand_crop')
-    _check_pad(pad, 'rand_crop')
+    check_int(pad, 'pad', 0, 'rand_crop')
     if pad == 0: return x
     n, c, h, w = x.shape
     dev = x.device
@@ -118,15 +105,13 @@ class RandCrop(nn.Module):
     "Module form of `rand_crop`: shift each image by up to `pad` pixels in each direction."
     def __init__(self, pad=4):
         super().__init__()
-        _check_pad(pad, 'RandCrop')
-        self.pad = pad
+        self.pad = check_int(pad, 'pad', 0, 'RandCrop')
     def forward(self, x): return rand_crop(x, self.pad)
     def extra_repr(self): return f'pad={self.pad}'
 
 # %% ../nbs/10_augment.ipynb #b868b411
 def _check_rects(pct, max_num, where):
-    if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
-        raise ValueError(f"{where}: pct is the fraction of the image one rectangle covers and must be in (0, 1], got {pct!r}")
+    check_float(pct, 'pct (the area of one rectangle)', '(0, 1]', where)
     check_int(max_num, 'max_num (the most rectangles per image)', 1, where)
 
 def _rect_size(h, w, pct):
@@ -330,12 +315,3 @@ def mc_dropout_predict(learn_or_model, dl=None, n=10):
     _check_mc(model, n)
     if dl is None: raise ValueError("mc_dropout_predict: with a bare model, pass dl= (a DataLoader of (xb, yb) batches)")
     return _mc_summary(*_model_passes(model, dl, n))
-
-# %% ../nbs/10_augment.ipynb #f429974c
-_MOVED_TO_RECIPE = ('RECIPE_NFS', 'recipe_model', 'recipe_learner', 'fit_recipe')
-
-def __getattr__(name):
-    # looked up only when `name` isn't defined here, so the recipe (which imports this module) is imported late
-    if name not in _MOVED_TO_RECIPE: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{name} moved from miniai.augment to miniai.recipe; import it from there", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module('miniai.recipe'), name)
