@@ -65,6 +65,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
             'miniai.activations': { 'miniai.activations.ActivationStats': ('activations.html#activationstats', 'miniai/activations.py'),
                                     'miniai.activations.ActivationStats.__init__': ( 'activations.html#activationstats.__init__',
                                                                                      'miniai/activations.py'),
+                                    'miniai.activations.ActivationStats._per_layer': ( 'activations.html#activationstats._per_layer',
+                                                                                       'miniai/activations.py'),
                                     'miniai.activations.ActivationStats._recorded': ( 'activations.html#activationstats._recorded',
                                                                                       'miniai/activations.py'),
                                     'miniai.activations.ActivationStats.cleanup_fit': ( 'activations.html#activationstats.cleanup_fit',
