@@ -24,7 +24,7 @@ from .learner import Callback
 
 # %% ../nbs/06_activations.ipynb #7702558c
 def set_seed(seed, deterministic=False):
-    "Seed Python, NumPy and PyTorch (CPU and all GPUs); `deterministic` also picks PyTorch's deterministic kernels."
+    "Seed Python, NumPy and PyTorch (CPU and GPUs); `deterministic` also picks deterministic kernels."
     check_int(seed, 'seed', 0, 'set_seed')
     if seed >= 2**32: raise ValueError(f"set_seed: seed must be < 2**32 (NumPy's limit), got {seed}")
     if deterministic:
@@ -75,7 +75,7 @@ class Hooks(list):
 HIST_BINS, HIST_MAX = 40, 10.  # histograms of |activation|: 40 bins covering 0..10
 
 def append_stats(hook, mod, inp, outp):
-    "Forward hook: append the mean, std and histogram of |`outp`| to `hook.stats`, on `outp`'s device."
+    "Forward hook: append the mean, std and histogram of |`outp`| to `hook.stats`."
     if not isinstance(outp, torch.Tensor):
         raise TypeError(f"append_stats: {type(mod).__name__} returned a {type(outp).__name__}, not a tensor; "
                         "hook other modules (mod_filter or mods)")
@@ -87,13 +87,13 @@ def append_stats(hook, mod, inp, outp):
     hists.append(acts.abs().clamp(max=HIST_MAX).histc(HIST_BINS, 0, HIST_MAX))
 
 def _cpu_stats(hook):
-    "A hook's (means, stds, hists) as CPU tensors, one row per batch: stacked on the device, copied once."
+    "A hook's (means, stds, hists) as CPU tensors, one row per batch."
     if not hasattr(hook, 'stats'): raise ValueError("this hook has recorded nothing yet; run the model (or fit) first")
     return tuple(s if isinstance(s, torch.Tensor) else torch.stack(s).cpu() for s in hook.stats)
 
 # %% ../nbs/06_activations.ipynb #dc2614dd
 class HooksCallback(Callback):
-    "Hook `hookfunc` onto `mods` (or the model's modules passing `mod_filter`) for the duration of each `fit`."
+    "Hook `hookfunc` onto `mods` (or modules passing `mod_filter`) for each `fit`."
     def __init__(self, hookfunc, mod_filter=fc.noop, on_train=True, on_valid=False, mods=None):
         if not callable(hookfunc):
             raise TypeError(f"HooksCallback needs a function f(hook, mod, inp, outp), got {hookfunc!r}")
@@ -127,7 +127,7 @@ def get_min(h):
 
 # %% ../nbs/06_activations.ipynb #b85419e1
 class ActivationStats(HooksCallback):
-    "Record the mean, std and histogram of the outputs of `mods` (or modules passing `mod_filter`) while training."
+    "`HooksCallback` recording the mean, std and histogram of each hooked module's output."
     def __init__(self, mod_filter=fc.noop, on_train=True, on_valid=False, mods=None):
         super().__init__(append_stats, mod_filter, on_train, on_valid, mods)
         self._fitted = False
@@ -154,7 +154,7 @@ class ActivationStats(HooksCallback):
         return axs
 
     def color_dim(self, figsize=(11, 5)):
-        "Per layer, a histogram of |activations| for each batch (batches left to right, small values at the bottom)."
+        "Per layer, a histogram of |activations| per batch (batches left to right, small values at the bottom)."
         def draw(ax, h):
             hist = get_hist(h)
             ax.imshow(hist, origin='lower', aspect='auto', cmap='viridis', extent=(0, hist.shape[1], 0, HIST_MAX))

@@ -26,7 +26,7 @@ from .resnet import summary
 
 # %% ../nbs/10_augment.ipynb #1816a37d
 class Dropout(nn.Module):
-    "Zero each activation with probability `p` while training and scale the rest by `1/(1-p)`; identity in eval."
+    "Zero each activation with probability `p` while training, scaling the rest by `1/(1-p)`."
     def __init__(self, p=0.5):
         super().__init__()
         self.p = check_float(p, 'p', '[0, 1)', type(self).__name__)
@@ -42,7 +42,7 @@ class Dropout(nn.Module):
 
 # %% ../nbs/10_augment.ipynb #a48727be
 class Dropout2d(Dropout):
-    "Zero whole channels (all H×W values of one) with probability `p` while training; identity in eval."
+    "Zero whole channels with probability `p` while training."
     def mask_shape(self, x):
         if x.ndim < 3:
             raise ValueError(f"Dropout2d needs (N, C, H, W) feature maps, got shape {tuple(x.shape)}; "
@@ -61,6 +61,12 @@ def _check_images(x, where, floating=False):
         raise TypeError(f"{where} needs images shaped (N, C, H, W), got {shape}; use x[:, None] for (N, H, W)")
     if floating and not x.is_floating_point():
         raise TypeError(f"{where} needs floating-point images, got {x.dtype}; convert with x.float()")
+
+def _pick(x, rows, cols):
+    "`x[i, c, rows[i], cols[i]]` for every item i and channel c."
+    n, c = x.shape[:2]
+    return x[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[:, None, None],
+             rows, cols]
 
 
 
@@ -97,8 +103,7 @@ def rand_crop(x, pad=4):
     dy, dx = torch.randint(0, 2*pad + 1, (2, n), device=dev)
     rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]   # (N, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]   # (N, 1, 1, W)
-    items, chans = torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None]
-    return padded[items, chans, rows, cols]
+    return _pick(padded, rows, cols)
 
 class RandCrop(nn.Module):
     "Module form of `rand_crop`."
@@ -157,7 +162,7 @@ def rand_copy(x, pct=0.2, max_num=4):
     "Copy 1 to `max_num` rectangles of about `pct` of each image from random places in the same image."
     _check_images(x, 'rand_copy')
     _check_rects(pct, max_num, 'rand_copy')
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     dev = x.device
     rh, rw = _rect_size(h, w, pct)
     top, left = _rand_corners(n, max_num, h, w, rh, rw, dev)            # where each patch goes
@@ -168,8 +173,7 @@ def rand_copy(x, pct=0.2, max_num=4):
     for i in range(max_num):
         rows = torch.where(inside[:, i], r + (src_top - top)[:, i, None, None], rows)
         cols = torch.where(inside[:, i], col + (src_left - left)[:, i, None, None], cols)
-    items, chans = torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None]
-    return x[items, chans, rows[:, None], cols[:, None]]
+    return _pick(x, rows[:, None], cols[:, None])
 
 class RandCopy(nn.Module):
     "Module form of `rand_copy`."
@@ -203,7 +207,7 @@ def _unchanged(learn):
     finally: learn.opt = opt
 
 def show_image_batch(learn, max_n=9, cbs=None, train=True, **kwargs):
-    "Show up to `max_n` inputs of a training (or validation) batch as the `before_batch` callbacks leave them."
+    "Show up to `max_n` inputs of a training (or validation) batch after the `before_batch` callbacks."
     with _unchanged(learn):
         learn.fit(1, train=train, valid=not train, cbs=[_StopBeforePredict(), *fc.L(cbs)])
     xb = to_cpu(learn.batch[0][:max_n])
@@ -222,7 +226,7 @@ def _cat(xs):
     return xs
 
 class CapturePreds(Callback):
-    "Collect preds, targets and (if `inps`) inputs of every batch on the CPU: `all_preds`, `all_targs`, `all_inps`."
+    "Collect every batch's preds, targets and (if `inps`) inputs on the CPU, in `all_preds`, `all_targs`, `all_inps`."
     def __init__(self, inps=True): self.inps = inps
     def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
     def after_batch(self, learn):
@@ -284,7 +288,7 @@ def _mc_summary(all_probs, targs):
     return MCDropout(probs, spread, targs)
 
 def _model_passes(model, dl, n):
-    "(n, N, classes) softmax probabilities of `model` on `dl` with dropout on, and the targets (or None)."
+    "(n, N, classes) softmax of `model` on `dl` with dropout on, and the targets (or None)."
     dev, probs, targs = model_device(model), [], []
     with model_mode(model, training=False), torch.no_grad():
         for m in _dropouts(model): m.train()
@@ -295,7 +299,7 @@ def _model_passes(model, dl, n):
     return torch.cat(probs, 1), (torch.cat(targs) if targs else None)
 
 def mc_dropout_predict(learn_or_model, dl=None, n=10):
-    "Monte-Carlo dropout: `MCDropout(probs, spread, targs)`, mean softmax and spread per item over `n` passes."
+    "Monte-Carlo dropout: `MCDropout(probs, spread, targs)` over `n` passes with dropout on."
     if isinstance(learn_or_model, Learner):
         learn = learn_or_model
         _check_mc(learn.model, n)

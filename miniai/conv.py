@@ -31,7 +31,7 @@ def __getattr__(name):  # the course's `def_device`, decided on each access rath
 
 # %% ../nbs/03_conv.ipynb #99a3616c
 def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
-    "(threads, notice): `requested`; else None (torch's own) if $OMP_NUM_THREADS is set; else fewer when busy."
+    "(torch threads or None for torch's own, notice or None): `requested`, else fewer when the machine is busy."
     if requested is not None: return requested, None
     if (os.environ if env is None else env).get('OMP_NUM_THREADS'): return None, None  # the user chose; torch read it
     try: load = os.getloadavg()[0] if load is None else load
@@ -44,7 +44,7 @@ def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
 
 # %% ../nbs/03_conv.ipynb #6ad88315
 def map_tensors(f, x):
-    "Apply `f` to every tensor in `x`, through dicts, namedtuples, tuples and lists, keeping their types."
+    "Apply `f` to every tensor in `x`, through dicts, tuples and lists, keeping their types."
     if isinstance(x, torch.Tensor): return f(x)
     if isinstance(x, Mapping): return type(x)({k: map_tensors(f, v) for k, v in x.items()})
     if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(map_tensors(f, o) for o in x))
@@ -52,7 +52,7 @@ def map_tensors(f, x):
     return x
 
 def to_device(x, device=None, non_blocking=False):
-    "Move every tensor in `x` (through tuples, lists and dicts) to `device` (default: `default_device()`)."
+    "Move every tensor in `x` to `device` (default: `default_device()`)."
     if device is None: device = default_device()
     return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
 
@@ -61,7 +61,7 @@ def _cpu(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 def to_cpu(x):
-    "Detach every tensor in `x` and move it to the CPU; fp16/bf16 become float32 so they print and plot."
+    "Every tensor in `x` detached, on the CPU, and fp16/bf16 as float32 so they print and plot."
     return map_tensors(_cpu, x)
 
 def collate_device(b):

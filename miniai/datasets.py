@@ -101,7 +101,7 @@ def _load_cached():
     except (OSError, ValueError): return None  # a partial or foreign cache: treat as absent
 
 def _from_hub(strict):
-    "(DatasetDict, where from) from the HF cache or Hub; (None, why not) if neither works and not `strict`."
+    "(DatasetDict, where from) from the HF cache or Hub, else (None, why not) unless `strict`."
     dd = _load_cached()
     if dd is not None: return dd, 'the local Hugging Face cache'
     cause = None
@@ -155,7 +155,7 @@ def _pick_hub(source):
 
 # %% ../nbs/02_datasets.ipynb #706a8c73
 def load_fashion_mnist(source=None):
-    "Fashion-MNIST as a `DatasetDict` ('train', 'test'; columns 'image', 'label') from 'auto', 'hub' or 'sample'."
+    "Fashion-MNIST as a `DatasetDict` ('train', 'test'; 'image', 'label') from 'auto', 'hub' or 'sample'."
     dd = _pick_hub(_check_source(source))
     return _sample_dd() if dd is None else dd
 
@@ -246,7 +246,7 @@ class DataLoaders:
 
 # %% ../nbs/02_datasets.ipynb #be437589
 class TensorDL:
-    "Batches `(xb, yb)` cut straight from in-memory uint8 images `x` (N,H,W or N,C,H,W) and labels `y`."
+    "Batches `(xb, yb)` cut straight from in-memory uint8 images `x` and labels `y`."
     def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None):
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if x.dtype != torch.uint8 or x.ndim not in (3, 4):
@@ -292,7 +292,7 @@ def _dd_to_arrays(dd):
             for name, split in (('train', 'train'), ('valid', 'test'))}
 
 def fashion_mnist_arrays(source=None):
-    "Fashion-MNIST from `source` as {'train': (x, y), 'valid': (x, y)}: uint8 images (N,28,28), int64 labels."
+    "Fashion-MNIST from `source` as {'train': (x, y), 'valid': (x, y)}, uint8 images and int64 labels."
     source = _check_source(source)
     if source != 'sample' and 'arrays' in _hub_arrays:
         if source == 'auto': _notice('using Fashion-MNIST already loaded from the Hub/cache')
@@ -308,7 +308,7 @@ def fashion_mnist_arrays(source=None):
 
 # %% ../nbs/02_datasets.ipynb #fe8b6c95
 def fashion_dls(bs=256, source=None, flat=False, normalize=True, seed=None):
-    "Fast in-memory Fashion-MNIST `DataLoaders`: train shuffled (repeatably with `seed`), valid in order at 2*bs."
+    "Fast in-memory Fashion-MNIST `DataLoaders`: train shuffled (by `seed`), valid in order at 2*bs."
     arrays = fashion_mnist_arrays(source)
     stats = dict(mean=FMNIST_MEAN, std=FMNIST_STD) if normalize else {}
     return DataLoaders(TensorDL(*arrays['train'], bs=bs, shuffle=True, flat=flat, seed=seed, **stats),

@@ -9,6 +9,7 @@ __all__ = ['LSUVResult', 'init_weights', 'GeneralRelu', 'plot_func', 'get_model'
 # %% ../nbs/07_init.ipynb #351501ba
 import gc
 import math
+import re
 import sys
 import traceback
 import warnings
@@ -33,11 +34,11 @@ def init_weights(m, leaky=0.):
 
 # %% ../nbs/07_init.ipynb #f89c8db3
 class GeneralRelu(nn.Module):
-    "A ReLU with an optional negative slope `leak`, an amount `sub` subtracted from its output, and a ceiling `maxv`."
+    "A ReLU with optional negative slope `leak`, shift down by `sub`, and ceiling `maxv`."
     def __init__(self, leak=None, sub=None, maxv=None):
         super().__init__()
-        for nm, v, interval in (('leak', leak, '[0, 1)'), ('sub', sub, '(-inf, inf)'), ('maxv', maxv, '(-inf, inf)')):
-            if v is not None: check_float(v, nm, interval, 'GeneralRelu')
+        for nm, v in (('leak', leak), ('sub', sub), ('maxv', maxv)):
+            if v is not None: check_float(v, nm, '[0, 1)' if nm == 'leak' else '(-inf, inf)', 'GeneralRelu')
         self.leak, self.sub, self.maxv = leak, sub, maxv
 
     def forward(self, x):
@@ -69,7 +70,7 @@ _all_ = ['conv']
 
 # %% ../nbs/07_init.ipynb #8ef12279
 def get_model(act=nn.ReLU, nfs=None, norm=None):
-    "The course's CNN for 1×28×28 images: stride-2 `conv` blocks with widths `nfs` down to 1×1, then 10 logits."
+    "The course's CNN for 1×28×28 images: stride-2 `conv`s of widths `nfs` down to 1×1, then 10 logits."
     nfs = tuple(nfs or (1, 8, 16, 32, 64))
     if len(nfs) < 5:
         raise ValueError(f"get_model: nfs={nfs} needs at least input channels and 4 widths, e.g. (1, 8, 16, 32, 64)")
@@ -103,7 +104,7 @@ def _check_lsuv(model, m, m_in, tol, max_iters):
     check_int(max_iters, 'max_iters', 1, 'lsuv_init')
 
 def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
-    "Rescale `m_in`'s weight and shift its bias until `m`'s output on `model(xb)` has mean 0 and std 1 (to `tol`)."
+    "Rescale `m_in`'s weight and shift its bias until `m`'s output on `model(xb)` has mean 0 and std 1."
     _check_lsuv(model, m, m_in, tol, max_iters)
     xb = to_device(xb, model_device(model))   # the course passes xb on the GPU, whatever device the model is on
     bias = getattr(m_in, 'bias', None)
@@ -123,23 +124,19 @@ def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
 
 # %% ../nbs/07_init.ipynb #80ac08a0
 def clean_tb():
-    "Forget the last uncaught exception (`sys.last_traceback` and friends), clearing its frames' locals first."
+    "Forget the last uncaught exception (`sys.last_traceback`...), clearing its frames first."
     tb = getattr(sys, 'last_traceback', None)
     if tb is not None: traceback.clear_frames(tb)   # frames still running are skipped
     for nm in ('last_type', 'last_value', 'last_traceback', 'last_exc'):
         if hasattr(sys, nm): delattr(sys, nm)
 
-def _numbered(k):
-    "True for IPython's numbered history names: `_1`, `_2`, ... and `_i1`, `_i2`, ..."
-    return k[:1] == '_' and (k[1:].isdigit() or (k[:2] == '_i' and k[2:].isdigit()))
-
 def clean_ipython_hist():
-    "Drop IPython's references to earlier outputs (`Out`, `_`, `_N`, ...) and inputs (`_iN`); nothing outside IPython."
+    "Drop IPython's references to earlier outputs (`Out`, `_`, `_N`...) and inputs (`_iN`)."
     ipy = sys.modules.get('IPython')   # if IPython was never imported, this is not an IPython session
     ip = ipy.get_ipython() if ipy is not None else None
     if ip is None: return
     for ns in (ip.user_ns, getattr(ip, 'user_ns_hidden', {})):
-        for k in [k for k in ns if _numbered(k)]: del ns[k]
+        for k in [k for k in ns if re.fullmatch(r'_i?\d+', k)]: del ns[k]  # numbered history: _1, _i1, ...
         for k in ('_', '__', '___', '_i', '_ii', '_iii'):
             if k in ns: ns[k] = ''
     hm, dh = getattr(ip, 'history_manager', None), getattr(ip, 'displayhook', None)

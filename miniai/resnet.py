@@ -23,13 +23,13 @@ act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
 
 # %% ../nbs/09_resnet.ipynb #73342cca
 def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3):
-    "The residual path: conv `ni`→`nf` with `norm` and `act`, then conv `nf`→`nf` with `stride`, `norm`, no act."
+    "The residual path: conv `ni`→`nf` with `act`, then conv `nf`→`nf` with `stride` and no act."
     return nn.Sequential(conv(ni, nf, ks=ks, stride=1, act=act, norm=norm),
                          conv(nf, nf, ks=ks, stride=stride, act=None, norm=norm))
 
 # %% ../nbs/09_resnet.ipynb #bb23cd6d
 class ResBlock(nn.Module):
-    "`act(convs(x) + idconv(pool(x)))`: two convs plus a shortcut (1×1 conv if `ni != nf`, avg pool if `stride > 1`)."
+    "`act(convs(x) + idconv(pool(x)))`: two convs plus a shortcut."
     def __init__(self, ni, nf, stride=1, ks=3, act=act_gr, norm=None):
         super().__init__()
         for v, nm in ((ni, 'ni'), (nf, 'nf'), (stride, 'stride')): check_int(v, nm, 1, 'ResBlock')
@@ -42,7 +42,7 @@ class ResBlock(nn.Module):
 
 # %% ../nbs/09_resnet.ipynb #5b27c1a2
 def fmnist_resnet(act=act_gr, nfs=(8, 16, 32, 64, 128, 256), norm=nn.BatchNorm2d):
-    "A ResNet from 1×28×28 images to 10 logits: a stride-1 ResBlock to `nfs[0]`, then a stride-2 one per next width."
+    "A ResNet for 1×28×28 images: a ResBlock to `nfs[0]`, then a stride-2 one per width, then 10 logits."
     nfs = tuple(nfs)
     if not nfs: raise ValueError("fmnist_resnet: nfs needs at least one width, e.g. (8, 16, 32, 64)")
     for nf in nfs: check_int(nf, 'every width in nfs', 1, 'fmnist_resnet')
@@ -66,7 +66,7 @@ def _shapes(x): return map_tensors(lambda t: tuple(t.shape), x)  # the same stru
 
 # %% ../nbs/09_resnet.ipynb #6612c2d9
 class ModelSummary:
-    "What `Learner.summary` found: `rows` (dicts of module, input, output, params, mflops), `params`, `mflops`."
+    "What `Learner.summary` found: `rows` (a dict per module), and `params`, `mflops` totals."
     def __init__(self, rows, params, mflops): self.rows, self.params, self.mflops = rows, params, mflops
 
     def __str__(self):
@@ -97,7 +97,7 @@ def _summary_inputs(learn, xb):
 
 # %% ../nbs/09_resnet.ipynb #4db1145d
 def summary(learn, xb=None, show=True):
-    "Print (if `show`) and return a `ModelSummary` of each top-level module from one eval-mode forward pass."
+    "A `ModelSummary` of each top-level module from one eval-mode forward pass (printed if `show`)."
     model = learn.model
     xs = to_device(_summary_inputs(learn, xb), model_device(model))
     children = [c for _, c in model.named_children()] or [model]

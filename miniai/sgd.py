@@ -30,17 +30,25 @@ def _restore_hypers(opt, saved):
             if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor): g[k].copy_(v)
             else: g[k] = v
 
+class _KeepsHypers(Callback):
+    "Snapshot the optimizer's settings before fit and put them back after it, however it ends."
+    _saved = None
+    def before_fit(self, learn): self._saved = _save_hypers(learn.opt)
+    def cleanup_fit(self, learn):
+        if self._saved is not None: _restore_hypers(learn.opt, self._saved)
+        self._saved = None
+
 # %% ../nbs/08_sgd.ipynb #812d01bf
-class BaseSchedCB(Callback):
-    "Make a scheduler with `sched(learn.opt)` before fit (subclasses choose when it steps); restore the settings after."
+class BaseSchedCB(_KeepsHypers):
+    "Make a scheduler with `sched(learn.opt)` before fit; subclasses choose when it steps."
     def __init__(self, sched):
         if not callable(sched) or isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(f"{type(self).__name__} needs a function of the optimizer, got {sched!r}; "
                             "e.g. partial(OneCycleLR, max_lr=1e-2, total_steps=n)")
-        self.sched, self._saved = sched, None
+        self.sched = sched
 
     def before_fit(self, learn):
-        self._saved = _save_hypers(learn.opt)
+        super().before_fit(learn)
         self.schedo = self.sched(learn.opt)
         if not callable(getattr(self.schedo, 'step', None)):
             raise TypeError(f"{type(self).__name__}: sched(opt) gave a {type(self.schedo).__name__} with no step(); "
@@ -48,10 +56,6 @@ class BaseSchedCB(Callback):
 
     def _step(self, learn):
         if learn.training: self.schedo.step()
-
-    def cleanup_fit(self, learn):
-        if self._saved is not None: _restore_hypers(learn.opt, self._saved)
-        self._saved = None
 
     # checkpoints keep the scheduler's position, so a resumed fit carries on with the schedule
     def state_dict(self): return self.schedo.state_dict()
@@ -78,7 +82,7 @@ def one_cycle(lr, epochs, dl, **kwargs):
 
 # %% ../nbs/08_sgd.ipynb #4cc22c02
 class EpochSchedCB(BaseSchedCB):
-    "Step the scheduler after each training epoch; `ReduceLROnPlateau` after each validation epoch, on its mean loss."
+    "Step the scheduler after each training epoch (`ReduceLROnPlateau`: each valid epoch, on its mean loss)."
     def before_epoch(self, learn): self._tot, self._n = 0., 0
 
     def after_batch(self, learn):
@@ -111,7 +115,7 @@ class _Group(dict):
     def pg(self): return self
 
 class RecorderCB(Callback):
-    "After each optimizer step, record `f(param_group)` for each `name=f`, e.g. `RecorderCB(lr=_lr, mom=_mom)`."
+    "After each optimizer step, record `f(param_group)` for each `name=f`, e.g. `RecorderCB(lr=_lr)`."
     order = -1  # before the schedulers step in after_step: records are what the step used
     def __init__(self, **d):
         if not d: raise ValueError("RecorderCB needs at least one name=function, e.g. RecorderCB(lr=_lr)")
@@ -157,18 +161,18 @@ def _set_hyper(g, pname, v):
     else: g[pname] = v
 
 # %% ../nbs/08_sgd.ipynb #e7d5140d
-class ParamSchedCB(Callback):
-    "Before each training batch, set `pname` ('lr', 'mom', 'weight_decay'...) of all param groups to `sched_func(pos)`."
+class ParamSchedCB(_KeepsHypers):
+    "Before each training batch, set `pname` ('lr', 'mom', ...) of all param groups to `sched_func(pos)`."
     def __init__(self, pname, sched_func):
         if not isinstance(pname, str): raise TypeError(f"ParamSchedCB needs a setting name like 'lr', got {pname!r}")
         if not callable(sched_func):
             raise TypeError(f"ParamSchedCB: sched_func must be a function of pos in [0, 1], got {sched_func!r}; "
                             "e.g. sched_cos(1e-2, 1e-4)")
-        self.pname, self.sched_func, self._saved = pname, sched_func, None
+        self.pname, self.sched_func = pname, sched_func
 
     def before_fit(self, learn):
         _check_pname(learn.opt, self.pname)
-        self._saved = _save_hypers(learn.opt)
+        super().before_fit(learn)
         try: self.n_iter = len(learn.dls.train)
         except TypeError: raise TypeError("ParamSchedCB needs len(dls.train) to know where training is") from None
 
@@ -177,7 +181,3 @@ class ParamSchedCB(Callback):
         pos = (learn.epoch + learn.iter/self.n_iter)/learn.n_epochs
         v = self.sched_func(pos)
         for g in learn.opt.param_groups: _set_hyper(g, self.pname, v)
-
-    def cleanup_fit(self, learn):
-        if self._saved is not None: _restore_hypers(learn.opt, self._saved)
-        self._saved = None
