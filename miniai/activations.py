@@ -28,7 +28,7 @@ def set_seed(seed, deterministic=False):
     check_int(seed, 'seed', 0, 'set_seed')
     if seed >= 2**32: raise ValueError(f"set_seed: seed must be < 2**32 (NumPy's limit), got {seed}")
     if deterministic:
-        # cuBLAS only gives repeatable matmuls with a fixed workspace; it reads this when its first handle is made
+        # cuBLAS repeats its matmuls only with a fixed workspace, read when its first handle is made
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
@@ -36,7 +36,6 @@ def set_seed(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CPU generator and every CUDA device's
-    if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
 
 # %% ../nbs/06_activations.ipynb #53989e08
 class Hook:
