@@ -18,15 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import check_int
+from .checks import check_float, check_int
 from .datasets import get_grid, show_image
 from .learner import Callback
 
 # %% ../nbs/06_activations.ipynb #7702558c
 def set_seed(seed, deterministic=False):
     "Seed Python, NumPy and PyTorch (CPU and GPUs); `deterministic` also picks deterministic kernels."
-    check_int(seed, 'seed', 0, 'set_seed')
-    if seed >= 2**32: raise ValueError(f"set_seed: seed must be < 2**32 (NumPy's limit), got {seed}")
+    check_float(check_int(seed, 'seed', 0, 'set_seed'), 'seed', '[0, 4294967296)', 'set_seed')  # NumPy's limit, 2**32
     if deterministic:
         # cuBLAS repeats its matmuls only with a fixed workspace, read when its first handle is made
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
