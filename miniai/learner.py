@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'STEPS', 'LEARN_ATTRS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback',
-           'run_cbs', 'with_cbs', 'check_cb', 'Learner', 'TrainCB', 'check_finite', 'TerminateOnNaNCB', 'Metric',
-           'Accuracy', 'DeviceCB', 'metric_by_name', 'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'TrainLearner',
-           'MomentumLearner', 'get_rng_state', 'set_rng_state', 'LRFinderCB', 'lr_find', 'to_cpu']
+           'run_cbs', 'with_cbs', 'check_cb', 'Learner', 'TrainCB', 'check_finite', 'TerminateOnNaNCB', 'DeviceCB',
+           'metric_by_name', 'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'TrainLearner', 'MomentumLearner',
+           'get_rng_state', 'set_rng_state', 'LRFinderCB', 'lr_find', 'to_cpu']
 
 # %% ../nbs/04_learner.ipynb #a11c4f07
 import copy
@@ -27,38 +27,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastprogress.fastprogress import master_bar, progress_bar, IN_NOTEBOOK
-from torch import optim
+from torch import nn, optim
 from torch.optim.lr_scheduler import ExponentialLR
-from torcheval.metrics import Mean
+from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, MulticlassF1Score, R2Score
 
-from .checks import check_int
+from .checks import check_float, check_int
 from .conv import default_device, module_modes, restore_modes, to_cpu, to_device
 
 # %% ../nbs/04_learner.ipynb #19f542fc
 _all_ = ['to_cpu']  # the course imports to_cpu from the learner module
 
 # %% ../nbs/04_learner.ipynb #ec2c9c0e
-class CancelFitException(Exception):
-    "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
-class CancelEpochException(Exception):
-    "Raise in a callback to end the current epoch: `after_epoch` is skipped, `cleanup_epoch` still runs."
-class CancelBatchException(Exception):
-    "Raise in a callback to skip the rest of the current batch: `after_batch` is skipped, `cleanup_batch` still runs."
+class CancelFitException(Exception): "Raise in a callback to stop `fit` (`cleanup_fit` still runs)."
+class CancelEpochException(Exception): "Raise in a callback to end this epoch (`cleanup_epoch` still runs)."
+class CancelBatchException(Exception): "Raise in a callback to skip the rest of this batch (`cleanup_batch` still runs)."
 
 class Callback:
-    "Base class for callbacks: define any event method, each taking `learn`; lower `order` runs first."
+    "Base class for callbacks: define event methods taking `learn`; lower `order` runs first."
     order = 0
-    # State loaded before fit makes the object it belongs to (a grad scaler, an averaged model): kept until then
+    # State loaded before fit makes its object (a grad scaler, an averaged model) waits for it
     def load_or_keep(self, name, sd):
-        "Load `sd` into `self.<name>` now if it exists, else keep it until the callback calls `made(name)`."
+        "Load `sd` into `self.<name>` if it exists, else keep it until the callback calls `made(name)`."
         vars(self).setdefault('_kept', {})[name] = sd
         if getattr(self, name, None) is not None: self.made(name)
     def made(self, name):
-        "Call once `self.<name>` exists: it gets the state `load_or_keep` kept for it, if any."
+        "Call once `self.<name>` exists: it gets the state kept for it, if any."
         sd = vars(self).get('_kept', {}).pop(name, None)
         if sd is not None: getattr(self, name).load_state_dict(sd)
     def state_of(self, name):
-        "`self.<name>.state_dict()`, or the state kept for it while it doesn't exist: what `state_dict` should save."
+        "`self.<name>`'s state, or the state kept for it: what `state_dict` saves."
         obj = getattr(self, name, None)
         return obj.state_dict() if obj is not None else vars(self).get('_kept', {}).get(name)
 
@@ -67,48 +64,50 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_predict', 'after_
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 
 def run_cbs(cbs, method_nm, learn=None):
-    "Call `method_nm(learn)` on every callback in `cbs` that defines it, sorted by `order`."
+    "Call `method_nm(learn)` on each callback in `cbs` that defines it, in `order`."
     for cb in sorted(cbs, key=attrgetter('order')):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
+
 # %% ../nbs/04_learner.ipynb #aea1611a
-LEARN_ATTRS = {  # what callbacks share through `learn`: name -> who sets it, and what it holds
-    'model':     "Learner(): the nn.Module being trained (AccelerateCB swaps in its prepared model)",
-    'dls':       "Learner(): DataLoaders with .train and .valid (AccelerateCB swaps in prepared ones)",
-    'loss_func': "Learner(): called as loss_func(preds, *targets) by TrainCB",
-    'lr':        "Learner(): the learning rate the optimizer is made with; fit(lr=...) changes it for one fit",
-    'opt_func':  "Learner(): opt_func(params, lr) makes the optimizer; None for an inference-only Learner",
-    'cbs':       "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
-    'opt':       "fit, the first time: the optimizer (GradAccumCB swaps in a no-step stand-in; AccelerateCB wraps it)",
-    'n_epochs':  "fit: the number of epochs asked for",
-    'epochs':    "fit: range(n_epochs), what the loop iterates (ProgressCB wraps it, ResumeCB skips finished ones)",
-    'do_valid':  "fit: whether each epoch ends with a validation pass",
-    'epoch':     "the loop: the current epoch",
-    'training':  "the loop (read-only: model.training): True in a training pass, False in a validation pass",
-    'dl':        "the loop: dls.train or dls.valid for this pass (ProgressCB wraps it in a bar)",
-    'iter':      "the loop: the index of the batch in this pass",
-    'batch':     "the loop: the current batch (DeviceCB, BatchTransformCB, DDPMCB replace it in before_batch)",
-    'preds':     "the predict step (TrainCB): the model's output",
-    'loss':      "the get_loss step (TrainCB): the loss (GradAccumCB divides it for backward, then puts it back)",
-    'n_inp':     "TrainCB.before_fit (so also MixedPrecision, AccelerateCB): how many batch items the model takes",
-    'metrics':   "MetricsCB.before_fit: the MetricsCB itself, with its history",
-    'scaler':    "MixedPrecision.before_fit: its GradScaler or None, removed after fit (GradClipCB unscales with it)",
+LEARN_ATTRS = {  # what callbacks share through `learn`: who sets it, and what it is
+    'model': "Learner(): the nn.Module (AccelerateCB swaps in its prepared one)",
+    'dls': "Learner(): DataLoaders with .train and .valid (AccelerateCB swaps them)",
+    'loss_func': "Learner(): loss_func(preds, *targets)",
+    'lr': "Learner(): the optimizer's lr; fit(lr=...) changes it",
+    'opt_func': "Learner(): opt_func(params, lr) makes the optimizer; None: inference only",
+    'cbs': "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
+    'opt': "the first fit: the optimizer (GradAccumCB and AccelerateCB wrap it)",
+    'n_epochs': "fit: the epochs asked for",
+    'epochs': "fit: range(n_epochs) (ProgressCB wraps it, ResumeCB skips done ones)",
+    'do_valid': "fit: whether epochs end with a validation pass",
+    'epoch': "the loop: the current epoch",
+    'training': "the loop (model.training, read-only): a training pass?",
+    'dl': "the loop: dls.train or dls.valid (ProgressCB wraps it)",
+    'iter': "the loop: the batch's index in this pass",
+    'batch': "the loop: the batch (DeviceCB, BatchTransformCB, DDPMCB replace it)",
+    'preds': "predict (TrainCB): the model's output",
+    'loss': "get_loss (TrainCB): the loss (GradAccumCB scales it for backward)",
+    'n_inp': "TrainCB.before_fit: how many batch items the model takes",
+    'metrics': "MetricsCB.before_fit: the MetricsCB, with its history",
+    'scaler': "MixedPrecision.before_fit: its GradScaler or None; removed after fit",
     'will_step': "GradAccumCB.before_batch: False while gradients accumulate; removed after fit",
-    'lr_finder': "lr_find: the LRFinderCB of the last run, with its lrs, losses and plot()",
+    'lr_finder': "lr_find: the last LRFinderCB (lrs, losses, plot())",
 }
+
 
 # %% ../nbs/04_learner.ipynb #6b37e951
 def _name(f): return getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
 
 def _note(err, f, e):
-    "Tell the user, on `err` itself, that `f` failed with `e` while `err` was being handled: never raise `e` instead."
+    "Note on `err` that `f` also failed with `e` (never raise `e` in its place)."
     msg = f"while handling this error, {_name(f)} also failed: {type(e).__name__}: {e}"
     if hasattr(err, 'add_note'): err.add_note(msg)  # Python 3.11+
     else: warnings.warn(msg, RuntimeWarning)
 
 def _call_all(fns, *args, err=None):
-    "Call every one of `fns`, even after some fail: failures become notes on `err`, or without it the first is raised."
+    "Call all `fns`, even after failures: they become notes on `err`, or else the first is raised."
     first = None
     for f in fns:
         try: f(*args)
@@ -119,19 +118,20 @@ def _call_all(fns, *args, err=None):
 
 @contextmanager
 def _undo_after(*fns):
-    "Call `fns` when the block ends, whether it failed or not, without their failures hiding the block's own error."
+    "Call `fns` when the block ends, failed or not, without hiding the block's own error."
     try: yield
     except BaseException as e:
         _call_all(fns, err=e)
         raise
     _call_all(fns)
 
+
 # %% ../nbs/04_learner.ipynb #91fc0817
 class with_cbs:
-    "Decorator: `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; `cleanup_{nm}` for callbacks whose `before_{nm}` ran."
+    "Decorator: `before_nm`, the method, `after_nm`; swallow `cancel_exc`; `cleanup_nm` for those set up."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
     def __call__(self, f):
-        before, after, cleanup, cancel_exc = f'before_{self.nm}', f'after_{self.nm}', f'cleanup_{self.nm}', self.cancel_exc
+        before, after, cleanup = (f'{w}_{self.nm}' for w in ('before', 'after', 'cleanup'))
         @wraps(f)
         def _f(learn, *args, **kwargs):
             befores, n = learn.handlers(before), 0  # n: how many before_ handlers finished
@@ -139,8 +139,8 @@ class with_cbs:
                 for _, m in befores: m(learn); n += 1
                 f(learn, *args, **kwargs)
                 learn.callback(after)
-            except cancel_exc: pass
-            except BaseException as e:  # an error, or an outer level's cancel (not an error: a cleanup failing then is raised)
+            except self.cancel_exc: pass
+            except BaseException as e:  # an error, or an outer cancel (not an error: a cleanup failing then is raised)
                 _cleanup(learn, cleanup, befores[n:], err=None if isinstance(e, _CANCELS) else e)
                 raise
             _cleanup(learn, cleanup, befores[n:])
@@ -149,78 +149,70 @@ class with_cbs:
 _CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
 
 def _cleanup(learn, nm, not_entered, err=None):
-    "Run event `nm` on all callbacks but those in `not_entered` (their `before_` never finished); see `_call_all` for `err`."
+    "Run event `nm` on all callbacks but those in `not_entered` (their `before_` never finished)."
     skip = {id(cb) for cb, _ in not_entered}
     _call_all([m for cb, m in learn.handlers(nm) if id(cb) not in skip], learn, err=err)
+
 
 # %% ../nbs/04_learner.ipynb #32d10ac1
 def _check_lr(lr):
     if lr is None: return
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}; pass e.g. lr=1e-3 (use Learner.lr_find to pick one)")
-
-def _check_dl(dl, name):
-    try: n = len(dl)
-    except TypeError: return  # an iterable without a length can't be checked up front
-    if n == 0:
-        raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
-                         f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
+    try: check_float(lr, 'lr', '(0, inf)')
+    except ValueError as e: raise ValueError(f"{e}; pass a positive number, e.g. 1e-3 (lr_find suggests one)") from None
 
 def _check_fit(learn, n_epochs, train, valid, lr):
     check_int(n_epochs, 'n_epochs', 0, where='fit')
     _check_lr(lr)
     if train and learn.opt is None and learn.opt_func is None:
-        raise ValueError("this Learner was made with opt_func=None (inference only), so it has no optimizer to train "
-                         "with; pass e.g. opt_func=torch.optim.SGD to Learner, or call fit(..., train=False)")
+        raise ValueError("this Learner has no optimizer (opt_func=None); give it one, or fit(..., train=False)")
     for nm in STEPS if train else STEPS[:2]:  # a validation pass only predicts and computes the loss
         if getattr(type(learn), nm) is getattr(Learner, nm) and not any(hasattr(cb, nm) for cb in learn.cbs):
-            raise ValueError(f"nothing does the training step '{nm}': add TrainCB() to cbs, or use TrainLearner / "
-                             f"a Learner subclass that defines {nm}()")
-    for nm, on in (('train', train), ('valid', valid)):
-        if not on: continue
+            raise ValueError(f"nothing does the training step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
+    for nm in [nm for nm, on in (('train', train), ('valid', valid)) if on]:
         if not hasattr(learn.dls, nm):
-            raise TypeError(f"dls has no .{nm} DataLoader (got {type(learn.dls).__name__}); pass a DataLoaders(train_dl, valid_dl), "
-                            f"or {nm}=False to fit")
-        _check_dl(getattr(learn.dls, nm), nm)
+            raise TypeError(f"dls has no .{nm}; pass DataLoaders(train_dl, valid_dl), or {nm}=False to fit")
+        try: empty = len(getattr(learn.dls, nm)) == 0
+        except TypeError: empty = False  # an iterable without a length can't be checked up front
+        if empty: raise ValueError(f"the {nm} DataLoader is empty (no items, or fewer than batch_size with drop_last); "
+                                   f"give it data, lower batch_size, or pass {nm}=False to fit")
+
 
 # %% ../nbs/04_learner.ipynb #e9b9fef3
 def check_cb(cb):
-    "Refuse a callback class instead of an instance, and a method named like an event that is not one (it would never run)."
-    if isinstance(cb, type): raise TypeError(f"add_cb got the class {cb.__name__}, not an instance; pass {cb.__name__}()")
+    "Refuse a callback class instead of an instance, and a method named like an event that is none."
+    if isinstance(cb, type): raise TypeError(f"add_cb got the class {cb.__name__}; pass an instance, {cb.__name__}()")
     for nm in dir(cb):
-        if not nm.startswith(('before_', 'after_', 'cleanup_')) or nm in EVENTS or not callable(getattr(cb, nm, None)): continue
+        if nm in EVENTS or not nm.startswith(('before_', 'after_', 'cleanup_')): continue
+        if not callable(getattr(cb, nm, None)): continue
         close = difflib.get_close_matches(nm, EVENTS + STEPS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"the events are {', '.join(EVENTS)}."
-        raise ValueError(f"{type(cb).__name__}.{nm} is named like an event, but there is no event {nm!r}, so it would never "
-                         f"run: {hint} (give a helper method that is not an event a name starting with '_')")
+        raise ValueError(f"{type(cb).__name__}.{nm} is not an event, so it would never run: {hint} "
+                         "(start a helper's name with '_')")
+
 
 # %% ../nbs/04_learner.ipynb #65cc3efa
 def _setup_opt(learn, lr, reset):
     "Make the optimizer on the first fit (or with `reset`); later fits only change its lr when asked to."
     if learn.opt_func is not None and (reset or learn.opt is None):
-        lr = learn.lr if lr is None else lr
-        learn.opt = learn.opt_func(learn.model.parameters()) if lr is None else learn.opt_func(learn.model.parameters(), lr)
-        learn._applied_lr = learn.lr
+        lr, ps = learn.lr if lr is None else lr, learn.model.parameters()
+        learn.opt, learn._applied_lr = learn.opt_func(ps) if lr is None else learn.opt_func(ps, lr), learn.lr
         return
     if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr  # the user changed learn.lr
     if lr is not None and learn.opt is not None: _set_lr(learn.opt, lr)  # else it keeps its own lr(s), per group too
 
 def _set_lr(opt, lr):
-    "Set `lr` on a torch optimizer's param groups, or on an optimizer that keeps it in `.lr` (like the course's own SGD)."
+    "Set `lr` in a torch optimizer's param groups, or in `opt.lr` (like the course's own SGD)."
     if hasattr(opt, 'param_groups'):
-        for g in opt.param_groups:
-            g['lr'] = lr
-            g.pop('initial_lr', None)  # so a torch scheduler made in before_fit starts from the new lr
+        for g in opt.param_groups: g['lr'] = lr; g.pop('initial_lr', None)  # a scheduler made next starts from it
     elif hasattr(opt, 'lr'): opt.lr = lr
 
 def _drop_grads(model):
-    for p in model.parameters(): p.grad = None  # not opt.zero_grad(): a hand-written optimizer's may fail on missing grads
-
+    for p in model.parameters(): p.grad = None  # not opt.zero_grad(): a hand-written one may fail on missing grads
 
 
 # %% ../nbs/04_learner.ipynb #990b7929
 class Learner:
-    "Train `model` on `dls` with `loss_func` and an optimizer from `opt_func` (None: inference only), extended by `cbs`."
+    "Train `model` on `dls` with `loss_func` and `opt_func` (None: inference only), extended by callbacks `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
         _check_lr(lr)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
@@ -228,7 +220,7 @@ class Learner:
         for cb in fc.L(cbs): self.add_cb(cb)
 
     def add_cb(self, cb):
-        "Add callback `cb` (an instance; its method names are checked); `cbs` stays sorted by `order`, ties as added."
+        "Add callback instance `cb`; `cbs` stays sorted by `order`, ties as added."
         check_cb(cb)
         cb.learn, self.cbs, self._handlers = self, sorted([*self.cbs, cb], key=attrgetter('order')), {}
         return self
@@ -237,12 +229,12 @@ class Learner:
         self.cbs.remove(cb); self._handlers = {}
         return self
     def handlers(self, nm):
-        "`(callback, method)` for each callback that defines `nm`, in order; looked up once per change of `cbs`."
+        "`(cb, method)` for the callbacks that define `nm`, in order; cached until `cbs` changes."
         if nm not in self._handlers:
             self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
         return self._handlers[nm]
     def callback(self, nm):
-        "Run event `nm` on every callback that defines it."
+        "Run event `nm` on the callbacks that define it."
         for _, m in self.handlers(nm): m(self)
 
     # The step methods: callbacks do the work unless a subclass overrides them
@@ -288,7 +280,7 @@ class Learner:
             self.n_epochs, self.epochs, self.do_valid = n_epochs, range(n_epochs), valid
             _setup_opt(self, lr, reset_opt)
             self._fit(train, valid)
-        except BaseException as e:  # leave nothing half-done (no gradients of an unfinished step), without hiding `e`
+        except BaseException as e:  # leave no gradients of a half-done step, without hiding `e`
             _call_all([partial(_drop_grads, self.model), partial(restore_modes, modes)], err=e)
             raise
         finally:
@@ -297,7 +289,7 @@ class Learner:
 
 # %% ../nbs/04_learner.ipynb #06ba1a91
 class TrainCB(Callback):
-    "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
+    "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
     def __init__(self, n_inp=1): self.n_inp = check_int(n_inp, 'n_inp', 1, where=type(self).__name__)
     def before_fit(self, learn): learn.n_inp = self.n_inp
     def predict(self, learn):
@@ -306,12 +298,12 @@ class TrainCB(Callback):
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
         targs = learn.batch[self.n_inp:]
-        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)  # before torch's warning
+        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)  # before torch warns
         try: learn.loss = learn.loss_func(learn.preds, *targs)
         except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit together
             raise ValueError(f"loss_func failed on predictions of shape {_shape(learn.preds)} and targets of shape "
-                             f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size, "
-                             f"the loss function, and n_inp={self.n_inp}") from e
+                             f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size "
+                             f"and n_inp={self.n_inp}") from e
     def backward(self, learn):
         check_finite(learn)
         learn.loss.backward()
@@ -319,24 +311,25 @@ class TrainCB(Callback):
     def zero_grad(self, learn): learn.opt.zero_grad()
 
     def _bad_batch(self, b):
-        if isinstance(b, dict):
-            raise TypeError(f"TrainCB got a batch that is a dict with keys {list(b)}; it needs a tuple (inputs..., targets...). "
-                            "Use DataLoaders.from_dd(..., as_tuple=True) or a collate_fn that returns a tuple")
+        if isinstance(b, dict): raise TypeError(f"TrainCB needs a tuple batch (inputs..., targets...), got a dict with keys "
+                                                f"{list(b)}; use DataLoaders.from_dd(..., as_tuple=True)")
         n = len(b) if isinstance(b, (tuple, list)) else 1
-        raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
-                         f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
+        raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), leaving no targets for the loss; "
+                         "check n_inp, or what the DataLoader yields")
+
 
 # %% ../nbs/04_learner.ipynb #623b566b
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
-_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
-def _elementwise(f): return f in _ELEMENTWISE or isinstance(f, (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss))
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+def _elementwise(f): return f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE[4:])
 
 def _check_same_shape(preds, targs):
     # torch broadcasts (bs,1) against (bs,) to (bs,bs) for these losses with only a warning: a silent, classic bug
     if len(targs) == 1 and hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
-        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}: an elementwise loss would "
-                         "broadcast them into a wrong result. Reshape one to match (e.g. preds.squeeze(-1) or y[:, None])")
+        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}, which an elementwise "
+                         "loss would broadcast wrongly. Reshape one to match, e.g. preds.squeeze(-1)")
+
 
 # %% ../nbs/04_learner.ipynb #1c7c564c
 def check_finite(learn):
@@ -344,10 +337,9 @@ def check_finite(learn):
     loss = learn.loss
     if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common case, and the cheapest check
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(
-            f"the loss is {learn.loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch {learn.iter}: training "
-            "would corrupt the weights. Lower the lr (try lr_find), check the inputs for NaN/inf, clip gradients, "
-            "or add TerminateOnNaNCB() to stop quietly instead")
+        raise FloatingPointError(f"the loss is {loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch "
+                                 f"{learn.iter}; lower the lr (try lr_find), check the inputs for NaN, or add "
+                                 "TerminateOnNaNCB() to stop quietly")
 
 class TerminateOnNaNCB(Callback):
     "Stop `fit` quietly (keeping the last good weights) when the loss is NaN or infinite."
@@ -358,30 +350,10 @@ class TerminateOnNaNCB(Callback):
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #3bbbb7b6
-class Metric:
-    "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
-    def __init__(self): self.reset()
-    def reset(self): self.vals, self.ns = [], []
-    def add(self, inp, targ=None, n=1):
-        self.last = self.calc(inp, targ)
-        self.vals.append(self.last)
-        self.ns.append(n)
-    @property
-    def value(self):
-        ns = torch.tensor(self.ns, dtype=torch.float64)
-        return (torch.tensor(self.vals, dtype=torch.float64)*ns).sum()/ns.sum()
-    def calc(self, inps, targs): return inps
-
-class Accuracy(Metric):
-    "Fraction of predictions equal to the targets; logits are turned into classes with argmax."
-    def calc(self, inps, targs):
-        if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
-        return (inps == targs).float().mean()
 
 # %% ../nbs/04_learner.ipynb #ab496d1f
 def _opt_state_to(opt, dev):
-    "Move a torch optimizer's per-parameter state to `dev`; an optimizer without a `.state` dict (a hand-written one) is left alone."
+    "Move a torch optimizer's per-parameter state to `dev` (a hand-written one, without `.state`, is left alone)."
     state = getattr(opt, 'state', None)
     if not isinstance(state, Mapping): return
     for s in state.values():
@@ -397,29 +369,30 @@ class DeviceCB(Callback):
     def before_fit(self, learn):
         self.dev = torch.device(self.device) if self.device is not None else default_device()
         if self.dev.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"DeviceCB(device={self.device!r}) but this machine has no usable CUDA GPU; "
-                             "use DeviceCB() to pick the best device available, or device='cpu'")
+            raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; "
+                             "use DeviceCB() for the best device there is, or device='cpu'")
         learn.model.to(self.dev)
         _opt_state_to(learn.opt, self.dev)  # momentum or Adam state from an earlier fit must follow the weights
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
+
 # %% ../nbs/04_learner.ipynb #d7f2fbb1
-def _torcheval_metrics():
-    from torcheval.metrics import MulticlassAccuracy, MulticlassF1Score, MeanSquaredError, R2Score
-    return dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
+_METRICS = dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
 
 def metric_by_name(name):
     "A fresh torcheval metric from its short name ('accuracy', 'f1', 'mse', 'r2')."
-    known = _torcheval_metrics()
-    if name not in known: raise ValueError(f"unknown metric name {name!r}; known names are {sorted(known)}, or pass a torcheval metric instance")
-    return known[name]()
+    if name not in _METRICS:
+        raise ValueError(f"unknown metric name {name!r}; known names are {sorted(_METRICS)}, or pass a torcheval metric")
+    return _METRICS[name]()
+
 
 # %% ../nbs/04_learner.ipynb #ebce91ff
 def _n_items(b):
     "Batch size: the length of the first tensor in `b`, looking inside nested tuples like `((xt, t), eps)`."
     while isinstance(b, (tuple, list)) and b: b = b[0]
     return len(b)
+
 
 # %% ../nbs/04_learner.ipynb #767e390d
 class _Metrics(dict):
@@ -436,8 +409,8 @@ class MetricsCB(Callback):
             else: metrics[type(o).__name__] = o
         for k, m in metrics.items():
             if not all(hasattr(m, a) for a in ('update', 'compute', 'reset')):
-                raise TypeError(f"MetricsCB: metric {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
-                                "pass a torcheval metric instance such as MulticlassAccuracy()")
+                raise TypeError(f"MetricsCB: {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
+                                "pass a torcheval metric such as MulticlassAccuracy()")
         self.metrics, self.all_metrics = metrics, _Metrics(metrics, loss=Mean())
         self.loss, self.running = self.all_metrics['loss'], None  # running: all_metrics while an epoch runs
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
@@ -452,7 +425,7 @@ class MetricsCB(Callback):
         self.made('running')  # resuming mid-epoch: carry on from the saved partial sums
 
     def state_dict(self):
-        "History, and the metrics' partial state when saved in the middle of an epoch (for exact resume)."
+        "History, and the metrics' partial sums when saved in the middle of an epoch (for exact resume)."
         self._flush()
         return dict(history=copy.deepcopy(self.history), metrics=self.state_of('running'))
     def load_state_dict(self, sd):
@@ -460,17 +433,13 @@ class MetricsCB(Callback):
         self.load_or_keep('running', sd['metrics'])
 
     def after_batch(self, learn):
-        preds, n_inp, loss = learn.preds, getattr(learn, 'n_inp', 1), learn.loss.detach()
+        preds, loss = learn.preds, learn.loss.detach()
         if preds.device != self._dev:
             self._flush()
             self._dev = preds.device
             for m in self.all_metrics.values(): m.to(self._dev)
-        y = learn.batch[n_inp] if self.metrics else None
-        if loss.numel() != 1:  # an unreduced loss can't be stacked with others: update now
-            self._flush()
-            for m in self.metrics.values(): m.update(preds, y)
-            self.loss.update(loss.float().mean(), weight=_n_items(learn.batch))
-            return
+        if loss.ndim: loss = loss.float().mean()  # an unreduced loss: its mean per item
+        y = learn.batch[getattr(learn, 'n_inp', 1)] if self.metrics else None
         self._buf.append((preds.detach() if self.metrics else None, y, loss, _n_items(learn.batch)))
         if len(self._buf) >= self.buffer: self._flush()
 
@@ -486,17 +455,15 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        self.running = None
-        vals = {k: m.compute().item() for k, m in self.all_metrics.items()}
+        self.running, vals = None, {k: m.compute().item() for k, m in self.all_metrics.items()}
         self.history.append({**vals, 'epoch': learn.epoch, 'train': learn.training})
-        log = {k: f'{v:.3f}' for k, v in vals.items()}
-        log['epoch'] = learn.epoch
-        log['train'] = 'train' if learn.training else 'eval'
-        self.logger(log)
+        self.logger({**{k: f'{v:.3f}' for k, v in vals.items()}, 'epoch': learn.epoch,
+                     'train': 'train' if learn.training else 'eval'})
+
 
 # %% ../nbs/04_learner.ipynb #c4de7351
 class ProgressCB(Callback):
-    "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
+    "Progress bars and a metrics table; `plot=True` adds a live loss graph. Keeps `losses` and `val_losses`."
     order = MetricsCB.order + 1
     def __init__(self, plot=False, refresh=0.25): self.plot, self.refresh = plot, refresh
 
@@ -506,8 +473,8 @@ class ProgressCB(Callback):
         self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)  # this fit's, not a stale one
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
         if self.metrics is not None:  # last: until here nothing outside this callback has changed
-            self._had_logger = 'logger' in vars(self.metrics)  # its own, or the class's print
-            self._prev_logger, self.metrics.logger = self.metrics.logger, self.log_row
+            self._old_logger = vars(self.metrics).get('logger')  # None: the class's print
+            self.metrics.logger = self.log_row
 
     def log_row(self, d):
         vals = [str(v) for v in d.values()]
@@ -538,9 +505,9 @@ class ProgressCB(Callback):
         if self.plot and self.bars: self._update_graph(learn)
 
     def cleanup_fit(self, learn):
-        if self.metrics is not None:  # put MetricsCB's logger back exactly as it was
-            if self._had_logger: self.metrics.logger = self._prev_logger
-            else: vars(self.metrics).pop('logger', None)
+        if self.metrics is not None:  # give MetricsCB its logger back, exactly as it was
+            vars(self.metrics).pop('logger', None)
+            if self._old_logger is not None: self.metrics.logger = self._old_logger
         self._flush()
 
     def _flush(self):
@@ -553,28 +520,30 @@ class ProgressCB(Callback):
         return dict(losses=list(self.losses), val_losses=list(self.val_losses))
     def load_state_dict(self, sd): self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
 
+    def _val_x(self, n=None):
+        "Where the validation losses go on the batch axis: after `n` (default: the mean) training batches an epoch."
+        n = n or len(self.losses)/len(self.val_losses)
+        return [(i+1)*n for i in range(len(self.val_losses))]
+
     def _update_graph(self, learn):
         self._flush()
         if len(self.losses) < 2: return  # a single point makes an empty-looking graph
-        graphs = [[list(range(len(self.losses))), self.losses]]
-        if self.val_losses:
-            n = len(learn.dls.train) if hasattr(learn.dls.train, '__len__') else len(self.losses)//max(len(self.val_losses), 1)
-            graphs.append([[(i+1)*n for i in range(len(self.val_losses))], self.val_losses])
+        graphs, n = [[list(range(len(self.losses))), self.losses]], getattr(learn.dls.train, '__len__', None)
+        if self.val_losses: graphs.append([self._val_x(n and n()), self.val_losses])
         self.mbar.update_graph(graphs)
         ax = self.mbar.graph_ax  # fastprogress draws no labels: add them and show the figure again
         for line in ax.lines[1:]: line.set_marker('o')  # one validation point is a dot, not an invisible line
-        ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss while training (valid: end of each epoch)')
+        ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss (valid: at the end of each epoch)')
         self.mbar.graph_out.update(ax.figure)
 
     def plot_losses(self, ax=None):
-        "Plot the recorded training loss per batch, and validation loss per epoch if there is one."
+        "Plot the training loss per batch, and the validation loss per epoch if there is one."
         if ax is None: _, ax = plt.subplots()
         ax.plot(self.losses, label='train')
-        if self.val_losses:
-            n = len(self.losses)/len(self.val_losses)
-            ax.plot([(i+1)*n for i in range(len(self.val_losses))], self.val_losses, 'o-', label='valid')
+        if self.val_losses: ax.plot(self._val_x(), self.val_losses, 'o-', label='valid')
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
+
 
 # %% ../nbs/04_learner.ipynb #d8ba0b4d
 class SingleBatchCB(Callback):
@@ -603,7 +572,7 @@ class MomentumLearner(TrainLearner):
 
 # %% ../nbs/04_learner.ipynb #0399413f
 def get_rng_state(generator=None):
-    "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
+    "Every global random state (python, numpy, torch, cuda), and `generator`'s if given, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -618,9 +587,14 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
+def _train_generator(learn):
+    "The `torch.Generator` the training DataLoader shuffles with, if it has its own."
+    return getattr(getattr(learn.dls, 'train', None), 'generator', None)
+
+
 # %% ../nbs/04_learner.ipynb #1facd0f0
 class LRFinderCB(Callback):
-    "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
+    "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its minimum."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
     def before_fit(self, learn):
         self.sched = ExponentialLR(learn.opt, self.gamma)
@@ -630,7 +604,7 @@ class LRFinderCB(Callback):
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         loss = learn.loss.item()
         self.losses.append(loss)
-        if loss < self.min: self.min = loss
+        self.min = min(self.min, loss)
         if not math.isfinite(loss) or loss > self.min*self.max_mult: raise CancelFitException()
         self.sched.step()
 
@@ -640,8 +614,7 @@ class LRFinderCB(Callback):
         for i, (lr, l) in enumerate(zip(self.lrs, self.losses)):
             if not math.isfinite(l): break
             avg = beta*avg + (1-beta)*l
-            sm = avg/(1 - beta**(i+1))
-            if sm < best: best, best_lr = sm, lr
+            if (sm := avg/(1 - beta**(i+1))) < best: best, best_lr = sm, lr
         return None if best_lr is None else best_lr/10
 
     def plot(self, ax=None):
@@ -652,13 +625,13 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
+
 # %% ../nbs/04_learner.ipynb #0c6f4b70
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
-    gen = getattr(getattr(self.dls, 'train', None), 'generator', None)  # a loader's own shuffling generator, if any
-    state, opt, modes, rng = copy.deepcopy(self.model.state_dict()), self.opt, module_modes(self.model), get_rng_state(gen)
-    cb = LRFinderCB(gamma=gamma, max_mult=max_mult)
+    gen, opt, modes = _train_generator(self), self.opt, module_modes(self.model)
+    state, rng, cb = copy.deepcopy(self.model.state_dict()), get_rng_state(gen), LRFinderCB(gamma, max_mult)
     self.opt = None  # the finder trains with a throwaway optimizer; the real one is left as it was
     with _undo_after(partial(self.model.load_state_dict, state), partial(setattr, self, 'opt', opt),
                      partial(restore_modes, modes), partial(set_rng_state, rng, gen)):
@@ -666,3 +639,4 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     self.lr_finder = cb
     if plot: cb.plot()
     return cb.suggestion()
+
