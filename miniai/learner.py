@@ -40,7 +40,7 @@ _all_ = ['to_cpu']  # the course imports to_cpu from the learner module
 # %% ../nbs/04_learner.ipynb #ec2c9c0e
 class CancelFitException(Exception): "Raise in a callback to stop `fit` (`cleanup_fit` still runs)."
 class CancelEpochException(Exception): "Raise in a callback to end this epoch (`cleanup_epoch` still runs)."
-class CancelBatchException(Exception): "Raise in a callback to skip the rest of this batch (`cleanup_batch` still runs)."
+class CancelBatchException(Exception): "Raise in a callback to skip the rest of the batch (`cleanup_batch` still runs)."
 
 class Callback:
     "Base class for callbacks: define event methods taking `learn`; lower `order` runs first."
@@ -97,7 +97,7 @@ LEARN_ATTRS = {  # what callbacks share through `learn`: who sets it, and what i
 }
 
 
-# %% ../nbs/04_learner.ipynb #6b37e951
+# %% ../nbs/04_learner.ipynb #91fc0817
 def _name(f): return getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
 
 def _note(err, f, e):
@@ -125,8 +125,6 @@ def _undo_after(*fns):
         raise
     _call_all(fns)
 
-
-# %% ../nbs/04_learner.ipynb #91fc0817
 class with_cbs:
     "Decorator: `before_nm`, the method, `after_nm`; swallow `cancel_exc`; `cleanup_nm` for those set up."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
@@ -140,7 +138,7 @@ class with_cbs:
                 f(learn, *args, **kwargs)
                 learn.callback(after)
             except self.cancel_exc: pass
-            except BaseException as e:  # an error, or an outer cancel (not an error: a cleanup failing then is raised)
+            except BaseException as e:  # an error, or an outer cancel (then a failing cleanup is raised)
                 _cleanup(learn, cleanup, befores[n:], err=None if isinstance(e, _CANCELS) else e)
                 raise
             _cleanup(learn, cleanup, befores[n:])
@@ -149,7 +147,7 @@ class with_cbs:
 _CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
 
 def _cleanup(learn, nm, not_entered, err=None):
-    "Run event `nm` on all callbacks but those in `not_entered` (their `before_` never finished)."
+    "Run event `nm` on the callbacks, but not those in `not_entered` (never set up)."
     skip = {id(cb) for cb, _ in not_entered}
     _call_all([m for cb, m in learn.handlers(nm) if id(cb) not in skip], learn, err=err)
 
@@ -165,14 +163,14 @@ def _check_fit(learn, n_epochs, train, valid, lr):
     _check_lr(lr)
     if train and learn.opt is None and learn.opt_func is None:
         raise ValueError("this Learner has no optimizer (opt_func=None); give it one, or fit(..., train=False)")
-    for nm in STEPS if train else STEPS[:2]:  # a validation pass only predicts and computes the loss
+    for nm in STEPS if train else STEPS[:2]:  # validation only predicts and computes the loss
         if getattr(type(learn), nm) is getattr(Learner, nm) and not any(hasattr(cb, nm) for cb in learn.cbs):
             raise ValueError(f"nothing does the training step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
     for nm in [nm for nm, on in (('train', train), ('valid', valid)) if on]:
         if not hasattr(learn.dls, nm):
             raise TypeError(f"dls has no .{nm}; pass DataLoaders(train_dl, valid_dl), or {nm}=False to fit")
         try: empty = len(getattr(learn.dls, nm)) == 0
-        except TypeError: empty = False  # an iterable without a length can't be checked up front
+        except TypeError: empty = False  # an iterable without a length
         if empty: raise ValueError(f"the {nm} DataLoader is empty (no items, or fewer than batch_size with drop_last); "
                                    f"give it data, lower batch_size, or pass {nm}=False to fit")
 
@@ -190,29 +188,27 @@ def check_cb(cb):
                          "(start a helper's name with '_')")
 
 
-# %% ../nbs/04_learner.ipynb #65cc3efa
+# %% ../nbs/04_learner.ipynb #990b7929
 def _setup_opt(learn, lr, reset):
-    "Make the optimizer on the first fit (or with `reset`); later fits only change its lr when asked to."
+    "Make the optimizer on the first fit (or with `reset`); later fits only change its lr if asked to."
     if learn.opt_func is not None and (reset or learn.opt is None):
         lr, ps = learn.lr if lr is None else lr, learn.model.parameters()
         learn.opt, learn._applied_lr = learn.opt_func(ps) if lr is None else learn.opt_func(ps, lr), learn.lr
         return
     if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr  # the user changed learn.lr
-    if lr is not None and learn.opt is not None: _set_lr(learn.opt, lr)  # else it keeps its own lr(s), per group too
+    if lr is not None and learn.opt is not None: _set_lr(learn.opt, lr)  # else it keeps its own lr(s)
 
 def _set_lr(opt, lr):
     "Set `lr` in a torch optimizer's param groups, or in `opt.lr` (like the course's own SGD)."
     if hasattr(opt, 'param_groups'):
-        for g in opt.param_groups: g['lr'] = lr; g.pop('initial_lr', None)  # a scheduler made next starts from it
+        for g in opt.param_groups: g['lr'] = lr; g.pop('initial_lr', None)  # for a scheduler made after this
     elif hasattr(opt, 'lr'): opt.lr = lr
 
 def _drop_grads(model):
-    for p in model.parameters(): p.grad = None  # not opt.zero_grad(): a hand-written one may fail on missing grads
+    for p in model.parameters(): p.grad = None  # a hand-written opt.zero_grad() may fail on missing grads
 
-
-# %% ../nbs/04_learner.ipynb #990b7929
 class Learner:
-    "Train `model` on `dls` with `loss_func` and `opt_func` (None: inference only), extended by callbacks `cbs`."
+    "Train `model` on `dls` with `loss_func` and `opt_func` (None: inference only), extended by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
         _check_lr(lr)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
@@ -272,7 +268,7 @@ class Learner:
                 with torch.no_grad(): self.one_epoch(False)
 
     def fit(self, n_epochs=1, train=True, valid=True, cbs=None, lr=None, reset_opt=False):
-        "Train for `n_epochs`, each followed by a validation pass; `cbs` are added for this call only."
+        "Train for `n_epochs`, each with a validation pass; `cbs` are added for this call only."
         cbs, modes = list(fc.L(cbs)), module_modes(self.model)
         try:
             for cb in cbs: self.add_cb(cb)
@@ -288,19 +284,35 @@ class Learner:
                 if cb in self.cbs: self.rm_cb(cb)
 
 # %% ../nbs/04_learner.ipynb #06ba1a91
+def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
+
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+def _check_same_shape(f, preds, targs):
+    # torch broadcasts (bs,1) against (bs,) to (bs,bs) in these with only a warning: a silent, classic bug
+    if not (f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE_MODULES)) or len(targs) != 1: return
+    if hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
+        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}, which an elementwise "
+                         "loss would broadcast wrongly. Reshape one to match, e.g. preds.squeeze(-1)")
+
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
     def __init__(self, n_inp=1): self.n_inp = check_int(n_inp, 'n_inp', 1, where=type(self).__name__)
     def before_fit(self, learn): learn.n_inp = self.n_inp
     def predict(self, learn):
         b = learn.batch
-        if not isinstance(b, (tuple, list)) or len(b) <= self.n_inp: self._bad_batch(b)
+        if isinstance(b, dict): raise TypeError(f"TrainCB needs a tuple batch (inputs..., targets...), got a dict with "
+                                                f"keys {list(b)}; use DataLoaders.from_dd(..., as_tuple=True)")
+        if (n := len(b) if isinstance(b, (tuple, list)) else 1) <= self.n_inp:
+            raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), leaving no targets for the "
+                             "loss; check n_inp, or what the DataLoader yields")
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
         targs = learn.batch[self.n_inp:]
-        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)  # before torch warns
+        if learn.iter == 0: _check_same_shape(learn.loss_func, learn.preds, targs)
         try: learn.loss = learn.loss_func(learn.preds, *targs)
-        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit together
+        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit
             raise ValueError(f"loss_func failed on predictions of shape {_shape(learn.preds)} and targets of shape "
                              f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size "
                              f"and n_inp={self.n_inp}") from e
@@ -310,32 +322,12 @@ class TrainCB(Callback):
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
 
-    def _bad_batch(self, b):
-        if isinstance(b, dict): raise TypeError(f"TrainCB needs a tuple batch (inputs..., targets...), got a dict with keys "
-                                                f"{list(b)}; use DataLoaders.from_dd(..., as_tuple=True)")
-        n = len(b) if isinstance(b, (tuple, list)) else 1
-        raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), leaving no targets for the loss; "
-                         "check n_inp, or what the DataLoader yields")
-
-
-# %% ../nbs/04_learner.ipynb #623b566b
-def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
-
-_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
-def _elementwise(f): return f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE[4:])
-
-def _check_same_shape(preds, targs):
-    # torch broadcasts (bs,1) against (bs,) to (bs,bs) for these losses with only a warning: a silent, classic bug
-    if len(targs) == 1 and hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
-        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}, which an elementwise "
-                         "loss would broadcast wrongly. Reshape one to match, e.g. preds.squeeze(-1)")
-
 
 # %% ../nbs/04_learner.ipynb #1c7c564c
 def check_finite(learn):
     "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
     loss = learn.loss
-    if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common case, and the cheapest check
+    if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common, cheapest case
     if not torch.isfinite(loss).all():
         raise FloatingPointError(f"the loss is {loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch "
                                  f"{learn.iter}; lower the lr (try lr_find), check the inputs for NaN, or add "
@@ -343,7 +335,7 @@ def check_finite(learn):
 
 class TerminateOnNaNCB(Callback):
     "Stop `fit` quietly (keeping the last good weights) when the loss is NaN or infinite."
-    order = -1  # after_loss runs before TrainCB's backward, so the bad batch never reaches the weights
+    order = -1  # after_loss: before TrainCB's backward, so the bad batch never reaches the weights
     def after_loss(self, learn):
         if not torch.isfinite(learn.loss).all():
             print(f"TerminateOnNaNCB: loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}; stopping")
@@ -353,7 +345,7 @@ class TerminateOnNaNCB(Callback):
 
 # %% ../nbs/04_learner.ipynb #ab496d1f
 def _opt_state_to(opt, dev):
-    "Move a torch optimizer's per-parameter state to `dev` (a hand-written one, without `.state`, is left alone)."
+    "Move a torch optimizer's per-parameter state to `dev` (a hand-written one has no `.state`)."
     state = getattr(opt, 'state', None)
     if not isinstance(state, Mapping): return
     for s in state.values():
@@ -362,7 +354,7 @@ def _opt_state_to(opt, dev):
             if isinstance(v, torch.Tensor) and v.ndim > 0: s[k] = v.to(dev)  # 0-dim step counters stay on the CPU
 
 class DeviceCB(Callback):
-    "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
+    "Move the model, optimizer state and each batch to `device` (default: `default_device()` at fit)."
     order = -10
     def __init__(self, device=None, non_blocking=False): self.device, self.non_blocking = device, non_blocking
 
@@ -372,7 +364,7 @@ class DeviceCB(Callback):
             raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; "
                              "use DeviceCB() for the best device there is, or device='cpu'")
         learn.model.to(self.dev)
-        _opt_state_to(learn.opt, self.dev)  # momentum or Adam state from an earlier fit must follow the weights
+        _opt_state_to(learn.opt, self.dev)  # momentum from an earlier fit follows the weights
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
@@ -383,18 +375,16 @@ _METRICS = dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquar
 def metric_by_name(name):
     "A fresh torcheval metric from its short name ('accuracy', 'f1', 'mse', 'r2')."
     if name not in _METRICS:
-        raise ValueError(f"unknown metric name {name!r}; known names are {sorted(_METRICS)}, or pass a torcheval metric")
+        raise ValueError(f"unknown metric name {name!r}; known names are {sorted(_METRICS)}, or pass a metric")
     return _METRICS[name]()
 
 
-# %% ../nbs/04_learner.ipynb #ebce91ff
+# %% ../nbs/04_learner.ipynb #767e390d
 def _n_items(b):
-    "Batch size: the length of the first tensor in `b`, looking inside nested tuples like `((xt, t), eps)`."
+    "Batch size: the length of the first tensor in `b`, even in nested tuples like `((xt, t), eps)`."
     while isinstance(b, (tuple, list)) and b: b = b[0]
     return len(b)
 
-
-# %% ../nbs/04_learner.ipynb #767e390d
 class _Metrics(dict):
     "Metrics by name, whose states are saved and loaded together."
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
@@ -415,17 +405,17 @@ class MetricsCB(Callback):
         self.loss, self.running = self.all_metrics['loss'], None  # running: all_metrics while an epoch runs
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
-    logger = staticmethod(print)  # where each epoch's row goes; set it (per instance) to send rows elsewhere
+    logger = staticmethod(print)  # where each epoch's row goes (set it per instance)
     def before_fit(self, learn):
         learn.metrics, self.running = self, None
-        self.load_or_keep('running', None)  # a fit starts its epochs afresh; only ResumeCB (after this) brings one back
+        self.load_or_keep('running', None)  # a fit starts afresh; only ResumeCB, after this, resumes an epoch
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
         self.running, self._buf = self.all_metrics, []
         self.made('running')  # resuming mid-epoch: carry on from the saved partial sums
 
     def state_dict(self):
-        "History, and the metrics' partial sums when saved in the middle of an epoch (for exact resume)."
+        "History, and the partial sums when saved mid-epoch (for exact resume)."
         self._flush()
         return dict(history=copy.deepcopy(self.history), metrics=self.state_of('running'))
     def load_state_dict(self, sd):
@@ -444,14 +434,15 @@ class MetricsCB(Callback):
         if len(self._buf) >= self.buffer: self._flush()
 
     def _flush(self):
-        # torcheval's update has a fixed cost per call, so a few dozen batches go in at once; sums don't care
+        # torcheval's update has a fixed cost per call: a few dozen batches go in at once (sums don't care)
         if not self._buf: return
         preds, ys, losses, ns = zip(*self._buf)
         self._buf = []
         if self.metrics:
             p, y = torch.cat(preds), torch.cat(ys)
             for m in self.metrics.values(): m.update(p, y)
-        self.loss.update(torch.stack(losses).float(), weight=torch.tensor(ns, dtype=torch.float32, device=losses[0].device))
+        w = torch.tensor(ns, dtype=torch.float32, device=losses[0].device)
+        self.loss.update(torch.stack(losses).float(), weight=w)
 
     def after_epoch(self, learn):
         self._flush()
@@ -465,14 +456,15 @@ class MetricsCB(Callback):
 class ProgressCB(Callback):
     "Progress bars and a metrics table; `plot=True` adds a live loss graph. Keeps `losses` and `val_losses`."
     order = MetricsCB.order + 1
-    def __init__(self, plot=False, refresh=0.25): self.plot, self.refresh = plot, refresh
+    def __init__(self, plot=False, refresh=0.25):
+        self.plot, self.refresh, self.losses, self.val_losses, self._buf = plot, refresh, [], [], []
 
     def before_fit(self, learn):
-        self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # bars only where they redraw in place
+        self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # only where bars redraw in place
         self.first, self.losses, self.val_losses, self._buf, self._last = True, [], [], [], 0.
-        self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)  # this fit's, not a stale one
+        self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
-        if self.metrics is not None:  # last: until here nothing outside this callback has changed
+        if self.metrics is not None:  # last: nothing outside this callback has changed until here
             self._old_logger = vars(self.metrics).get('logger')  # None: the class's print
             self.metrics.logger = self.log_row
 
@@ -515,29 +507,30 @@ class ProgressCB(Callback):
         self._buf = []
 
     def state_dict(self):
-        "The losses so far, for checkpoints: a resumed run's curve shows the whole run."
+        "The losses so far: a resumed run's curve shows the whole run."
         self._flush()
         return dict(losses=list(self.losses), val_losses=list(self.val_losses))
-    def load_state_dict(self, sd): self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
+    def load_state_dict(self, sd):
+        self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
 
     def _val_x(self, n=None):
-        "Where the validation losses go on the batch axis: after `n` (default: the mean) training batches an epoch."
+        "The validation losses' places on the batch axis, for epochs of `n` batches (default: the mean)."
         n = n or len(self.losses)/len(self.val_losses)
         return [(i+1)*n for i in range(len(self.val_losses))]
 
     def _update_graph(self, learn):
         self._flush()
-        if len(self.losses) < 2: return  # a single point makes an empty-looking graph
+        if len(self.losses) < 2: return  # one point looks like an empty graph
         graphs, n = [[list(range(len(self.losses))), self.losses]], getattr(learn.dls.train, '__len__', None)
         if self.val_losses: graphs.append([self._val_x(n and n()), self.val_losses])
         self.mbar.update_graph(graphs)
-        ax = self.mbar.graph_ax  # fastprogress draws no labels: add them and show the figure again
-        for line in ax.lines[1:]: line.set_marker('o')  # one validation point is a dot, not an invisible line
+        ax = self.mbar.graph_ax  # fastprogress draws no labels: add them, show the figure again
+        for line in ax.lines[1:]: line.set_marker('o')  # so a single validation point shows
         ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss (valid: at the end of each epoch)')
         self.mbar.graph_out.update(ax.figure)
 
     def plot_losses(self, ax=None):
-        "Plot the training loss per batch, and the validation loss per epoch if there is one."
+        "Plot the training loss per batch, and the validation loss per epoch."
         if ax is None: _, ax = plt.subplots()
         ax.plot(self.losses, label='train')
         if self.val_losses: ax.plot(self._val_x(), self.val_losses, 'o-', label='valid')
@@ -553,7 +546,7 @@ class SingleBatchCB(Callback):
 
 # %% ../nbs/04_learner.ipynb #b4ccbb95
 class TrainLearner(Learner):
-    "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
+    "A Learner whose step methods do the plain training step (`TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
     def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
     def backward(self): self.loss.backward()
@@ -572,7 +565,7 @@ class MomentumLearner(TrainLearner):
 
 # %% ../nbs/04_learner.ipynb #0399413f
 def get_rng_state(generator=None):
-    "Every global random state (python, numpy, torch, cuda), and `generator`'s if given, as plain data."
+    "Every global random state (python, numpy, torch, cuda), and `generator`'s, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -592,9 +585,9 @@ def _train_generator(learn):
     return getattr(getattr(learn.dls, 'train', None), 'generator', None)
 
 
-# %% ../nbs/04_learner.ipynb #1facd0f0
+# %% ../nbs/04_learner.ipynb #0c6f4b70
 class LRFinderCB(Callback):
-    "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its minimum."
+    "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its min."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
     def before_fit(self, learn):
         self.sched = ExponentialLR(learn.opt, self.gamma)
@@ -622,17 +615,15 @@ class LRFinderCB(Callback):
         if ax is None: _, ax = plt.subplots()
         ax.plot(self.lrs, self.losses)
         ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss')
-        if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
+        if (s := self.suggestion()) is not None: ax.axvline(s, c='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-
-# %% ../nbs/04_learner.ipynb #0c6f4b70
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
     gen, opt, modes = _train_generator(self), self.opt, module_modes(self.model)
     state, rng, cb = copy.deepcopy(self.model.state_dict()), get_rng_state(gen), LRFinderCB(gamma, max_mult)
-    self.opt = None  # the finder trains with a throwaway optimizer; the real one is left as it was
+    self.opt = None  # the finder trains with a throwaway optimizer
     with _undo_after(partial(self.model.load_state_dict, state), partial(setattr, self, 'opt', opt),
                      partial(restore_modes, modes), partial(set_rng_state, rng, gen)):
         self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
