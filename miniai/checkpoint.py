@@ -124,7 +124,7 @@ def ckpt_files(folder):
 class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` with `CheckpointCB(on_interrupt=True)`; says what was saved."
 
 class CheckpointCB(Callback):
-    "Save into `path` every `every_n_batches` training batches and/or epoch, keeping the newest `keep`; see above."
+    "Save into `path` every `every_n_batches` training batches and/or epoch (keeping `keep`), and on Ctrl-C if asked."
     order = 100  # after every other callback has finished with the batch
     def __init__(self, path='checkpoints', every_n_batches=None, every_epoch=True, keep=3, on_interrupt=False):
         if every_n_batches is not None:

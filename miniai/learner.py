@@ -53,7 +53,7 @@ class Callback:
     def made(self, name):
         "Call once `self.<name>` exists: it gets the state kept for it, if any."
         sd = vars(self).get('_kept', {}).pop(name, None)
-        if sd is not None: getattr(self, name).load_state_dict(sd)
+        if sd: getattr(self, name).load_state_dict(sd)  # None or {} (a disabled GradScaler's): nothing to load
     def state_of(self, name):
         "`self.<name>`'s state, or the state kept for it: what `state_dict` saves."
         obj = getattr(self, name, None)
@@ -72,24 +72,24 @@ def run_cbs(cbs, method_nm, learn=None):
 
 # %% ../nbs/04_learner.ipynb #aea1611a
 LEARN_ATTRS = {  # what callbacks share through `learn`: who sets it, and what it is
-    'model': "Learner(): the nn.Module (AccelerateCB swaps in its prepared one)",
-    'dls': "Learner(): DataLoaders with .train and .valid (AccelerateCB swaps them)",
+    'model': "Learner(): the nn.Module (AccelerateCB prepares it)",
+    'dls': "Learner(): DataLoaders with .train and .valid",
     'loss_func': "Learner(): loss_func(preds, *targets)",
     'lr': "Learner(): the optimizer's lr; fit(lr=...) changes it",
     'opt_func': "Learner(): opt_func(params, lr) makes the optimizer; None: inference only",
     'cbs': "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
-    'opt': "the first fit: the optimizer (GradAccumCB and AccelerateCB wrap it)",
+    'opt': "the first fit: the optimizer (GradAccumCB, AccelerateCB wrap it)",
     'n_epochs': "fit: the epochs asked for",
     'epochs': "fit: range(n_epochs) (ProgressCB wraps it, ResumeCB skips done ones)",
     'do_valid': "fit: whether epochs end with a validation pass",
     'epoch': "the loop: the current epoch",
-    'training': "the loop (model.training, read-only): a training pass?",
+    'training': "the loop (model.training): a training pass?",
     'dl': "the loop: dls.train or dls.valid (ProgressCB wraps it)",
     'iter': "the loop: the batch's index in this pass",
     'batch': "the loop: the batch (DeviceCB, BatchTransformCB, DDPMCB replace it)",
     'preds': "predict (TrainCB): the model's output",
-    'loss': "get_loss (TrainCB): the loss (GradAccumCB scales it for backward)",
-    'n_inp': "TrainCB.before_fit: how many batch items the model takes",
+    'loss': "get_loss (TrainCB): the loss",
+    'n_inp': "TrainCB.before_fit: how many batch items go to the model",
     'metrics': "MetricsCB.before_fit: the MetricsCB, with its history",
     'scaler': "MixedPrecision.before_fit: its GradScaler or None; removed after fit",
     'will_step': "GradAccumCB.before_batch: False while gradients accumulate; removed after fit",
