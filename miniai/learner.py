@@ -469,15 +469,10 @@ class ProgressCB(Callback):
             self.metrics.logger = self.log_row
 
     def log_row(self, d):
-        vals = [str(v) for v in d.values()]
-        if self.bars:
-            if self.first: self.mbar.write(list(d), table=True)
-            self.mbar.write(vals, table=True)
-        else:
-            if self.first:
-                self._widths = [max(8, len(k)) for k in d]
-                print('  '.join(k.ljust(w) for k, w in zip(d, self._widths)).rstrip(), flush=True)
-            print('  '.join(v.ljust(w) for v, w in zip(vals, self._widths)).rstrip(), flush=True)
+        if self.first and not self.bars: self._widths = [max(8, len(k)) for k in d]
+        for row in ([list(d)] if self.first else []) + [[str(v) for v in d.values()]]:
+            if self.bars: self.mbar.write(row, table=True)
+            else: print('  '.join(v.ljust(w) for v, w in zip(row, self._widths)).rstrip(), flush=True)
         self.first = False
 
     def before_epoch(self, learn):
@@ -485,8 +480,7 @@ class ProgressCB(Callback):
 
     def after_batch(self, learn):
         if learn.training: self._buf.append(learn.loss.detach())
-        now = time.perf_counter()
-        if now - self._last < self.refresh: return
+        if (now := time.perf_counter()) - self._last < self.refresh: return
         self._last = now
         if self.bars: learn.dl.comment = f'{learn.loss.item():.3f}'
         if self.plot and self.bars and learn.training: self._update_graph(learn)
@@ -515,8 +509,7 @@ class ProgressCB(Callback):
 
     def _val_x(self, n=None):
         "The validation losses' places on the batch axis, for epochs of `n` batches (default: the mean)."
-        n = n or len(self.losses)/len(self.val_losses)
-        return [(i+1)*n for i in range(len(self.val_losses))]
+        return [(i+1)*(n or len(self.losses)/len(self.val_losses)) for i in range(len(self.val_losses))]
 
     def _update_graph(self, learn):
         self._flush()
