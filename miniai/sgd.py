@@ -45,7 +45,7 @@ class BaseSchedCB(_KeepsHypers):
         if not callable(sched) or isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(f"{type(self).__name__} needs a function of the optimizer, got {sched!r}; "
                             "e.g. partial(OneCycleLR, max_lr=1e-2, total_steps=n)")
-        self.sched = sched
+        self.sched, self.schedo = sched, None
 
     def before_fit(self, learn):
         super().before_fit(learn)
@@ -53,13 +53,14 @@ class BaseSchedCB(_KeepsHypers):
         if not callable(getattr(self.schedo, 'step', None)):
             raise TypeError(f"{type(self).__name__}: sched(opt) gave a {type(self.schedo).__name__} with no step(); "
                             "make it return a torch LR scheduler")
+        self.made('schedo')  # a checkpoint loaded before this fit
 
     def _step(self, learn):
         if learn.training: self.schedo.step()
 
     # checkpoints keep the scheduler's position, so a resumed fit carries on with the schedule
-    def state_dict(self): return self.schedo.state_dict()
-    def load_state_dict(self, sd): self.schedo.load_state_dict(sd)
+    def state_dict(self): return self.state_of('schedo')
+    def load_state_dict(self, sd): self.load_or_keep('schedo', sd)
 
 # %% ../nbs/08_sgd.ipynb #680dfc19
 class BatchSchedCB(BaseSchedCB):

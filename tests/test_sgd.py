@@ -106,3 +106,17 @@ def test_has_learn_cb_lets_go_of_the_learner_after_fit():
     learn = make_learner(cbs=[cb])
     learn.fit(1, valid=False)
     assert cb.during is learn and cb.learn is None
+
+
+def test_checkpoint_loaded_before_any_fit_sets_the_schedule(tmp_path):
+    "A BatchSchedCB's position saved mid-run is applied by `learn.load` before the next fit makes its scheduler."
+    import miniai.checkpoint  # noqa: F401 (adds Learner.save/load)
+    sched = partial(StepLR, step_size=1, gamma=0.5)
+    a = make_learner([BatchSchedCB(sched)])
+    a.fit(1)
+    a.save(tmp_path/'ck.pt')
+    b = make_learner([cb := BatchSchedCB(sched)])
+    b.load(tmp_path/'ck.pt')  # no fit yet: the scheduler doesn't exist, so its state waits
+    assert cb.state_dict()['last_epoch'] == N_BATCHES
+    b.fit(1, lr=0.01)
+    assert cb.schedo.last_epoch == 2*N_BATCHES
