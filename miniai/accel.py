@@ -36,8 +36,6 @@ def cpu_has_bf16():
     except OSError: return False
 
 # %% ../nbs/14_accel.ipynb #e5eacbd1
-_AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
-
 def _check_sole_trainer(cb, learn):
     "`cb` does the training step, so no other TrainCB and no Learner subclass may do it too."
     nm, cls = type(cb).__name__, type(learn)
@@ -49,17 +47,17 @@ def _check_sole_trainer(cb, learn):
 # %% ../nbs/14_accel.ipynb #76ba78d3
 class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
-    order = DeviceCB.order + 10  # the course's: after DeviceCB has moved the model, whose device sets the precision
+    order = DeviceCB.order + 10  # after DeviceCB has moved the model, whose device sets the precision
 
     def __init__(self, n_inp=1, dtype='auto', **scaler_kwargs):
         super().__init__(n_inp)
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
-        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now, not at the first fp16 fit
+        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now, not in an fp16 fit
         except TypeError as e: raise TypeError(f"MixedPrecision: GradScaler refused {sorted(scaler_kwargs)}: {e}") from None
         self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype = scaler_kwargs, None, None, None
         self.use_scaler, self.skipped_steps, self._warned = False, 0, False
 
-    def _warn_once(self, msg):  # per callback, not per fit
+    def _warn_once(self, msg):
         if not self._warned: warnings.warn(f"MixedPrecision: {msg}", stacklevel=3)
         self._warned = True
 
@@ -68,12 +66,12 @@ class MixedPrecision(TrainCB):
         if dev == 'cuda' and want == 'bf16' and not torch.cuda.is_bf16_supported():
             raise ValueError("MixedPrecision(dtype='bf16'): this GPU has no bf16; use dtype='fp16' or 'auto'")
         if dev == 'cpu' and want == 'fp16':
-            raise ValueError("MixedPrecision(dtype='fp16') on the CPU: fp16 mixed precision is a GPU feature; use 'auto'")
+            raise ValueError("MixedPrecision(dtype='fp16') on the CPU: fp16 mixed precision is a GPU feature; use dtype='auto'")
         if dev == 'cuda' and want == 'auto': return torch.float16
         if dev == 'cpu' and cpu_has_bf16(): return torch.bfloat16
         if want != 'auto':
             if dev == 'cpu': self._warn_once("dtype='bf16' on this CPU: PyTorch emulates it, many times slower than fp32")
-            return _AMP_DTYPES[want]
+            return torch.float16 if want == 'fp16' else torch.bfloat16
         self._warn_once(f"training in fp32 on {dev}: " + ('this CPU has no native bf16' if dev == 'cpu' else 'pass dtype='))
 
     def make_scaler(self):
@@ -87,7 +85,7 @@ class MixedPrecision(TrainCB):
         self.amp_dtype = self._pick_dtype(self.device_type)
         fresh = self.make_scaler()
         self.use_scaler = fresh is not None
-        if self.use_scaler and self.scaler is None: self.scaler = fresh  # kept across fits, like the optimizer
+        if self.use_scaler and self.scaler is None: self.scaler = fresh  # kept across fits
         if self.scaler is not None: self.made('scaler')
         learn.scaler = self.scaler if self.use_scaler else None
 
@@ -107,14 +105,14 @@ class MixedPrecision(TrainCB):
         if not getattr(learn, 'will_step', True): return  # GradAccumCB: still accumulating
         if not self.use_scaler: return learn.opt.step()
         scale = self.scaler.get_scale()
-        try: self.scaler.step(learn.opt)  # unscales (unless GradClipCB did), then steps or skips
-        except BaseException:  # maybe stopped mid-step: go on with a fresh scaler at the same scale
+        try: self.scaler.step(learn.opt)  # unscales (unless GradClipCB did), steps or skips
+        except BaseException:  # maybe stopped mid-step: a fresh scaler at the same scale
             sd, self.scaler = self.scaler.state_dict(), self.make_scaler()
             self.scaler.load_state_dict(sd)
             learn.scaler = self.scaler
             raise
         self.scaler.update()
-        if self.scaler.get_scale() < scale: self.skipped_steps += 1  # the scale drops only after a skip
+        if self.scaler.get_scale() < scale: self.skipped_steps += 1  # it drops only after a skip
 
     def cleanup_fit(self, learn): vars(learn).pop('scaler', None)
 
@@ -126,7 +124,7 @@ class MixedPrecision(TrainCB):
 
 # %% ../nbs/14_accel.ipynb #d5f5f748
 class _NoStep:
-    "The optimizer while gradients accumulate: `step` and `zero_grad` do nothing."
+    "The optimizer, whose `step` and `zero_grad` do nothing while gradients accumulate."
     def __init__(self, opt): self.opt = opt
     def step(self, *args, **kwargs): pass
     def zero_grad(self, *args, **kwargs): pass
@@ -141,12 +139,12 @@ class GradAccumCB(Callback):
 
     def before_epoch(self, learn):
         if not learn.training: return
-        try: self.n_batches, self.count = len(learn.dl), 0  # before ProgressCB wraps the loader
-        except TypeError: self.n_batches = None  # no length: groups run on across epochs
+        try: self.n_batches, self.count = len(learn.dl), 0  # before ProgressCB wraps it
+        except TypeError: self.n_batches = None  # groups run on across epochs
 
     def before_batch(self, learn):
         if not learn.training: return
-        if self.count == 0:  # a new group: the epoch's last may be shorter
+        if self.count == 0:  # a new group; the epoch's last may be shorter
             self.group = self.n if self.n_batches is None else min(self.n, self.n_batches - learn.iter)
         self.count += 1
         learn.will_step = self.count == self.group
@@ -192,8 +190,8 @@ class EMACB(Callback):
         "The decay of the update after `n` earlier ones: `min(decay, (1+n)/(10+n))` with warm-up."
         return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
 
-    def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first update (a copy)
-        d = self.decay_at(int(self.ema_model.n_averaged))  # the CPU counter: no wait for the GPU
+    def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first copy
+        d = self.decay_at(int(self.ema_model.n_averaged))  # a CPU counter: no wait for the GPU
         if ema_params[0].is_floating_point(): torch._foreach_lerp_(ema_params, params, 1 - d)
         else: torch._foreach_copy_(ema_params, params)  # integer buffers can't be averaged
 
@@ -209,60 +207,70 @@ class EMACB(Callback):
     def load_state_dict(self, sd): self.load_or_keep('ema_model', sd['ema'])
 
 # %% ../nbs/14_accel.ipynb #5b24fa56
-def _same_device(a, b):
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (None in (a.index, b.index) or a.index == b.index)
-
 def _precision(asked, dev):
-    "What `mixed_precision=asked` means on device type `dev`: checked before accelerate fixes it process-wide."
+    "What `mixed_precision=asked` means on device type `dev`, checked."
     launched = asked == 'auto' and os.environ.get('ACCELERATE_MIXED_PRECISION', '').lower()  # accelerate launch's
     mp = launched or asked
     if mp == 'auto': mp = 'fp16' if dev == 'cuda' else 'bf16' if dev == 'cpu' and cpu_has_bf16() else 'no'
     if dev != 'cpu': return mp
     who, fix = ((f"accelerate launch --mixed_precision {mp}", "launch with --mixed_precision no") if launched else
                 (f"AccelerateCB(mixed_precision={mp!r})", "use mixed_precision='auto'"))
-    if mp == 'fp16': raise ValueError(f"{who} on the CPU: accelerate's fp16 needs a GPU (a CPU silently trains in fp32); {fix}")
+    if mp == 'fp16': raise ValueError(f"{who} on the CPU: accelerate's fp16 needs a CUDA GPU (a CPU silently trains in fp32); {fix}")
     if mp == 'bf16' and not cpu_has_bf16(): warnings.warn(f"{who}: this CPU emulates bf16, many times slower; {fix}", stacklevel=3)
     return mp
 
 # %% ../nbs/14_accel.ipynb #e55214e4
 class _Share(TensorDL):
-    "TensorDL `dl`'s batches, each cut into one part per process of `acc`: this process gets its own."
+    "TensorDL `dl`'s batches, each cut into one part per process: this process gets its own."
     def __init__(self, dl, acc):
         vars(self).update(vars(dl))  # the same images, bs, generator
-        self.acc, n, last = acc, acc.num_processes, 0 if dl.drop_last else len(dl.x) % dl.bs
-        if min(dl.bs, last or dl.bs) < n:
-            raise ValueError(f"AccelerateCB: {len(dl.x)} images in batches of {dl.bs} leave a batch of "
-                             f"{min(dl.bs, last or dl.bs)}, too small for {n} processes; pick another bs")
+        self.acc, small = acc, min(dl.bs, (0 if dl.drop_last else len(dl.x) % dl.bs) or dl.bs)
+        if small < acc.num_processes:
+            raise ValueError(f"AccelerateCB: bs={dl.bs} leaves a batch of {small}, too small to share between "
+                             f"{acc.num_processes} processes; pick another bs")
     def order(self): return broadcast(super().order().to(self.acc.device)).cpu()  # the main process's order
     def get_batch(self, idx): return super().get_batch(idx.tensor_split(self.acc.num_processes)[self.acc.process_index])
 
 # %% ../nbs/14_accel.ipynb #04f4791d
 class AccelerateCB(TrainCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, and several processes."
-    order = DeviceCB.order + 1  # before MetricsCB, which must see the batch gathered from every process
+    order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
 
     def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, **kwargs):
         super().__init__(n_inp)
         check_choice(mixed_precision, 'mixed_precision', ('auto', 'no', 'fp16', 'bf16'), 'AccelerateCB')
         n = check_int(gradient_accumulation_steps, 'gradient_accumulation_steps', 1, 'AccelerateCB')
         if max_norm is not None: check_float(max_norm, 'max_norm', '(0, inf)', 'AccelerateCB')
-        cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')  # the latter: `accelerate launch --cpu`
+        cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
         self.mixed_precision = mp = _precision(mixed_precision, 'cpu' if cpu else PartialState().device.type)
-        # accelerate keeps one state per process and refuses other settings: in one process (a notebook), start anew
+        # accelerate refuses settings other than its process-wide ones: in one process (a notebook), start anew
         if not torch.distributed.is_initialized(): AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=n, **kwargs)
         self.n_accum, self.max_norm, self.skipped_steps, self.grad_norm, self.ns = n, max_norm, 0, None, None
-        self._learn = self._opt = self._dls = self._fit_dls = self._user_dls = self._accum = self._quiet = None
+        self._learn = self._opt = self._dls = self._fit_dls = self._accum = None
+        self._fit = contextlib.ExitStack()
 
-    def _check_cbs(self, learn):
+    def before_fit(self, learn):
+        super().before_fit(learn)
+        if self.acc.state.mixed_precision != self.mixed_precision:
+            raise ValueError(f"a later AccelerateCB set accelerate's precision to {self.acc.state.mixed_precision!r}; "
+                             "make this one again")
         _check_sole_trainer(self, learn)
         clash = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (GradAccumCB, GradClipCB))]
         if clash: raise ValueError(f"AccelerateCB accumulates and clips: remove {clash}, pass it max_norm= etc.")
-        dev = self.acc.device
-        for cb in learn.cbs:
-            if isinstance(cb, DeviceCB) and (self.acc.num_processes > 1 or not _same_device(cb.dev, dev)):
-                raise ValueError(f"DeviceCB puts the model on {cb.dev}, AccelerateCB on {dev}; remove DeviceCB")
+        a = self.acc.device
+        for b in [torch.device(cb.dev) for cb in learn.cbs if isinstance(cb, DeviceCB)]:
+            if self.acc.num_processes > 1 or a.type != b.type or None not in (a.index, b.index) and a.index != b.index:
+                raise ValueError(f"DeviceCB puts the model on {b}, AccelerateCB on {a}; remove DeviceCB")
+        self.acc.gradient_accumulation_steps = self.n_accum  # a process-wide setting: ours
+        if self._learn is not learn: self._prepare(learn)
+        elif learn.opt is not self._opt: learn.opt = self._opt = self.acc.prepare(learn.opt)  # e.g. after reset_opt
+        if learn.dls is not self._dls: self._dls, self._fit_dls = learn.dls, self._loaders(learn.dls)
+        self._fit = contextlib.ExitStack()
+        self._fit.callback(setattr, learn, 'dls', learn.dls)  # the user's, after the fit
+        learn.dls = self._fit_dls
+        if not self.acc.is_main_process:  # only the main process prints; stderr shows from all
+            self._fit.enter_context(contextlib.redirect_stdout(self._fit.enter_context(open(os.devnull, 'w'))))
 
     def _prepare(self, learn):  # once per Learner
         acc = self.acc
@@ -283,30 +291,17 @@ class AccelerateCB(TrainCB):
             out.append(dl)
         return DataLoaders(*out)
 
-    def before_fit(self, learn):
-        super().before_fit(learn)
-        if self.acc.state.mixed_precision != self.mixed_precision:
-            raise ValueError(f"a later AccelerateCB changed accelerate's precision; make this one again")
-        self._check_cbs(learn)
-        self.acc.gradient_accumulation_steps = self.n_accum  # a process-wide setting: ours
-        if self._learn is not learn: self._prepare(learn)
-        elif learn.opt is not self._opt: learn.opt = self._opt = self.acc.prepare(learn.opt)  # e.g. after reset_opt
-        if learn.dls is not self._dls: self._dls, self._fit_dls = learn.dls, self._loaders(learn.dls)
-        self._user_dls, learn.dls = learn.dls, self._fit_dls  # until cleanup_fit
-        if not self.acc.is_main_process:  # only the main process prints; stderr shows from all
-            self._quiet = contextlib.ExitStack()
-            self._quiet.enter_context(contextlib.redirect_stdout(self._quiet.enter_context(open(os.devnull, 'w'))))
-
-    def before_epoch(self, learn):  # the last batch, where a group steps: accelerate's loaders mark theirs
-        self.last = None if isinstance(learn.dl, DataLoader) or not hasattr(learn.dl, '__len__') else len(learn.dl) - 1
+    def before_epoch(self, learn):  # the epoch's last batch ends a group
+        try: self.last = len(learn.dl) - 1
+        except TypeError: self.last = None
 
     def before_batch(self, learn):
         self._end_accumulate()
         learn.batch = to_device(learn.batch, self.acc.device)  # a no-op for prepared loaders
-        if self.acc.num_processes > 1:  # each process's share: to weight the loss, to gather
+        if self.acc.num_processes > 1:  # every process's share
             self.ns = self.acc.gather(torch.tensor([float(len(learn.batch[0]))], device=self.acc.device))
         if not learn.training: return
-        if learn.iter == self.last: self.acc.step = -1  # accumulate() counts it to 0: a synced step
+        if learn.iter == self.last: self.acc.step = -1  # accumulate() counts it to 0: a step
         self._accum = contextlib.ExitStack()
         self._accum.enter_context(self.acc.accumulate(learn.model))
 
@@ -317,12 +312,12 @@ class AccelerateCB(TrainCB):
         self.acc.backward(loss)  # divided by the accumulation steps, scaled under fp16
 
     def step(self, learn):
-        sync = self.acc.sync_gradients  # False while accumulating: opt.step does nothing
+        sync = self.acc.sync_gradients  # False while accumulating
         if sync and self.max_norm is not None: self.grad_norm = self.acc.clip_grad_norm_(learn.model.parameters(), self.max_norm)
         learn.opt.step()
         if sync and learn.opt.step_was_skipped: self.skipped_steps += 1
 
-    def after_batch(self, learn):  # the whole batch's preds, targets and loss, for metrics
+    def after_batch(self, learn):  # the whole batch's, for metrics
         if self.ns is None: return
         loss_sum = learn.loss.detach().float().reshape(1)*self.ns[self.acc.process_index]
         learn.loss = self.acc.gather(loss_sum).sum()/self.ns.sum()
@@ -343,13 +338,12 @@ class AccelerateCB(TrainCB):
 
     def cleanup_fit(self, learn):
         self._end_accumulate()
-        if self._user_dls is not None: learn.dls, self._user_dls = self._user_dls, None
-        if self._quiet is not None: self._quiet.close(); self._quiet = None  # stdout is back
+        self._fit.close()
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:
     "Wrap DataLoader `dl` so each batch comes `mult` times in a row: `mult`× the steps for the same loading work."
-    def __init__(self, dl, mult=2): self.dl, self.mult = dl, check_int(mult, 'mult (times each batch is repeated)', 1, 'MultDL')
+    def __init__(self, dl, mult=2): self.dl, self.mult = dl, check_int(mult, 'mult', 1, 'MultDL')
     def __len__(self): return len(self.dl)*self.mult
     def __iter__(self): return (b for b in self.dl for _ in range(self.mult))
     def __getattr__(self, nm):  # dataset, batch_size, ... come from the wrapped loader
