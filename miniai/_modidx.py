@@ -38,7 +38,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                               'miniai.accel.MixedPrecision': ('accel.html#mixedprecision', 'miniai/accel.py'),
                               'miniai.accel.MixedPrecision.__init__': ('accel.html#mixedprecision.__init__', 'miniai/accel.py'),
                               'miniai.accel.MixedPrecision._autocast': ('accel.html#mixedprecision._autocast', 'miniai/accel.py'),
-                              'miniai.accel.MixedPrecision._pick_dtype': ('accel.html#mixedprecision._pick_dtype', 'miniai/accel.py'),
                               'miniai.accel.MixedPrecision._warn_once': ('accel.html#mixedprecision._warn_once', 'miniai/accel.py'),
                               'miniai.accel.MixedPrecision.backward': ('accel.html#mixedprecision.backward', 'miniai/accel.py'),
                               'miniai.accel.MixedPrecision.before_fit': ('accel.html#mixedprecision.before_fit', 'miniai/accel.py'),

@@ -44,6 +44,17 @@ def _check_sole_trainer(cb, learn):
     own = [o for o in ('predict', 'get_loss', 'backward', 'step') if getattr(cls, o) is not getattr(Learner, o)]
     if own: raise ValueError(f"{nm} needs a plain Learner, but {cls.__name__} overrides {own}; use Learner(...)")
 
+def _precision(want, dev, who, fix, warn=warnings.warn):
+    "What `want` ('auto', 'no', 'fp16', 'bf16') means on device type `dev`: 'fp16', 'bf16' or 'no' (fp32)."
+    if dev == 'cpu' and want == 'fp16':
+        raise ValueError(f"{who} on the CPU: fp16 is a CUDA GPU feature, a CPU silently trains in fp32; {fix}")
+    if dev == 'cuda' and want == 'bf16' and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{who}: this GPU has no bf16; {fix}")
+    if dev == 'cpu' and want == 'bf16' and not cpu_has_bf16():
+        warn(f"{who}: this CPU emulates bf16, many times slower; {fix}")
+    if want != 'auto': return want
+    return 'fp16' if dev == 'cuda' else 'bf16' if dev == 'cpu' and cpu_has_bf16() else 'no'
+
 # %% ../nbs/14_accel.ipynb #76ba78d3
 class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
@@ -53,26 +64,13 @@ class MixedPrecision(TrainCB):
         super().__init__(n_inp)
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
         try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now, not in an fp16 fit
-        except TypeError as e: raise TypeError(f"MixedPrecision: GradScaler refused {sorted(scaler_kwargs)}: {e}") from None
+        except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
         self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype = scaler_kwargs, None, None, None
         self.use_scaler, self.skipped_steps, self._warned = False, 0, False
 
     def _warn_once(self, msg):
-        if not self._warned: warnings.warn(f"MixedPrecision: {msg}", stacklevel=3)
+        if not self._warned: warnings.warn(msg, stacklevel=3)
         self._warned = True
-
-    def _pick_dtype(self, dev):  # the autocast dtype on device type `dev`, or None for fp32
-        want = self.dtype
-        if dev == 'cuda' and want == 'bf16' and not torch.cuda.is_bf16_supported():
-            raise ValueError("MixedPrecision(dtype='bf16'): this GPU has no bf16; use dtype='fp16' or 'auto'")
-        if dev == 'cpu' and want == 'fp16':
-            raise ValueError("MixedPrecision(dtype='fp16') on the CPU: fp16 mixed precision is a GPU feature; use dtype='auto'")
-        if dev == 'cuda' and want == 'auto': return torch.float16
-        if dev == 'cpu' and cpu_has_bf16(): return torch.bfloat16
-        if want != 'auto':
-            if dev == 'cpu': self._warn_once("dtype='bf16' on this CPU: PyTorch emulates it, many times slower than fp32")
-            return torch.float16 if want == 'fp16' else torch.bfloat16
-        self._warn_once(f"training in fp32 on {dev}: " + ('this CPU has no native bf16' if dev == 'cpu' else 'pass dtype='))
 
     def make_scaler(self):
         "A new `GradScaler` if this fit's forward pass is fp16, whose small range needs one; else None."
@@ -81,8 +79,10 @@ class MixedPrecision(TrainCB):
     def before_fit(self, learn):
         super().before_fit(learn)
         _check_sole_trainer(self, learn)
-        self.device_type = model_device(learn.model).type
-        self.amp_dtype = self._pick_dtype(self.device_type)
+        dev = self.device_type = model_device(learn.model).type
+        p = _precision(self.dtype, dev, f"MixedPrecision(dtype={self.dtype!r})", "use dtype='auto'", self._warn_once)
+        if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {dev}" + ': no native bf16'*(dev == 'cpu'))
+        self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
         fresh = self.make_scaler()
         self.use_scaler = fresh is not None
         if self.use_scaler and self.scaler is None: self.scaler = fresh  # kept across fits
@@ -171,7 +171,8 @@ class GradClipCB(Callback):
     "Clip the gradient norm to `max_norm` before each optimizer step, after undoing any GradScaler scaling."
     order = 1  # after the callbacks that make or restore the gradients
     def __init__(self, max_norm=1.0, norm_type=2.0):
-        self.max_norm, self.norm_type, self.norm = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), norm_type, None
+        self.max_norm, self.norm_type = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), norm_type
+        self.norm = None
 
     def after_backward(self, learn):
         if not getattr(learn, 'will_step', True): return  # accumulating: clip the whole gradient at its step
@@ -206,19 +207,6 @@ class EMACB(Callback):
     def state_dict(self): return dict(ema=self.state_of('ema_model'))
     def load_state_dict(self, sd): self.load_or_keep('ema_model', sd['ema'])
 
-# %% ../nbs/14_accel.ipynb #5b24fa56
-def _precision(asked, dev):
-    "What `mixed_precision=asked` means on device type `dev`, checked."
-    launched = asked == 'auto' and os.environ.get('ACCELERATE_MIXED_PRECISION', '').lower()  # accelerate launch's
-    mp = launched or asked
-    if mp == 'auto': mp = 'fp16' if dev == 'cuda' else 'bf16' if dev == 'cpu' and cpu_has_bf16() else 'no'
-    if dev != 'cpu': return mp
-    who, fix = ((f"accelerate launch --mixed_precision {mp}", "launch with --mixed_precision no") if launched else
-                (f"AccelerateCB(mixed_precision={mp!r})", "use mixed_precision='auto'"))
-    if mp == 'fp16': raise ValueError(f"{who} on the CPU: accelerate's fp16 needs a CUDA GPU (a CPU silently trains in fp32); {fix}")
-    if mp == 'bf16' and not cpu_has_bf16(): warnings.warn(f"{who}: this CPU emulates bf16, many times slower; {fix}", stacklevel=3)
-    return mp
-
 # %% ../nbs/14_accel.ipynb #e55214e4
 class _Share(TensorDL):
     "TensorDL `dl`'s batches, each cut into one part per process: this process gets its own."
@@ -242,7 +230,11 @@ class AccelerateCB(TrainCB):
         n = check_int(gradient_accumulation_steps, 'gradient_accumulation_steps', 1, 'AccelerateCB')
         if max_norm is not None: check_float(max_norm, 'max_norm', '(0, inf)', 'AccelerateCB')
         cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
-        self.mixed_precision = mp = _precision(mixed_precision, 'cpu' if cpu else PartialState().device.type)
+        launched = mixed_precision == 'auto' and os.environ.get('ACCELERATE_MIXED_PRECISION', '').lower()
+        who, fix = ((f"accelerate launch --mixed_precision {launched}", "launch with --mixed_precision no") if launched
+                    else (f"AccelerateCB(mixed_precision={mixed_precision!r})", "use mixed_precision='auto' or 'no'"))
+        dev = 'cpu' if cpu else PartialState().device.type
+        self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
         # accelerate refuses settings other than its process-wide ones: in one process (a notebook), start anew
         if not torch.distributed.is_initialized(): AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=n, **kwargs)
@@ -276,8 +268,8 @@ class AccelerateCB(TrainCB):
         acc = self.acc
         if acc.num_processes > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learn.model.modules()):
             if acc.device.type == 'cuda': learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
-            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm statistics over "
-                                                    "its share of the batch; GroupNorm trains as one process would")
+            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm statistics "
+                                                    "over its share; GroupNorm trains as one process would")
         learn.model, learn.opt = acc.prepare(learn.model, learn.opt)
         self._learn, self._opt = learn, learn.opt
 
@@ -313,7 +305,7 @@ class AccelerateCB(TrainCB):
 
     def step(self, learn):
         sync = self.acc.sync_gradients  # False while accumulating
-        if sync and self.max_norm is not None: self.grad_norm = self.acc.clip_grad_norm_(learn.model.parameters(), self.max_norm)
+        if sync and self.max_norm: self.grad_norm = self.acc.clip_grad_norm_(learn.model.parameters(), self.max_norm)
         learn.opt.step()
         if sync and learn.opt.step_was_skipped: self.skipped_steps += 1
 

@@ -136,7 +136,7 @@ def test_cpu_with_native_bf16_autocasts_quietly(native_bf16):
 
 @cpu_only
 def test_fp16_on_cpu_is_refused():
-    with pytest.raises(ValueError, match="fp16 mixed precision is a GPU feature"):
+    with pytest.raises(ValueError, match="fp16 is a CUDA GPU feature"):
         fit(MixedPrecision(dtype='fp16'))
 
 def test_bad_arguments():
