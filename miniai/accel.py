@@ -65,7 +65,8 @@ class MixedPrecision(TrainCB):
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
         try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now, not in an fp16 fit
         except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
-        self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype = scaler_kwargs, None, None, None
+        self.scaler_kwargs, self.scaler = scaler_kwargs, None
+        self.device_type = self.amp_dtype = None
         self.use_scaler, self.skipped_steps, self._warned = False, 0, False
 
     def _warn_once(self, msg):
@@ -299,8 +300,7 @@ class AccelerateCB(TrainCB):
 
     def backward(self, learn):
         loss, ns = learn.loss, self.ns
-        # DDP averages the gradients equally: weight unequal shares by size
-        if ns is not None and (ns != ns[0]).any(): loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()
+        if ns is not None: loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()  # DDP averages shares equally
         self.acc.backward(loss)  # divided by the accumulation steps, scaled under fp16
 
     def step(self, learn):

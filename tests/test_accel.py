@@ -431,6 +431,23 @@ def test_other_processes_get_stdout_back_after_an_error(where, fresh_accelerate,
     print('after')
     assert capsys.readouterr().out == 'after\n'
 
+def test_the_training_step_callbacks_refuse_a_learner_that_overrides_the_step(fresh_accelerate):
+    from miniai.learner import TrainLearner
+    for cb in (MixedPrecision(), AccelerateCB(mixed_precision='no')):
+        with pytest.raises(ValueError, match='needs a plain Learner'): TrainLearner(model(), dls(), F.cross_entropy, cbs=[cb]).fit(1)
+
+def test_several_processes_share_tensordls_and_refuse_other_loaders(fresh_accelerate, monkeypatch):
+    "With (pretend) 2 processes, a TensorDL batch too small to share and a loader that can't be shared fail before training."
+    from miniai.datasets import TensorDL
+    monkeypatch.setattr(Accelerator, 'num_processes', property(lambda self: 2))
+    x, y = torch.randint(0, 256, (65, 4, 5), dtype=torch.uint8), torch.randint(0, 5, (65,))
+    tiny = DataLoaders(TensorDL(x, y, bs=32, flat=True), TensorDL(x, y, bs=64, flat=True))  # last batches of 1
+    with pytest.raises(ValueError, match='too small to share between 2 processes; pick another bs'):
+        Learner(model(), tiny, F.cross_entropy, cbs=[AccelerateCB(mixed_precision='no')]).fit(1)
+    other = DataLoaders(MultDL(dls().train), dls().valid)
+    with pytest.raises(TypeError, match="can't share a MultDL between 2 processes"):
+        Learner(model(), other, F.cross_entropy, cbs=[AccelerateCB(mixed_precision='no')]).fit(1)
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
