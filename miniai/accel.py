@@ -16,7 +16,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast, parse_flag_from_env
 from torch import nn
-from torch.nn.utils import clip_grad_norm_
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
@@ -28,7 +27,7 @@ from .learner import Callback, DeviceCB, Learner, TrainCB
 # %% ../nbs/14_accel.ipynb #f82cb804
 @functools.cache
 def cpu_has_bf16():
-    "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16), so bf16 autocast pays off on it."
+    "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16): bf16 autocast pays off."
     for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in PyTorch, so also cpuinfo
         if getattr(torch.cpu, nm, lambda: False)(): return True
     try:
@@ -37,7 +36,6 @@ def cpu_has_bf16():
 
 # %% ../nbs/14_accel.ipynb #e5eacbd1
 def _check_sole_trainer(cb, learn):
-    "`cb` does the training step, so no other TrainCB and no Learner subclass may do it too."
     nm, cls = type(cb).__name__, type(learn)
     others = [type(o).__name__ for o in learn.cbs if isinstance(o, TrainCB) and o is not cb]
     if others: raise ValueError(f"{nm} does the training step, but the Learner also has {others}; remove those")
@@ -45,7 +43,7 @@ def _check_sole_trainer(cb, learn):
     if own: raise ValueError(f"{nm} needs a plain Learner, but {cls.__name__} overrides {own}; use Learner(...)")
 
 def _precision(want, dev, who, fix, warn=warnings.warn):
-    "What `want` ('auto', 'no', 'fp16', 'bf16') means on device type `dev`: 'fp16', 'bf16' or 'no' (fp32)."
+    "What precision `want` means on device type `dev`: 'fp16', 'bf16' or 'no' (fp32)."
     if dev == 'cpu' and want == 'fp16':
         raise ValueError(f"{who} on the CPU: fp16 is a CUDA GPU feature, a CPU silently trains in fp32; {fix}")
     if dev == 'cuda' and want == 'bf16' and not torch.cuda.is_bf16_supported():
@@ -74,7 +72,7 @@ class MixedPrecision(TrainCB):
         self._warned = True
 
     def make_scaler(self):
-        "A new `GradScaler` if this fit's forward pass is fp16, whose small range needs one; else None."
+        "A new `GradScaler` if this fit's forward pass is fp16 (whose range is small), else None."
         return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs) if self.amp_dtype == torch.float16 else None
 
     def before_fit(self, learn):
@@ -127,15 +125,15 @@ class MixedPrecision(TrainCB):
 class _NoStep:
     "The optimizer, whose `step` and `zero_grad` do nothing while gradients accumulate."
     def __init__(self, opt): self.opt = opt
-    def step(self, *args, **kwargs): pass
-    def zero_grad(self, *args, **kwargs): pass
+    def step(self, *a, **k): pass
+    def zero_grad(self, *a, **k): pass
     def __getattr__(self, nm):
         if nm == 'opt': raise AttributeError(nm)
         return getattr(self.opt, nm)
 
 class GradAccumCB(Callback):
-    "Accumulate gradients over `n` batches (each loss divided by `n`), stepping the optimizer once per group."
-    def __init__(self, n=2): self.n, self.true_loss = check_int(n, 'n (batches per step)', 1, 'GradAccumCB'), None
+    "Accumulate gradients over `n` batches (each loss divided by `n`), stepping once per group."
+    def __init__(self, n=2): self.n, self.true_loss = check_int(n, 'n', 1, 'GradAccumCB'), None
     def before_fit(self, learn): self.count, self.group, self.n_batches = 0, self.n, None
 
     def before_epoch(self, learn):
@@ -169,7 +167,7 @@ class GradAccumCB(Callback):
 
 # %% ../nbs/14_accel.ipynb #d3f87403
 class GradClipCB(Callback):
-    "Clip the gradient norm to `max_norm` before each optimizer step, after undoing any GradScaler scaling."
+    "Clip the gradient norm to `max_norm` before each optimizer step, unscaled if there is a GradScaler."
     order = 1  # after the callbacks that make or restore the gradients
     def __init__(self, max_norm=1.0, norm_type=2.0):
         self.max_norm, self.norm_type = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), norm_type
@@ -178,7 +176,7 @@ class GradClipCB(Callback):
     def after_backward(self, learn):
         if not getattr(learn, 'will_step', True): return  # accumulating: clip the whole gradient at its step
         if getattr(learn, 'scaler', None) is not None: learn.scaler.unscale_(learn.opt)
-        self.norm = clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
+        self.norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
 # %% ../nbs/14_accel.ipynb #a992cecc
 class EMACB(Callback):
@@ -189,7 +187,7 @@ class EMACB(Callback):
         self.decay, self.warmup, self.ema_model = check_float(decay, 'decay', '[0, 1)', 'EMACB'), warmup, None
 
     def decay_at(self, n):
-        "The decay of the update after `n` earlier ones: `min(decay, (1+n)/(10+n))` with warm-up."
+        "The decay after `n` updates: `min(decay, (1+n)/(10+n))` with warm-up."
         return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
 
     def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first copy
@@ -236,7 +234,7 @@ class AccelerateCB(TrainCB):
                     else (f"AccelerateCB(mixed_precision={mixed_precision!r})", "use mixed_precision='auto' or 'no'"))
         dev = 'cpu' if cpu else PartialState().device.type
         self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
-        # accelerate refuses settings other than its process-wide ones: in one process (a notebook), start anew
+        # one process (a notebook): accelerate's process-wide state may take new settings
         if not torch.distributed.is_initialized(): AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=n, **kwargs)
         self.n_accum, self.max_norm, self.skipped_steps, self.grad_norm, self.ns = n, max_norm, 0, None, None
@@ -334,7 +332,7 @@ class AccelerateCB(TrainCB):
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:
-    "Wrap DataLoader `dl` so each batch comes `mult` times in a row: `mult`× the steps for the same loading work."
+    "Wrap DataLoader `dl` so each batch comes `mult` times in a row: more steps for the same loading work."
     def __init__(self, dl, mult=2): self.dl, self.mult = dl, check_int(mult, 'mult', 1, 'MultDL')
     def __len__(self): return len(self.dl)*self.mult
     def __iter__(self): return (b for b in self.dl for _ in range(self.mult))
