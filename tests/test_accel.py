@@ -513,7 +513,7 @@ from accelerate import PartialState
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
-from miniai.accel import AccelerateCB
+from miniai.accel import AccelerateCB, GradAccumCB
 from miniai.datasets import fashion_dls
 from miniai.learner import Callback, DeviceCB, Learner, MetricsCB, TrainCB
 from miniai.recipe import cnn_classifier
@@ -546,11 +546,16 @@ cb = AccelerateCB()
 learn, seen, hist = run(cb)
 acc = cb.acc
 res = dict(n=acc.num_processes, seen=seen, history=hist)
+def diffs(learn, ref):
+    w0, w1, w2 = gn_model().state_dict(), ref.model.state_dict(), acc.unwrap_model(learn.model).state_dict()
+    return max((w1[k] - w0[k]).abs().max().item() for k in w0), max((w2[k] - w1[k]).abs().max().item() for k in w0)
 if acc.is_main_process:  # the same training in one plain process
     ref, res['ref_seen'], res['ref_history'] = run(DeviceCB('cpu'), TrainCB())
-    w0, w1, w2 = gn_model().state_dict(), ref.model.state_dict(), acc.unwrap_model(learn.model).state_dict()
-    res['moved'] = max((w1[k] - w0[k]).abs().max().item() for k in w0)
-    res['diff'] = max((w2[k] - w1[k]).abs().max().item() for k in w0)
+    res['moved'], res['diff'] = diffs(learn, ref)
+# Accumulating 4 batches (112 = 28 groups of 4): the gradients are synced once per group, as GradAccumCB steps
+cb4 = AccelerateCB(gradient_accumulation_steps=4)
+learn4 = run(cb4)[0]
+if acc.is_main_process: res['moved4'], res['diff4'] = diffs(learn4, run(DeviceCB('cpu'), TrainCB(), GradAccumCB(4))[0])
 (out/f'rank{acc.process_index}.json').write_text(json.dumps(res))
 PartialState().destroy_process_group()
 """
@@ -582,6 +587,7 @@ def test_a_users_script_with_fashion_dls_trains_each_process_on_its_share(tmp_pa
         assert h['loss'] == pytest.approx(ref['loss'], rel=1e-4), (h, ref)
         assert h['accuracy'] == pytest.approx(ref['accuracy'], abs=5e-3), (h, ref)  # a few flipped argmaxes at most
     assert r0['diff'] < r0['moved']/100, (r0['diff'], r0['moved'])
+    assert r0['diff4'] < r0['moved4']/100, (r0['diff4'], r0['moved4'])
 
 # ---------------------------------------------------------------- MultDL
 
