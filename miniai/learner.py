@@ -48,6 +48,19 @@ class CancelBatchException(Exception):
 class Callback:
     "Base class for callbacks: define any event method, each taking `learn`; lower `order` runs first."
     order = 0
+    # State loaded before fit makes the object it belongs to (a grad scaler, an averaged model): kept until then
+    def load_or_keep(self, name, sd):
+        "Load `sd` into `self.<name>` now if it exists, else keep it until the callback calls `made(name)`."
+        vars(self).setdefault('_kept', {})[name] = sd
+        if getattr(self, name, None) is not None: self.made(name)
+    def made(self, name):
+        "Call once `self.<name>` exists: it gets the state `load_or_keep` kept for it, if any."
+        sd = vars(self).get('_kept', {}).pop(name, None)
+        if sd is not None: getattr(self, name).load_state_dict(sd)
+    def state_of(self, name):
+        "`self.<name>.state_dict()`, or the state kept for it while it doesn't exist: what `state_dict` should save."
+        obj = getattr(self, name, None)
+        return obj.state_dict() if obj is not None else vars(self).get('_kept', {}).get(name)
 
 EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_predict', 'after_loss', 'after_backward',
           'after_step', 'after_batch', 'after_epoch', 'after_fit', 'cleanup_batch', 'cleanup_epoch', 'cleanup_fit')
@@ -409,6 +422,12 @@ def _n_items(b):
     return len(b)
 
 # %% ../nbs/04_learner.ipynb #767e390d
+class _Metrics(dict):
+    "Metrics by name, whose states are saved and loaded together."
+    def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
+    def load_state_dict(self, sd):
+        for k, m in self.items(): m.load_state_dict(sd[k])
+
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
     def __init__(self, *ms, buffer=32, **metrics):
@@ -419,28 +438,26 @@ class MetricsCB(Callback):
             if not all(hasattr(m, a) for a in ('update', 'compute', 'reset')):
                 raise TypeError(f"MetricsCB: metric {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
                                 "pass a torcheval metric instance such as MulticlassAccuracy()")
-        self.metrics = metrics
-        self.all_metrics = dict(metrics)
-        self.all_metrics['loss'] = self.loss = Mean()
+        self.metrics, self.all_metrics = metrics, _Metrics(metrics, loss=Mean())
+        self.loss, self.running = self.all_metrics['loss'], None  # running: all_metrics while an epoch runs
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
     logger = staticmethod(print)  # where each epoch's row goes; set it (per instance) to send rows elsewhere
-    def before_fit(self, learn): learn.metrics, self._in_epoch, self._pending = self, False, None
+    def before_fit(self, learn):
+        learn.metrics, self.running = self, None
+        self.load_or_keep('running', None)  # a fit starts its epochs afresh; only ResumeCB (after this) brings one back
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._in_epoch, self._buf = True, []
-        if self._pending is not None:  # resuming mid-epoch: carry on from the saved partial sums
-            for k, m in self.all_metrics.items(): m.load_state_dict(self._pending[k])
-            self._pending = None
+        self.running, self._buf = self.all_metrics, []
+        self.made('running')  # resuming mid-epoch: carry on from the saved partial sums
 
     def state_dict(self):
         "History, and the metrics' partial state when saved in the middle of an epoch (for exact resume)."
         self._flush()
-        mid = {k: m.state_dict() for k, m in self.all_metrics.items()} if self._in_epoch else None
-        return dict(history=copy.deepcopy(self.history), metrics=mid)
+        return dict(history=copy.deepcopy(self.history), metrics=self.state_of('running'))
     def load_state_dict(self, sd):
         self.history = copy.deepcopy(sd['history'])
-        self._pending = sd['metrics']
+        self.load_or_keep('running', sd['metrics'])
 
     def after_batch(self, learn):
         preds, n_inp, loss = learn.preds, getattr(learn, 'n_inp', 1), learn.loss.detach()
@@ -469,7 +486,7 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        self._in_epoch = False
+        self.running = None
         vals = {k: m.compute().item() for k, m in self.all_metrics.items()}
         self.history.append({**vals, 'epoch': learn.epoch, 'train': learn.training})
         log = {k: f'{v:.3f}' for k, v in vals.items()}
@@ -485,7 +502,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn):
         self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # bars only where they redraw in place
-        self.first, self.losses, self.val_losses, self._pending, self._last = True, [], [], [], 0.
+        self.first, self.losses, self.val_losses, self._buf, self._last = True, [], [], [], 0.
         self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)  # this fit's, not a stale one
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
         if self.metrics is not None:  # last: until here nothing outside this callback has changed
@@ -508,7 +525,7 @@ class ProgressCB(Callback):
         if self.bars: learn.dl = progress_bar(learn.dl, leave=False, parent=self.mbar)
 
     def after_batch(self, learn):
-        if learn.training: self._pending.append(learn.loss.detach())
+        if learn.training: self._buf.append(learn.loss.detach())
         now = time.perf_counter()
         if now - self._last < self.refresh: return
         self._last = now
@@ -527,14 +544,14 @@ class ProgressCB(Callback):
         self._flush()
 
     def _flush(self):
-        if self._pending: self.losses += torch.stack(self._pending).float().cpu().tolist()
-        self._pending = []
+        if self._buf: self.losses += torch.stack(self._buf).float().cpu().tolist()
+        self._buf = []
 
     def state_dict(self):
         "The losses so far, for checkpoints: a resumed run's curve shows the whole run."
         self._flush()
         return dict(losses=list(self.losses), val_losses=list(self.val_losses))
-    def load_state_dict(self, sd): self.losses, self.val_losses, self._pending = list(sd['losses']), list(sd['val_losses']), []
+    def load_state_dict(self, sd): self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
 
     def _update_graph(self, learn):
         self._flush()

@@ -20,7 +20,7 @@
 | 16 | a NaN loss | FloatingPointError | epoch and batch; lower lr / TerminateOnNaNCB |
 | 17 | a missing checkpoint | FileNotFoundError | not found |
 | 18 | a corrupt checkpoint | ValueError | damaged; resume from an earlier one |
-| 19 | `fit(resume='latest')` without a `CheckpointCB` | ValueError | add a CheckpointCB or pass the file |
+| 19 | `ResumeCB('latest')` without a `CheckpointCB` | ValueError | add a CheckpointCB or pass the file |
 | 20 | `CheckpointCB(every_n_batches=0)` | ValueError | a positive int or None |
 | 21 | an unknown data source | ValueError | the valid sources |
 | 22 | `source='hub'` while offline | ConnectionError | offline; use source='sample' / MINIAI_DATA=sample |
@@ -75,7 +75,7 @@ from miniai.augment import RandCrop, mc_dropout_predict
 from miniai.conv import conv
 from miniai.ddpm import ddim_sample, ddpm_unet, linear_sched, noisify
 from miniai.datasets import TensorDL, load_fashion_mnist
-from miniai.checkpoint import CheckpointCB, read_checkpoint
+from miniai.checkpoint import CheckpointCB, ResumeCB, read_checkpoint
 from miniai.init import lsuv_init
 from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB
 from miniai.recipe import cnn_classifier, recipe_learner
@@ -116,7 +116,7 @@ CASES = {
     'nan loss': (lambda t: fit(NaNModel(3, 2)), FloatingPointError, ['epoch 0, batch 0', 'lr', 'TerminateOnNaNCB']),
     'missing checkpoint': (lambda t: read_checkpoint(t/'nope.pt'), FileNotFoundError, ['not found']),
     'corrupt checkpoint': (lambda t: read_checkpoint(bad_ckpt(t)), ValueError, ['damaged', 'earlier one']),
-    'resume latest without CheckpointCB': (lambda t: fit(resume='latest'), ValueError, ['CheckpointCB']),
+    'resume latest without CheckpointCB': (lambda t: fit(cbs=[TrainCB(), ResumeCB('latest')]), ValueError, ['CheckpointCB']),
     'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['whole number >= 1', 'or None']),
     'unknown data source': (lambda t: load_fashion_mnist('web'), ValueError, ['web', 'sample']),
     'hub while offline': (lambda t: load_fashion_mnist('hub'), ConnectionError, ['offline', "source='sample'"]),

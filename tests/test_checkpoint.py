@@ -1,4 +1,4 @@
-"Exact resume: kill a training process with SIGKILL, resume it in a new process, get bitwise the same weights."
+"Exact resume: kill a training process with SIGKILL and resume it bitwise; Ctrl-C saves with CheckpointCB(on_interrupt=True)."
 import os, random, signal, subprocess, sys
 from pathlib import Path
 
@@ -66,3 +66,72 @@ def test_cuda_rng_states_are_saved_and_restored(tmp_path, monkeypatch):
     ck = read_checkpoint(learn.save(tmp_path/'ck.pt'))
     set_rng_state(ck['rng'])
     assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], fake)) and len(restored[0]) == 2
+
+# --- Ctrl-C: CheckpointCB(on_interrupt=True)
+
+import inspect
+from types import SimpleNamespace
+import torch.nn.functional as F
+from torch import nn, optim
+from miniai.checkpoint import CheckpointCB, FitInterrupted, ResumeCB, ckpt_files
+from miniai.learner import Callback, Learner, MetricsCB, TrainCB
+
+def small_learner(folder, **ckpt_kw):
+    torch.manual_seed(0)
+    mk = lambda n: [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(n)]
+    dls = SimpleNamespace(train=mk(5), valid=mk(2))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    return Learner(model, dls, F.cross_entropy, lr=0.1, opt_func=lambda ps, lr: optim.SGD(ps, lr=lr, momentum=0.9),
+                   cbs=[TrainCB(), MetricsCB(), CheckpointCB(folder, **ckpt_kw)])
+
+class CtrlC(Callback):
+    "Send this process `times` SIGINTs in training batch `at` of epoch 0 (or validation batch `at` with `valid`)."
+    def __init__(self, at, times=1, valid=False): self.at, self.times, self.valid = at, times, valid
+    def after_batch(self, learn):
+        if learn.epoch == 0 and learn.training != self.valid and learn.iter == self.at:
+            for _ in range(self.times): signal.raise_signal(signal.SIGINT)
+
+def test_ctrl_c_saves_after_the_batch_then_resume_is_exact(tmp_path):
+    full = small_learner(tmp_path/'full')
+    full.fit(2)
+    handler = signal.getsignal(signal.SIGINT)
+    cut = small_learner(tmp_path/'cut', on_interrupt=True)
+    with pytest.raises(FitInterrupted) as ei: cut.fit(2, cbs=CtrlC(3))
+    assert str(ei.value) == f"interrupted; saved the training state at epoch 0, batch 4 in {tmp_path/'cut'}"
+    assert isinstance(ei.value, KeyboardInterrupt)
+    assert [f.name for f in ckpt_files(tmp_path/'cut')] == ['ckpt-e0000-b000004.pt']
+    assert signal.getsignal(signal.SIGINT) is handler, 'the handler from before fit must be back'
+    resumed = small_learner(tmp_path/'cut')
+    resumed.fit(2, cbs=ResumeCB())
+    for k, v in full.model.state_dict().items(): assert torch.equal(v, resumed.model.state_dict()[k]), k
+    h1, h2 = resumed.metrics.history, full.metrics.history  # the cut epoch sums its loss in other groups: rounding
+    assert [(h['epoch'], h['train']) for h in h1] == [(h['epoch'], h['train']) for h in h2]
+    assert [h['loss'] for h in h1] == pytest.approx([h['loss'] for h in h2], rel=1e-6)
+
+def test_a_second_ctrl_c_stops_at_once_naming_the_newest_checkpoint(tmp_path):
+    learn = small_learner(tmp_path, every_n_batches=2, on_interrupt=True)
+    with pytest.raises(FitInterrupted) as ei: learn.fit(2, cbs=CtrlC(2, times=2))
+    assert str(ei.value) == f"interrupted; saved the training state at epoch 0, batch 2 in {tmp_path}"
+    assert [f.name for f in ckpt_files(tmp_path)] == ['ckpt-e0000-b000002.pt']  # none after batch 3: it stopped at once
+
+def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tmp_path):
+    learn = small_learner(tmp_path, on_interrupt=True)
+    with pytest.raises(FitInterrupted, match='^interrupted before the first checkpoint; nothing was saved$'):
+        learn.fit(1, cbs=CtrlC(1, times=2))
+    assert ckpt_files(tmp_path) == []
+
+def test_ctrl_c_during_validation_saves_at_the_end_of_the_epoch(tmp_path):
+    learn = small_learner(tmp_path, every_epoch=False, on_interrupt=True)
+    with pytest.raises(FitInterrupted) as ei: learn.fit(3, cbs=CtrlC(0, valid=True))
+    assert str(ei.value) == f"interrupted; saved the training state at the end of epoch 0 in {tmp_path}"
+    assert [f.name for f in ckpt_files(tmp_path)] == ['ckpt-e0001-b000000.pt']
+    assert len(learn.metrics.history) == 2  # epoch 0's training and validation passes, no more
+
+def test_without_on_interrupt_ctrl_c_stops_at_once(tmp_path):
+    learn = small_learner(tmp_path, every_n_batches=1)
+    with pytest.raises(KeyboardInterrupt) as ei: learn.fit(1, cbs=CtrlC(1))
+    assert type(ei.value) is KeyboardInterrupt and [f.name for f in ckpt_files(tmp_path)] == ['ckpt-e0000-b000001.pt']
+
+def test_fit_is_the_same_whatever_was_imported():
+    import miniai.checkpoint  # noqa: F401 (imported above too: it must change nothing in Learner.fit)
+    assert Learner.fit.__module__ == 'miniai.learner' and 'resume' not in inspect.signature(Learner.fit).parameters

@@ -14,7 +14,7 @@ import miniai.checkpoint as mc
 from miniai.datasets import fashion_dls
 from miniai.accel import MixedPrecision
 from miniai.ddpm import EMACB
-from miniai.checkpoint import CheckpointCB
+from miniai.checkpoint import CheckpointCB, ResumeCB
 from miniai.learner import Callback, Learner, MetricsCB
 from miniai.sgd import BatchSchedCB
 
@@ -62,6 +62,6 @@ class ScaledMP(MixedPrecision):
 mp, ema = ScaledMP(growth_interval=5), EMACB(0.9)
 cbs = [mp, ema, one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
 learn = Learner(model, dls, F.cross_entropy, lr=0.05, cbs=cbs, opt_func=lambda ps, lr: optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=1e-4))
-learn.fit(args.epochs, resume='latest' if args.resume else None)
+learn.fit(args.epochs, cbs=ResumeCB('latest') if args.resume else None)
 torch.save({'model': learn.model.state_dict(), 'history': learn.metrics.history, 'ema': ema.ema_model.state_dict(),
             'scaler': mp.scaler.state_dict(), 'skipped': mp.skipped_steps}, args.out)
