@@ -7,7 +7,7 @@
 What it does, all on the bundled Fashion-MNIST sample (7,226 training / 1,000 held-out images, 28×28 padded to 32×32
 and scaled to [-1, 1]):
 
-1. trains a small noise-predicting UNet with `miniai.ddpm.train_ddpm` (paper's 1000-step linear schedule, Adam,
+1. trains a small noise-predicting UNet with `miniai.ddpm_run.train_ddpm` (paper's 1000-step linear schedule, Adam,
    one-cycle lr, EMA copy of the weights), seed 0;
 2. trains the FID classifier with `miniai.fid.train_fid_classifier` (seed 0) and builds `ImageEval` on the held-out images
    `valid[N:]` (the reference set);
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from _common import machine
-from miniai.ddpm import ddim_sample, ddpm_images, sample, train_ddpm
-from miniai.fid import ImageEval, fid, kid, train_fid_classifier
+from miniai.ddpm import ddim_sample, sample
+from miniai.ddpm_run import train_ddpm
+from miniai.fid import ImageEval, ddpm_images, fid, kid, train_fid_classifier
 from miniai.datasets import fashion_mnist_arrays
 
 HERE = Path(__file__).resolve().parent
