@@ -55,35 +55,34 @@ def _writable_dir(path, flag='--out'):
     return path
 
 def _check_device(device=None):
-    "The torch device `device` names (default: `default_device()`), or a CLIError if this machine hasn't got it."
+    "The torch device `device` (or `$MINIAI_DEVICE`) names, or a CLIError if this machine hasn't got it."
     import torch
     from miniai.conv import default_device
-    what, fix = (f'--device {device}', 'use --device cpu, or leave it out') if device is not None else \
-                (f"MINIAI_DEVICE={os.environ.get('MINIAI_DEVICE')}", 'unset MINIAI_DEVICE, or set it to cpu')
-    try: dev = torch.device(device) if device is not None else default_device()
-    except RuntimeError: raise CLIError(f"{what}: not a torch device; {fix}") from None
+    try: dev = torch.device(device) if device else default_device()
+    except RuntimeError: dev = None
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev.type == 'cuda' and (dev.index or 0) >= n: raise CLIError(f"{what}: this machine has {n} CUDA GPUs; {fix}")
-    if dev.type == 'mps' and not torch.backends.mps.is_available(): raise CLIError(f"{what}: no Apple GPU here; {fix}")
+    mps = torch.backends.mps.is_available()
+    if dev is None or dev.type == 'cuda' and (dev.index or 0) >= n or dev.type == 'mps' and not mps:
+        what = f'--device {device}' if device else f"MINIAI_DEVICE={os.environ.get('MINIAI_DEVICE')}"
+        raise CLIError(f"{what}: no such device on this machine; use --device cpu, or unset MINIAI_DEVICE")
     return dev
 
 # %% ../nbs/15_cli.ipynb #8c9bf609
 def _add_fit_args(sub):
     f = sub.add_parser('fit', allow_abbrev=False, help='train a Fashion-MNIST classifier',
-                       description="Train a Fashion-MNIST classifier with miniai's recipe into --out (model.pt, "
-                                   "config.json, loss.png), with a checkpoint every epoch and on Ctrl-C.")
-    f.add_argument('--arch', help="'resnet': the recipe's ResNet (default); 'cnn': a small CNN that trains in seconds")
-    f.add_argument('--norm', help="'batch' (default); 'layer': GroupNorm(1, C) in --arch cnn, per image")
-    f.add_argument('--epochs', type=_positive(int), metavar='N', help='default: 16 on the sample, 5 on the full data')
-    f.add_argument('--bs', type=_positive(int), metavar='N', help='batch size over all processes (default: 128)')
-    f.add_argument('--lr', type=_positive(float), help='peak learning rate of the one-cycle schedule (default: 2e-2)')
-    f.add_argument('--data', help="'hub', 'sample' (the bundled 8,226 images) or 'auto' (default: the Hub if reachable)")
-    f.add_argument('--seed', type=int, metavar='N', help='random seed (default: 42)')
-    f.add_argument('--out', type=Path, metavar='DIR', help='folder for the run (default: ./miniai-run)')
-    f.add_argument('--resume', type=Path, metavar='DIR', help='carry on the interrupted run in DIR, with its settings')
-    f.add_argument('--device', help='torch device, e.g. cpu or cuda (default: the best available)')
-    f.add_argument('--threads', type=_positive(int), metavar='N', help='torch CPU threads (default: fewer when busy)')
-    f.add_argument('--accelerate', action='store_true', help="train with AccelerateCB (automatic under accelerate launch)")
+                       description="Train miniai's recipe into --out, with a checkpoint every epoch and on Ctrl-C.")
+    f.add_argument('--arch', help="resnet (the recipe, default) or cnn (small, trains in seconds)")
+    f.add_argument('--norm', help="batch (default) or layer (GroupNorm in --arch cnn)")
+    f.add_argument('--epochs', type=_positive(int), help='default: 16 on the sample, 5 on the full data')
+    f.add_argument('--bs', type=_positive(int), help='batch size (default: 128)')
+    f.add_argument('--lr', type=_positive(float), help='peak learning rate (default: 2e-2)')
+    f.add_argument('--data', help="hub, sample or auto (default: the Hub if reachable)")
+    f.add_argument('--seed', type=int, help='default: 42')
+    f.add_argument('--out', type=Path, help='run folder (default: ./miniai-run)')
+    f.add_argument('--resume', type=Path, metavar='DIR', help='carry on the interrupted run in DIR')
+    f.add_argument('--device', help='torch device (default: the best there is)')
+    f.add_argument('--threads', type=_positive(int), help='torch CPU threads (default: fewer when busy)')
+    f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (automatic under accelerate launch)")
 
 def _launched_by_accelerate(env=None):
     "True in a process started by `accelerate launch` or torchrun, from the variables they set."
@@ -106,7 +105,7 @@ def _run_fit(a):
         from miniai.checkpoint import ckpt_files
         if not ckpt_files(out/'checkpoints'):
             raise KeyboardInterrupt('miniai: interrupted before the first checkpoint; nothing was saved') from None
-        raise KeyboardInterrupt(f"miniai: {e or 'interrupted'}\nminiai: resume with: miniai fit --resume {out}") from None
+        raise KeyboardInterrupt(f"miniai: {e}\nminiai: resume with: miniai fit --resume {out}") from None
     acc = accel.acc if accel else None
     if acc is None or acc.is_main_process: print(f"saved model.pt, config.json and loss.png to {out}")
     if acc is not None and acc.num_processes > 1:
@@ -117,15 +116,12 @@ def _run_fit(a):
 # %% ../nbs/15_cli.ipynb #9836e145
 def _add_predict_args(sub):
     p = sub.add_parser('predict', allow_abbrev=False, help='classify images with a model saved by fit',
-                       description="Classify the images of an .npz file with a model folder written by 'miniai fit'; "
-                                   "write a CSV, and print 'accuracy: …' last when there are labels.")
-    p.add_argument('--model', type=Path, required=True, metavar='DIR', help="folder written by 'miniai fit'")
-    p.add_argument('--images', type=Path, required=True, metavar='FILE', help="an .npz with 'images' (N×28×28 uint8) "
-                   "and optionally 'labels'")
-    p.add_argument('--out', type=Path, metavar='FILE', help='CSV file (default: MODEL/predictions.csv)')
-    p.add_argument('--bs', type=_positive(int), default=512, metavar='N', help='batch size (default: 512)')
-    p.add_argument('--tta', action=argparse.BooleanOptionalAction, help="average with the mirror images (default: "
-                   "if the model trained with flips)")
+                       description="Classify the images of an .npz file into a CSV; print the accuracy if labelled.")
+    p.add_argument('--model', type=Path, required=True, help="folder written by 'miniai fit'")
+    p.add_argument('--images', type=Path, required=True, help="an .npz with 'images' (N×28×28 uint8), maybe 'labels'")
+    p.add_argument('--out', type=Path, help='CSV file (default: MODEL/predictions.csv)')
+    p.add_argument('--bs', type=_positive(int), default=512, help='batch size (default: 512)')
+    p.add_argument('--tta', action=argparse.BooleanOptionalAction, help="add mirror images (default: if it saw flips)")
 
 def read_images(path):
     "`images` (N×28×28 uint8) and `labels` (or None) from an .npz file, checking the layout."
@@ -149,30 +145,29 @@ def _run_predict(a):
     out = a.out or a.model/'predictions.csv'
     _writable_dir(out.parent)
     preds = classify(model, cfg, x, a.bs, a.tta).numpy()
-    out.write_text('\n'.join(['index,class,name'] + [f'{i},{p},{cfg["classes"][p]}' for i, p in enumerate(preds)]) + '\n')
+    out.write_text(''.join(['index,class,name\n'] + [f'{i},{p},{cfg["classes"][p]}\n' for i, p in enumerate(preds)]))
     print(f"wrote {len(preds)} predictions to {out}")
     if y is not None: print(f"accuracy: {(preds == y).mean():.4f}")
 
 # %% ../nbs/15_cli.ipynb #96bac3c1
 def _add_ddpm_args(sub):
     d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model, sample from it and score the samples',
-                       description='Train a noise-predicting UNet on Fashion-MNIST, sample --n images, print their FID '
-                                   'and KID, and save the model, the samples and their pictures to --out.')
+                       description='Train a DDPM, sample --n images, print their FID and KID, save all in --out.')
     d.add_argument('--epochs', type=_positive(int), help='default: 15 on the sample, 2 on the full data')
     d.add_argument('--steps', type=_positive(int), default=1000, help='diffusion steps T (default: 1000)')
-    d.add_argument('--sched', choices=['linear', 'cosine'], default='linear', help="noise schedule (default: linear)")
-    d.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help="default: ddim")
-    d.add_argument('--ddim-steps', type=_positive(int), default=50, help='sampling steps for ddim (default: 50)')
-    d.add_argument('--eta', type=float, default=1., help='DDIM noise: 0 deterministic, 1 as DDPM (default: 1)')
+    d.add_argument('--sched', choices=['linear', 'cosine'], default='linear')
+    d.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim')
+    d.add_argument('--ddim-steps', type=_positive(int), default=50, help='default: 50')
+    d.add_argument('--eta', type=float, default=1., help='DDIM noise: 0 none, 1 as DDPM (default: 1)')
     d.add_argument('--n', type=_positive(int), default=500, help='images to sample and score (default: 500)')
-    d.add_argument('--out', type=Path, default=Path('miniai-ddpm'), help='folder for the outputs (default: ./miniai-ddpm)')
-    d.add_argument('--bs', type=_positive(int), default=64, help='batch size (default: 64)')
+    d.add_argument('--out', type=Path, default=Path('miniai-ddpm'), help='default: ./miniai-ddpm')
+    d.add_argument('--bs', type=_positive(int), default=64, help='default: 64')
     d.add_argument('--lr', type=_positive(float), default=4e-3, help='peak learning rate (default: 4e-3)')
     d.add_argument('--channels', type=_channels, default=(16, 32, 32), help='UNet widths (default: 16,32,32)')
-    d.add_argument('--n-train', type=_positive(int), help='train on the first N images only (default: all)')
-    d.add_argument('--data', help="as for 'fit'")
-    d.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
-    d.add_argument('--device', help='torch device (default: the best available)')
+    d.add_argument('--n-train', type=_positive(int), help='train on the first N images only')
+    d.add_argument('--data', help="as for fit")
+    d.add_argument('--seed', type=int, default=42, help='default: 42')
+    d.add_argument('--device', help='torch device (default: the best there is)')
 
 def _run_ddpm(a):
     _writable_dir(a.out)
@@ -184,22 +179,22 @@ def _run_ddpm(a):
                       n_steps=a.steps, sched=a.sched, channels=a.channels, groups=min(8, *a.channels),
                       n_train=a.n_train, device=a.device)
     what = f"DDIM eta={a.eta:g}, {a.ddim_steps} steps" if a.sampler == 'ddim' else f"DDPM, {a.steps} steps"
-    if s: print(f"FID {s['fid']:.2f}, KID {s['kid']:.4f}: {a.n} samples ({what}, EMA weights) against the {s['n_ref']:,} "
-                f"held-out images; {s['n_real']} real training images: FID {s['real_fid']:.2f}, KID {s['real_kid']:.4f}")
+    if s: print(f"FID {s['fid']:.2f}, KID {s['kid']:.4f}: {a.n} samples ({what}, EMA weights) against the "
+                f"{s['n_ref']:,} held-out images; {s['n_real']} real ones: FID {s['real_fid']:.2f}, "
+                f"KID {s['real_kid']:.4f}")
     print(f"saved the model, samples and pictures to {out}; draw more with: miniai sample --model {out}")
 
 def _add_sample_args(sub):
     s = sub.add_parser('sample', allow_abbrev=False, help="draw new images from a model saved by 'miniai ddpm'",
                        description="Save a labelled grid of new samples from a folder written by 'miniai ddpm'.")
     s.add_argument('--model', type=Path, required=True, help="folder written by 'miniai ddpm'")
-    s.add_argument('--n', type=_positive(int), default=64, help='images to draw (default: 64)')
-    s.add_argument('--sampler', choices=['ddim', 'ddpm'], help="default: the one 'miniai ddpm' used")
-    s.add_argument('--ddim-steps', type=_positive(int), help="DDIM steps (default: the ones 'miniai ddpm' used)")
-    s.add_argument('--eta', type=float, help="DDIM noise, 0 to 1 (default: the one 'miniai ddpm' used)")
-    s.add_argument('--weights', choices=['ema', 'raw'], default='ema', help='EMA (default) or raw weights')
-    s.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
-    s.add_argument('--out', type=Path, help='PNG file to write (default: MODEL/samples-SEED.png)')
-    s.add_argument('--device', help='torch device (default: the best available)')
+    s.add_argument('--n', type=_positive(int), default=64, help='default: 64')
+    for o, kw in (('--sampler', dict(choices=['ddim', 'ddpm'])), ('--ddim-steps', dict(type=_positive(int))),
+                  ('--eta', dict(type=float))): s.add_argument(o, help="default: the one 'miniai ddpm' used", **kw)
+    s.add_argument('--weights', choices=['ema', 'raw'], default='ema')
+    s.add_argument('--seed', type=int, default=0, help='default: 0')
+    s.add_argument('--out', type=Path, help='PNG file (default: MODEL/samples-SEED.png)')
+    s.add_argument('--device', help='torch device (default: the best there is)')
 
 def _run_sample(a):
     out = a.out or a.model/f'samples-{a.seed}.png'

@@ -25,32 +25,31 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, default_collate
 
-from .checks import check_int
+from .checks import check_choice, check_float, check_int
 from .conv import model_device, model_dtype, model_mode, to_cpu
 from .learner import Callback, DeviceCB
 
 # %% ../nbs/13_ddpm.ipynb #f92dc15c
 class NoiseSched:
-    "A noise schedule from its betas: `beta`, `alpha`=1-beta, `abar`=cumprod(alpha), `sigma`=sqrt(beta) (float32, CPU)."
+    "A noise schedule from its betas: `beta`, `alpha`=1-beta, `abar`=cumprod(alpha), `sigma`=sqrt(beta)."
     def __init__(self, beta):
         beta = torch.as_tensor(beta, dtype=torch.float64).cpu()
         if beta.ndim != 1 or len(beta) == 0:
-            raise ValueError(f"NoiseSched needs a 1-D sequence of betas, one per step; got shape {tuple(beta.shape)}")
+            raise ValueError(f"NoiseSched needs a 1-D sequence of betas; got shape {tuple(beta.shape)}")
         if not ((beta > 0) & (beta < 1)).all():
-            raise ValueError(f"every beta must be in (0, 1); got min {beta.min().item():.3g}, max {beta.max().item():.3g}")
+            raise ValueError(f"betas must be in (0, 1); got {beta.min().item():.3g} to {beta.max().item():.3g}")
         abar = torch.cumprod(1 - beta, 0)  # in float64: 1000 products lose precision in float32
         self.n_steps, self._abar64, self._beta64 = len(beta), abar, beta
-        self.beta, self.alpha, self.abar, self.sigma = beta.float(), (1 - beta).float(), abar.float(), beta.sqrt().float()
+        self.beta, self.alpha, self.abar, self.sigma = (v.float() for v in (beta, 1 - beta, abar, beta.sqrt()))
         self._coefs = {}
 
     def __len__(self): return self.n_steps
     def __repr__(self):
-        return (f"NoiseSched(n_steps={self.n_steps}, beta {self.beta[0].item():.3g}..{self.beta[-1].item():.3g}, "
-                f"abar[-1]={self.abar[-1].item():.3g})")
+        return f"NoiseSched({self.n_steps} steps, beta {self.beta[0]:.3g}..{self.beta[-1]:.3g})"
 
     def ddpm_coefs(self, var='small'):
-        "Per-step DDPM sampling coefficients as python floats (computed once, in float64); see `ddpm_step`."
-        if var not in ('small', 'large'): raise ValueError(f"var must be 'small' (beta tilde) or 'large' (beta), got {var!r}")
+        "Per-step DDPM sampling coefficients as floats (computed once, in float64); see `ddpm_step`."
+        check_choice(var, 'var', ('small', 'large'))
         if var not in self._coefs: self._coefs[var] = _ddpm_coefs(self._abar64, var)
         return self._coefs[var]
 
@@ -58,26 +57,22 @@ class NoiseSched:
 def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
     "The paper's schedule: betas evenly spaced from `beta_min` to `beta_max` over `n_steps` steps."
     check_int(n_steps, 'n_steps', 1, where='linear_sched')
-    if not 0 < beta_min <= beta_max < 1:
-        raise ValueError(f"need 0 < beta_min <= beta_max < 1, got beta_min={beta_min}, beta_max={beta_max}")
+    check_float(beta_max, 'beta_max', f'[{check_float(beta_min, "beta_min", "(0, 1)")}, 1)', 'linear_sched')
     return NoiseSched(torch.linspace(beta_min, beta_max, n_steps, dtype=torch.float64))
 
 # %% ../nbs/13_ddpm.ipynb #43474e4f
 def cosine_sched(n_steps=1000, s=0.008, max_beta=0.999):
     "Improved DDPM's schedule: abar follows cos² of t/T (offset by `s`), betas capped at `max_beta`."
-    check_int(n_steps, 'n_steps', 1, where='cosine_sched')
-    if not 0 < max_beta < 1: raise ValueError(f"max_beta must be in (0, 1), got {max_beta}")
+    check_int(n_steps, 'n_steps', 1, where='cosine_sched'), check_float(max_beta, 'max_beta', '(0, 1)', 'cosine_sched')
     u = torch.arange(n_steps + 1, dtype=torch.float64)/n_steps
     f = torch.cos((u + s)/(1 + s)*math.pi/2)**2
     return NoiseSched((1 - f[1:]/f[:-1]).clamp(max=max_beta))
 
 # %% ../nbs/13_ddpm.ipynb #0bdc158f
 def respace(sched, n_steps):
-    "A schedule of `n_steps` steps whose abar equals `sched`'s at evenly spaced steps (betas from abar's ratios)."
+    "A schedule of `n_steps` steps whose abar equals `sched`'s at evenly spaced steps."
     check_int(n_steps, 'n_steps', 1, where='respace')
-    if n_steps > len(sched):
-        raise ValueError(f"respace picks n_steps of the schedule's {len(sched)} steps, so 1 <= n_steps <= {len(sched)}; "
-                         f"got {n_steps!r}")
+    if n_steps > len(sched): raise ValueError(f"respace: n_steps={n_steps} is more than the schedule's {len(sched)}")
     ts = torch.linspace(0, len(sched) - 1, n_steps, dtype=torch.float64).round().long()
     abar = sched._abar64[ts]
     return NoiseSched(1 - abar/torch.cat([abar.new_ones(1), abar[:-1]]))
@@ -87,23 +82,22 @@ def _abar_tensor(abar):
     "The abar tensor from a `NoiseSched` or a 1-D tensor."
     if isinstance(abar, NoiseSched): return abar.abar
     if not isinstance(abar, torch.Tensor) or abar.ndim != 1:
-        raise TypeError(f"abar must be a 1-D tensor (e.g. sched.abar) or a NoiseSched; got {type(abar).__name__} "
-                        f"{tuple(getattr(abar, 'shape', ()))}")
+        raise TypeError(f"abar must be a NoiseSched or a 1-D tensor like sched.abar; got {type(abar).__name__}")
     return abar
 
 def _random_t(n, n_steps, weights, device, generator):
-    "`n` random steps in [0, n_steps): uniform, or drawn with probabilities proportional to `weights`."
+    "`n` random steps in [0, n_steps): uniform, or with probabilities proportional to `weights`."
     if weights is None: return torch.randint(0, n_steps, (n,), device=device, generator=generator)
     weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
     if weights.shape != (n_steps,):
-        raise ValueError(f"weights needs one weight per step, shape ({n_steps},); got {tuple(weights.shape)}")
+        raise ValueError(f"weights needs one weight per step, ({n_steps},); got {tuple(weights.shape)}")
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
-    "Noise `x0` to random steps t: returns `((xt, t), eps)`, or `(xt, t, eps)` with `flat=True` (for `n_inp=2`)."
+    "Noise `x0` to random steps t: returns `((xt, t), eps)`, or `(xt, t, eps)` with `flat=True`."
     abar = _abar_tensor(abar)
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 1:
-        raise TypeError(f"x0 must be a floating-point tensor batch; got {type(x0).__name__} {getattr(x0, 'dtype', '')}")
+        raise TypeError(f"x0 must be a floating-point batch; got {type(x0).__name__} {getattr(x0, 'dtype', '')}")
     n, dev = len(x0), x0.device
     if t is None: t = _random_t(n, len(abar), weights, dev, generator)
     else:
@@ -119,38 +113,34 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
 
 # %% ../nbs/13_ddpm.ipynb #bcb30d79
 def _check_halvable(h, w, n_levels):
-    "Each UNet level but the last halves H and W, and the way up must meet the skip connections at the same sizes."
+    "Each UNet level but the last halves H and W; the way up must meet the skip connections at the same sizes."
     k = 2**(n_levels - 1)
-    if h % k or w % k:
-        raise ValueError(f"a UNet with {n_levels} levels halves images {n_levels - 1} times, so H and W must be multiples "
-                         f"of {k}; got {h}×{w}. Pad them (28×28 Fashion-MNIST: F.pad(x, (2, 2, 2, 2)) gives 32×32) or use "
-                         "fewer levels in channels")
+    if h % k or w % k: raise ValueError(f"a {n_levels}-level UNet needs H and W multiples of {k}; got {h}×{w}. Pad "
+                                        "them (F.pad(x, (2, 2, 2, 2)) makes 28×28 32×32) or use fewer levels")
 
 class UNet(UNet2DModel):
-    "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning the predicted noise tensor."
+    "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning the predicted noise."
     def forward(self, x, t=None):
         if t is None:
             if not (isinstance(x, (tuple, list)) and len(x) == 2):
-                raise TypeError(f"UNet takes (xt, t) as one pair or as two arguments; got one {type(x).__name__}")
+                raise TypeError(f"UNet takes (xt, t) as one pair or two arguments; got one {type(x).__name__}")
             x, t = x
         self._check_images(x)
         return super().forward(x, t).sample
 
     def _check_images(self, x):
-        "Fail early, naming the fix, on images this UNet can't take (torch would fail deep inside with a cat error)."
+        "Fail early, naming the fix, on images this UNet can't take (torch would fail deep inside)."
         c = self.config.in_channels
-        if x.ndim != 4: raise ValueError(f"UNet wants images shaped (N, {c}, H, W); got {tuple(x.shape)}. "
-                                         "Give grey images a channel dim: x[:, None]")
-        if x.shape[1] != c: raise ValueError(f"UNet was built for {c}-channel images but got {x.shape[1]} channels "
-                                             f"{tuple(x.shape)}; build it with in_channels={x.shape[1]}")
+        if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W); got {tuple(x.shape)}. Add a channel dim: "
+                                         "x[:, None]")
+        if x.shape[1] != c: raise ValueError(f"UNet was built for {c}-channel images, got {tuple(x.shape)}; build it "
+                                             f"with in_channels={x.shape[1]}")
         _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
 
 def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_channels=1, size=32):
     "A `UNet` of plain resnet blocks with `channels` per level and `layers` blocks per level, for `size`² images."
-    bad = [c for c in channels if c % groups]
-    if bad:
-        raise ValueError(f"GroupNorm splits channels into groups={groups}, which doesn't divide {bad}; choose groups "
-                         f"that divides every entry of channels={tuple(channels)} (e.g. 8 or 4)")
+    if bad := [c for c in channels if c % groups]:
+        raise ValueError(f"GroupNorm's groups={groups} doesn't divide {bad}; choose groups that divides every width")
     n = len(channels)
     _check_halvable(size, size, n)
     return UNet(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
@@ -159,7 +149,7 @@ def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_ch
 
 # %% ../nbs/13_ddpm.ipynb #d660e248
 def init_ddpm(model):
-    "Zero each resnet block's `conv2` and the output conv, orthogonal init for downsamplers' convs; returns `model`."
+    "Zero each resnet block's `conv2` and the output conv, orthogonal init for downsamplers' convs."
     n_res = 0
     for m in model.modules():
         if isinstance(m, ResnetBlock2D):
@@ -169,14 +159,14 @@ def init_ddpm(model):
         elif isinstance(m, Downsample2D) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
             nn.init.orthogonal_(m.conv.weight)
     if not n_res or not isinstance(getattr(model, 'conv_out', None), nn.Conv2d):
-        raise TypeError(f"init_ddpm expects a diffusers UNet2DModel (resnet blocks and a conv_out); got {type(model).__name__}")
+        raise TypeError(f"init_ddpm expects a diffusers UNet2DModel; got {type(model).__name__}")
     nn.init.zeros_(model.conv_out.weight)
     if model.conv_out.bias is not None: nn.init.zeros_(model.conv_out.bias)
     return model
 
 # %% ../nbs/13_ddpm.ipynb #19f0746e
 class DDPMCB(Callback):
-    "Noisify each batch's images in `before_batch`, giving `((xt, t), eps)` for `TrainCB()`; `sample` makes images."
+    "Noisify each batch's images in `before_batch`, giving `((xt, t), eps)` for `TrainCB()`."
     order = DeviceCB.order + 1  # after DeviceCB: the noise is made on the device, next to the images
 
     def __init__(self, n_steps=1000, beta_min=1e-4, beta_max=0.02, sched=None, weights=None):
@@ -189,7 +179,7 @@ class DDPMCB(Callback):
         learn.batch = noisify(xb, self._abar, weights=self.weights)
 
     def sample(self, model, shape, **kwargs):
-        "DDPM-sample `shape` images with `model` on this callback's schedule, calling `model` as training did (see `sample`)."
+        "DDPM-sample `shape` images with `model` on this schedule, calling `model` as training did."
         kwargs.setdefault('pair_input', _takes_pair(model, default=True))  # DDPMCB's batches hand the model one pair
         return sample(model, shape, self.sched, **kwargs)
 
@@ -252,7 +242,7 @@ def _check_t(t, n_steps, nm='t'):
         raise ValueError(f"{nm} must be an int step in [0, {n_steps}), got {t!r}")
 
 def ddpm_step(x_t, eps_pred, t, sched, noise=None, clip=True, var='small'):
-    "One DDPM step from `x_t` at step `t` with predicted noise `eps_pred`: returns `(x_prev, x0_hat)`; adds `noise`·σ if given."
+    "One DDPM step from `x_t` at step `t` with predicted noise `eps_pred`: `(x_prev, x0_hat)`; adds `noise`·σ."
     _check_t(t, len(sched))
     r_xt, r_eps, c0, ct, sig = sched.ddpm_coefs(var)[t]
     x0 = x_t*r_xt - eps_pred*r_eps  # undo the mixing: our guess of the clean image
@@ -263,7 +253,7 @@ def ddpm_step(x_t, eps_pred, t, sched, noise=None, clip=True, var='small'):
 
 # %% ../nbs/13_ddpm.ipynb #c78db3da
 class Traj(NamedTuple):
-    "A sampling trajectory: the steps `t`, and for each the input `xt` and the clean-image guess `x0` (stacked, CPU)."
+    "A sampling trajectory: the steps `t`, and for each the input `xt` and the clean-image guess `x0` (CPU)."
     t: list
     xt: torch.Tensor
     x0: torch.Tensor
@@ -272,17 +262,16 @@ def _dev_dtype(model): return model_device(model), model_dtype(model)
 
 def _check_sched(sched, where):
     if not isinstance(sched, NoiseSched):
-        raise TypeError(f"{where} takes a NoiseSched as its schedule (e.g. linear_sched(), or ddpm_cb.sched); got "
-                        f"{type(sched).__name__}. The course's sample(model, sz, alpha, alphabar, sigma, n_steps) is "
-                        "ddpm_cb.sample(model, sz) here")
+        raise TypeError(f"{where} takes a NoiseSched (e.g. ddpm_cb.sched), got {type(sched).__name__}. The course's "
+                        "sample(model, sz, alpha, alphabar, sigma, n_steps) is ddpm_cb.sample(model, sz) here")
 
 def _check_generator(generator, device):
     if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"the generator is on {generator.device} but the model is on {device}; make it with "
+        raise ValueError(f"the generator is on {generator.device}, the model on {device}: use "
                          f"torch.Generator(device='{device.type}')")
 
 def _inner_module(model):
-    "The module doing the work inside wrappers: `AveragedModel`/`DataParallel` (`.module`), `torch.compile` (`_orig_mod`)."
+    "The module doing the work inside wrappers: `.module` (`AveragedModel`, DDP) or `_orig_mod` (`torch.compile`)."
     for _ in range(4):
         inner = getattr(model, 'module', None)
         if not isinstance(inner, nn.Module): inner = getattr(model, '_orig_mod', None)
@@ -291,7 +280,7 @@ def _inner_module(model):
     return model
 
 def _takes_pair(model, default):
-    "True if `model.forward` takes one input (call it `model((xt, t))`), False if two or more; `default` if it can't tell."
+    "True if `model.forward` takes one input (`model((xt, t))`), False if two or more; `default` if it can't tell."
     try: params = list(inspect.signature(_inner_module(model).forward).parameters.values())
     except (TypeError, ValueError): return default
     if any(p.kind == p.VAR_POSITIONAL for p in params): return default
@@ -299,7 +288,7 @@ def _takes_pair(model, default):
     return n_pos == 1 if n_pos else default
 
 def _eps_fn(model, pair_input):
-    "A function `(xt, t) -> predicted noise` that calls `model` with one pair or two arguments and unwraps diffusers' output."
+    "A function `(xt, t) -> predicted noise` calling `model` with a pair or two arguments, unwrapping `.sample`."
     def eps(x, t):
         out = model((x, t)) if pair_input else model(x, t)
         return out.sample if hasattr(out, 'sample') else out
@@ -346,9 +335,9 @@ def sample(model, shape, sched, generator=None, return_traj=False, clip=True, va
 
 # %% ../nbs/13_ddpm.ipynb #933d5314
 def ddim_timesteps(n_steps, steps):
-    "`steps` evenly spaced steps of a `n_steps` schedule, from `n_steps-1` down ('trailing' spacing, as in diffusers)."
+    "`steps` evenly spaced steps of a `n_steps` schedule, from `n_steps-1` down ('trailing', as in diffusers)."
     check_int(steps, 'steps', 1, where='DDIM')
-    if steps > n_steps: raise ValueError(f"DDIM needs 1 <= steps <= the schedule's {n_steps} steps; got steps={steps!r}")
+    if steps > n_steps: raise ValueError(f"DDIM needs 1 <= steps <= the schedule's {n_steps} steps; got {steps!r}")
     return [round(n_steps - i*n_steps/steps) - 1 for i in range(steps)]
 
 def _ddim_coefs(ab_t, ab_prev, eta):
@@ -357,15 +346,16 @@ def _ddim_coefs(ab_t, ab_prev, eta):
     return 1/math.sqrt(ab_t), math.sqrt(1/ab_t - 1), math.sqrt(ab_prev), math.sqrt(max(1 - ab_prev - sig**2, 0.)), sig
 
 def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, rederive=True):
-    "One DDIM step from step `t` to `t_prev` (-1: the clean image): returns `(x_prev, x0_hat)`; `noise` used if eta>0."
+    "One DDIM step from step `t` to `t_prev` (-1: the clean image): `(x_prev, x0_hat)`; `noise` used if eta>0."
     _check_t(t, len(sched))
-    if not isinstance(t_prev, int) or not -1 <= t_prev < t: raise ValueError(f"t_prev must be an int in [-1, {t}), got {t_prev!r}")
+    if not isinstance(t_prev, int) or not -1 <= t_prev < t: raise ValueError(f"t_prev must be an int in [-1, {t}), "
+                                                                             f"got {t_prev!r}")
     ab_t = sched._abar64[t].item()
     r_xt, r_eps, c0, ce, sig = _ddim_coefs(ab_t, sched._abar64[t_prev].item() if t_prev >= 0 else 1., eta)
     x0 = x_t*r_xt - eps_pred*r_eps
     if clip:
         x0 = x0.clamp(-1., 1.)
-        if rederive: eps_pred = (x_t - x0*math.sqrt(ab_t))/math.sqrt(1 - ab_t)  # the noise that goes with the clipped x0
+        if rederive: eps_pred = (x_t - x0*math.sqrt(ab_t))/math.sqrt(1 - ab_t)  # the noise of the clipped x0
     x_prev = x0*c0 + eps_pred*ce
     if noise is not None and sig > 0: x_prev = x_prev + noise*sig
     return x_prev, x0
@@ -394,7 +384,7 @@ def ddim_sample(model, shape, sched, steps=50, eta=0., generator=None, clip=True
 
 # %% ../nbs/13_ddpm.ipynb #97d3afef
 def collate_ddpm(b, abar, xl=0, flat=False, weights=None):
-    "Collate items `b`, take the images (`xl`: index or key; plain tensors as they are) and `noisify` them with `abar`."
+    "Collate items `b`, take the images (`xl`: index or key; plain tensors as they are), `noisify` them with `abar`."
     xb = default_collate(b)
     if not isinstance(xb, torch.Tensor): xb = xb[xl]
     return noisify(xb, abar, weights=weights, flat=flat)
@@ -405,7 +395,7 @@ def dl_ddpm(ds, bs, abar, shuffle=True, xl=0, flat=False, weights=None, **kwargs
                       collate_fn=partial(collate_ddpm, abar=_abar_tensor(abar), xl=xl, flat=flat, weights=weights))
 
 class DDPMCB2(Callback):
-    "Unwrap diffusers' output (`learn.preds = learn.preds.sample`) so a plain `UNet2DModel` trains with `TrainCB(n_inp=2)`."
+    "Unwrap diffusers' output (`learn.preds.sample`) so a plain `UNet2DModel` trains with `TrainCB(n_inp=2)`."
     def after_predict(self, learn):
         if hasattr(learn.preds, 'sample'): learn.preds = learn.preds.sample
 

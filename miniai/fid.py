@@ -135,7 +135,7 @@ class _FeatsCB(Callback):
         b = learn.batch
         x = b[0] if isinstance(b, (tuple, list)) else b
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ImageEval needs batches of images, or tuples (images, ...); got {type(x).__name__}")
+            raise TypeError(f"ImageEval needs batches of image tensors, or tuples (images, ...); got {type(x).__name__}")
         learn.preds = learn.model(x.to(self.dtype))
         self.feats.append(learn.preds.detach().flatten(1))  # stays on the device: one copy to the CPU at the end
     def get_loss(self, learn): learn.loss = learn.preds.new_zeros(())
