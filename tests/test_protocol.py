@@ -17,11 +17,11 @@ from torch import nn, optim
 from torch.optim.lr_scheduler import OneCycleLR, StepLR
 from torcheval.metrics import MulticlassAccuracy
 
-from miniai.accel import AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision
+from miniai.accel import EMACB, AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision
 from miniai.activations import ActivationStats, HooksCallback, append_stats
 from miniai.augment import CapturePreds, TTD_CB
 from miniai.checkpoint import CheckpointCB, ResumeCB
-from miniai.ddpm import DDPMCB, DDPMCB2, EMACB
+from miniai.ddpm import DDPMCB, DDPMCB2
 from miniai.init import BatchTransformCB
 from miniai.learner import (EVENTS, STEPS, CancelFitException, Callback, DeviceCB, LRFinderCB, Learner, MetricsCB,
                             MomentumLearner, ProgressCB, SingleBatchCB, TerminateOnNaNCB, TrainCB, TrainLearner)
