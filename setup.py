@@ -19,8 +19,8 @@ setuptools.setup(
     keywords=cfg['keywords'],
     classifiers=[f"Development Status :: {statuses[int(cfg['status'])]}", 'Intended Audience :: Developers', 'Programming Language :: Python :: 3',
                  *[f'Programming Language :: Python :: 3.{v}' for v in (10, 11, 12)]],
-    packages=setuptools.find_packages(include=['miniai', 'miniai.*']),
-    package_data={'miniai': ['data/*.npz']}, include_package_data=True,
+    # miniai/data has no __init__.py: named here as a package of data files, it goes into the wheel with no warning
+    packages=['miniai', 'miniai.data'], package_data={'miniai.data': ['*.npz']},
     python_requires=f">={cfg['min_python']}",
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements'), 'vision': reqs('vision_requirements')},

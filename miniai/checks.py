@@ -12,12 +12,13 @@ def _fail(v, name, want, where):
 
 def check_int(v, name, min_value=0, where=None):
     "Raise a clear `ValueError` unless `v` is an int (not a bool) `>= min_value`; return `v`."
-    if isinstance(v, bool) or not isinstance(v, int) or v < min_value: _fail(v, name, f"a whole number >= {min_value}", where)
+    if isinstance(v, bool) or not isinstance(v, int) or v < min_value:
+        _fail(v, name, f"a whole number >= {min_value}", where)
     return v
 
 # %% ../nbs/00a_checks.ipynb #091f6c9e
 def check_float(v, name, interval='(-inf, inf)', where=None):
-    "Raise a clear `ValueError` unless `v` is a real number (not a bool) in `interval`, written like '[0, 1)'; return `v`."
+    "Raise a clear `ValueError` unless `v` is a number (not a bool) in `interval`, e.g. '[0, 1)'; return `v`."
     lo, hi = (float(s) for s in interval[1:-1].split(','))
     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     ok = ok and (lo <= v if interval[0] == '[' else lo < v) and (v <= hi if interval[-1] == ']' else v < hi)

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import miniai
+from .checks import check_choice, check_int
 
 # %% ../nbs/02_datasets.ipynb #a8f39ef0
 FASHION_CLASSES = ['T - shirt / top', 'Trouser', 'Pullover', 'Dress', 'Coat',
@@ -34,32 +35,27 @@ DATA_SOURCES = ('auto', 'hub', 'sample')
 SAMPLE_TEST_SIZE = 1000  # the last images of the bundled sample form its 'test' split
 
 class HubUnreachableError(ConnectionError):
-    "Fashion-MNIST was asked for from the Hub, which can't be reached, and it isn't in the local HF cache."
+    "The Hub can't be reached and Fashion-MNIST isn't in the local HF cache."
 
 # %% ../nbs/02_datasets.ipynb #64cd9e1e
 def sample_path():
-    "Path of the Fashion-MNIST sample bundled with miniai."
-    # The package's folder via `miniai.__file__`, which (unlike this module's `__file__`) also exists in the notebook.
+    "Path of the Fashion-MNIST sample bundled with miniai."  # `miniai.__file__` also exists in the notebook
     return Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
 
 def _sample_arrays():
-    "The bundled sample as numpy arrays: {'train': (x, y), 'test': (x, y)}, x uint8 (N,28,28), y int64."
+    "The bundled sample: {'train': (x, y), 'test': (x, y)}, x uint8 (N,28,28), y int64."
     path = sample_path()
-    if not path.exists():
-        raise FileNotFoundError(f"The bundled Fashion-MNIST sample is missing (looked for {path}); "
-                                "reinstall miniai, or use source='hub'.")
+    if not path.exists(): raise FileNotFoundError(f"The bundled sample {path} is missing; reinstall miniai")
     with np.load(path) as npz: x, y = npz['images'], npz['labels'].astype(np.int64)
     cut = len(x) - SAMPLE_TEST_SIZE
     return {'train': (x[:cut], y[:cut]), 'test': (x[cut:], y[cut:])}
 
 # %% ../nbs/02_datasets.ipynb #bc2909e7
-_TRUE = {'1', 'ON', 'YES', 'TRUE'}
-
 def _offline_env():
-    "True when HF_DATASETS_OFFLINE (or else HF_HUB_OFFLINE) asks Hugging Face libraries to stay offline."
+    "True when HF_DATASETS_OFFLINE (or else HF_HUB_OFFLINE) asks for offline mode."
     flag = os.environ.get('HF_DATASETS_OFFLINE')  # `datasets` lets this one override HF_HUB_OFFLINE
     if flag is None: flag = os.environ.get('HF_HUB_OFFLINE', '')
-    return flag.strip().upper() in _TRUE
+    return flag.strip().upper() in {'1', 'ON', 'YES', 'TRUE'}
 
 def _hub_address():
     "Host and port of the Hub (HF_ENDPOINT if set)."
@@ -73,10 +69,8 @@ def _hub_reachable(timeout=2.0):
         try:
             with socket.create_connection(_hub_address(), timeout=timeout): opened.append(True)
         except OSError: pass
-    # A thread, because a stuck DNS lookup ignores the socket timeout; `join` bounds the wait either way.
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
+    t = threading.Thread(target=probe, daemon=True)  # a stuck DNS lookup ignores the socket timeout, not `join`'s
+    t.start(); t.join(timeout)
     return bool(opened)
 
 # %% ../nbs/02_datasets.ipynb #586ba680
@@ -87,10 +81,8 @@ def _datasets_cache():
 
 @contextmanager
 def _hf_offline():
-    "Switch `datasets` and `huggingface_hub` to offline mode for the duration, quiet about using the cache."
-    import datasets, datasets.config, huggingface_hub.constants
-    # Both libraries read their offline flag once at import; flipping it is the only way to say
-    # "cache only, no retries" for a single call.
+    "`datasets` and `huggingface_hub` offline (cache only, no retries) and quiet for the duration."
+    import datasets, datasets.config, huggingface_hub.constants  # both read their offline flag once, at import
     old = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
     datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     datasets.logging.set_verbosity_error()
@@ -100,7 +92,7 @@ def _hf_offline():
         datasets.logging.set_verbosity(verbosity)
 
 def _load_cached():
-    "Fashion-MNIST from the local `datasets` cache without touching the network, or None if it isn't there."
+    "Fashion-MNIST from the local `datasets` cache, without the network; None if it isn't there."
     from datasets import load_dataset
     cache = _datasets_cache()
     if not any((cache/FMNIST_HUB_ID.replace('/', '___')).glob('*/*/*')): return None
@@ -109,7 +101,7 @@ def _load_cached():
     except (OSError, ValueError): return None  # a partial or foreign cache: treat as absent
 
 def _from_hub(strict):
-    "(DatasetDict, where it came from) from the HF cache or Hub; (None, why not) if neither works and not `strict`."
+    "(DatasetDict, where from) from the HF cache or Hub; (None, why not) if neither works and not `strict`."
     dd = _load_cached()
     if dd is not None: return dd, 'the local Hugging Face cache'
     cause = None
@@ -120,22 +112,19 @@ def _from_hub(strict):
         try: return load_dataset(FMNIST_HUB_ID, cache_dir=str(_datasets_cache())), 'the Hugging Face Hub'
         except ConnectionError as e: why, cause = f'Hub download failed ({e})', e
     if strict:
-        raise HubUnreachableError(
-            f"Can't load Fashion-MNIST from the Hugging Face Hub: {why}, so we are offline as far as the Hub goes, "
-            f"and {FMNIST_HUB_ID!r} isn't in the local Hugging Face cache. Use load_fashion_mnist(source='sample') "
-            "or set MINIAI_DATA=sample to use the bundled Fashion-MNIST sample.") from cause
+        raise HubUnreachableError(f"We are offline ({why}) and Fashion-MNIST isn't in the local HF cache; "
+                                  "use source='sample' or MINIAI_DATA=sample for the bundled sample") from cause
     return None, why
 
 # %% ../nbs/02_datasets.ipynb #3767962e
 def _fmnist_features():
-    "Column types of the Hub's Fashion-MNIST: a PIL image and a ClassLabel with the 10 class names."
+    "The Hub's Fashion-MNIST columns: a PIL image and a ClassLabel of the 10 classes."
     from datasets import ClassLabel, Features, Image
     return Features({'image': Image(), 'label': ClassLabel(names=FASHION_CLASSES)})
 
 def _pgm_bytes(im):
     "A greyscale uint8 image (H,W) as PGM file bytes: a header, then the raw pixels."
-    h, w = im.shape
-    return b'P5 %d %d 255\n' % (w, h) + im.tobytes()
+    return b'P5 %d %d 255\n' % im.shape[::-1] + im.tobytes()
 
 def _sample_dd():
     "The bundled sample as a DatasetDict shaped like the Hub's Fashion-MNIST."
@@ -146,24 +135,17 @@ def _sample_dd():
                         for split, (x, y) in _sample_arrays().items()})
 
 def _sample_size():
-    "Number of images in the bundled sample (reads only the labels)."
     with np.load(sample_path()) as npz: return len(npz['labels'])
 
 def _check_source(source):
-    "The data source to use: `source`, else $MINIAI_DATA, else 'auto'; ValueError if it isn't one we know."
-    given = source if source is not None else os.environ.get('MINIAI_DATA', 'auto')
-    if given not in DATA_SOURCES:
-        origin = 'source' if source is not None else 'the MINIAI_DATA environment variable'
-        raise ValueError(f"Unknown Fashion-MNIST source {given!r} (from {origin}); expected one of "
-                         f"{', '.join(map(repr, DATA_SOURCES))}.")
-    return given
+    "The data source to use: `source`, else $MINIAI_DATA, else 'auto'."
+    if source is None: return check_choice(os.environ.get('MINIAI_DATA', 'auto'), 'MINIAI_DATA', DATA_SOURCES)
+    return check_choice(source, 'source', DATA_SOURCES)
 
-def _notice(msg):
-    "The one line 'auto' prints (to stderr) to say which data it picked."
-    print(f'miniai: {msg}', file=sys.stderr)
+def _notice(msg): print(f'miniai: {msg}', file=sys.stderr)  # the one line 'auto' prints to say what it picked
 
 def _pick_hub(source):
-    "For `source` (checked): a Hub/cache DatasetDict, or None meaning 'use the sample'; 'auto' says which."
+    "For `source` (checked): a Hub/cache DatasetDict, or None for the sample; 'auto' says which."
     if source == 'sample': return None
     dd, where = _from_hub(strict=source == 'hub')
     if source == 'auto':
@@ -173,13 +155,13 @@ def _pick_hub(source):
 
 # %% ../nbs/02_datasets.ipynb #706a8c73
 def load_fashion_mnist(source=None):
-    "Fashion-MNIST as a `DatasetDict` ('train', 'test'; columns 'image', 'label') from `source` 'auto'|'hub'|'sample'."
+    "Fashion-MNIST as a `DatasetDict` ('train', 'test'; columns 'image', 'label') from 'auto', 'hub' or 'sample'."
     dd = _pick_hub(_check_source(source))
     return _sample_dd() if dd is None else dd
 
 # %% ../nbs/02_datasets.ipynb #354aa157
 def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
-    "Show image `im` (tensor CHW/HW, numpy HWC/HW, or PIL) on `ax`, which is returned."
+    "Show image `im` (tensor CHW/HW, numpy HWC/HW, or PIL) on `ax`, and return `ax`."
     if isinstance(im, torch.Tensor):
         im = im.detach().cpu()
         if im.ndim == 3 and im.shape[0] in (1, 3, 4): im = im.permute(1, 2, 0)  # channels last, as matplotlib wants
@@ -190,28 +172,26 @@ def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
     if ax is None: _, ax = plt.subplots(figsize=figsize)
     ax.imshow(im, **kwargs)
     if title is not None: ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_xticks([]); ax.set_yticks([])
     if noframe: ax.axis('off')
     return ax
 
 # %% ../nbs/02_datasets.ipynb #b2c3b9dd
 def subplots(nrows=1, ncols=1, figsize=None, imsize=3, suptitle=None, **kwargs):
-    "`plt.subplots` sized `imsize` inches per cell unless `figsize` is given; returns (fig, axs) like matplotlib."
+    "`plt.subplots` with `imsize` inches per cell unless `figsize` is given."
     if figsize is None: figsize = (ncols*imsize, nrows*imsize)
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize, **kwargs)
     if suptitle is not None: fig.suptitle(suptitle)
     return fig, axs
 
 def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kwargs):
-    "A figure with a grid of at least `n` cells; returns (fig, the first `n` axes as a flat array)."
-    if n < 1: raise ValueError(f'get_grid needs n >= 1 cells, got n={n}.')
+    "(fig, the first `n` axes as a flat array) of a grid of at least `n` cells."
+    check_int(n, 'n', 1, 'get_grid')
     if nrows is None and ncols is None: nrows = int(math.sqrt(n))
     if nrows is None: nrows = math.ceil(n/ncols)
     if ncols is None: ncols = math.ceil(n/nrows)
     if nrows*ncols < n:
-        raise ValueError(f'A {nrows}x{ncols} grid has {nrows*ncols} cells, fewer than n={n}; '
-                         'pass a larger nrows/ncols, or leave one of them out to have it computed.')
+        raise ValueError(f'A {nrows}x{ncols} grid has fewer than n={n} cells; pass larger nrows/ncols, or only one')
     fig, axs = subplots(nrows, ncols, **kwargs)
     axs = np.atleast_1d(axs).ravel()
     for ax in axs[n:]: ax.set_axis_off()
@@ -219,19 +199,19 @@ def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kw
     return fig, axs[:n]
 
 def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
-    "Show images `ims` in a grid, with optional `titles`; `kwargs` go to `get_grid` (e.g. `imsize`, `title`)."
+    "Show images `ims` in a grid, with optional `titles`; `kwargs` go to `get_grid`."
     ims = list(ims)
     titles = [] if titles is None else list(titles)
-    if len(titles) > len(ims): raise ValueError(f'Got {len(titles)} titles for only {len(ims)} images.')
+    if len(titles) > len(ims): raise ValueError(f'show_images: {len(titles)} titles for {len(ims)} images')
     _, axs = get_grid(len(ims), nrows, ncols, **kwargs)
     for im, title, ax in zip_longest(ims, titles, axs): show_image(im, ax=ax, title=title)
 
 # %% ../nbs/02_datasets.ipynb #932d68a1
-FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # pixel mean and std of Fashion-MNIST's training images, scaled to 0..1
+FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # of Fashion-MNIST's training pixels, scaled to 0..1
 
 # %% ../nbs/02_datasets.ipynb #226bfd2b
 def inplace(f):
-    "Make `f`, which changes a batch dict in place, return that dict too (as `with_transform` needs)."
+    "Make `f`, which changes a batch dict in place, also return it (as `with_transform` needs)."
     @wraps(f)
     def _f(b):
         f(b)
@@ -240,7 +220,7 @@ def inplace(f):
 
 # %% ../nbs/02_datasets.ipynb #7376cf9f
 def collate_dict(ds):
-    "A collate function giving a tuple of batch tensors, one per column of `ds`, in `ds.features` order."
+    "A collate function giving a tuple of batch tensors, one per column of `ds`."
     keys = list(ds.features)
     def _f(b):
         batch = default_collate(b)
@@ -249,17 +229,16 @@ def collate_dict(ds):
 
 # %% ../nbs/02_datasets.ipynb #dce9717c
 class DataLoaders:
-    "A training and a validation DataLoader (`.train`, `.valid`); any further loaders are kept in `.dls`."
+    "A training and a validation DataLoader (`.train`, `.valid`); all of them are in `.dls`."
     def __init__(self, *dls):
-        if len(dls) < 2:
-            raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)} loader(s).')
+        if len(dls) < 2: raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)}')
         self.dls = dls
         self.train, self.valid = dls[:2]
 
     @classmethod
     def from_dd(cls, dd, batch_size, as_tuple=True, **kwargs):
-        "DataLoaders from a `DatasetDict` `dd` ('train' first and shuffled); `as_tuple` collates to tuples, not dicts."
-        if 'train' not in dd: raise ValueError(f"from_dd needs a 'train' split; this DatasetDict has {list(dd)}.")
+        "DataLoaders from a `DatasetDict` ('train' first, shuffled); `as_tuple` collates to tuples, not dicts."
+        if 'train' not in dd: raise ValueError(f"from_dd needs a 'train' split, got {list(dd)}")
         splits = ['train'] + [k for k in dd if k != 'train']
         return cls(*[DataLoader(dd[k], batch_size, shuffle=k == 'train',
                                 collate_fn=collate_dict(dd[k]) if as_tuple else default_collate, **kwargs)
@@ -271,15 +250,15 @@ class TensorDL:
     def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None):
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if x.dtype != torch.uint8 or x.ndim not in (3, 4):
-            raise TypeError(f'TensorDL wants raw pixels: a uint8 tensor shaped (N,H,W) or (N,C,H,W); got {x.dtype} '
-                            f'{tuple(x.shape)}. Pass the 0-255 images; TensorDL scales and normalises them.')
-        if len(x) != len(y): raise ValueError(f'x has {len(x)} images but y has {len(y)} labels; they must match.')
-        if not isinstance(bs, int) or bs < 1: raise ValueError(f'bs must be a positive int, got {bs!r}.')
-        if (mean is None) != (std is None): raise ValueError('Pass both mean and std to normalise, or neither.')
-        self.x, self.y, self.bs, self.batch_size = x, y, bs, bs
-        self.dataset = TensorDataset(x, y)  # the raw (uint8) items, so code written for a DataLoader finds its dataset
+            raise TypeError(f'TensorDL wants uint8 pixels shaped (N,H,W) or (N,C,H,W), got {x.dtype} {tuple(x.shape)}; '
+                            'pass the 0-255 images, it scales them')
+        if len(x) != len(y): raise ValueError(f'TensorDL: x has {len(x)} images but y has {len(y)} labels')
+        self.bs = self.batch_size = check_int(bs, 'bs', 1, 'TensorDL')
+        if (mean is None) != (std is None): raise ValueError('TensorDL: pass both mean and std, or neither')
+        self.x, self.y = x, y
+        self.dataset = TensorDataset(x, y)  # the raw items, for code written for a DataLoader
         self.shuffle, self.drop_last, self.mean, self.std, self.flat = shuffle, drop_last, mean, std, flat
-        # One generator for the loader's whole life: each epoch draws a new order, and the sequence repeats per seed.
+        # One generator for the loader's life: a new order each epoch, the same sequence for the same seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -292,7 +271,7 @@ class TensorDL:
         return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
 
     def get_batch(self, idx):
-        "Images `idx` as normalised floats with a channel dim (or flattened), and their labels."
+        "Images `idx` as normalised floats with a channel dim (or flat), and their labels."
         xb = self.x.index_select(0, idx).float().div_(255)  # index_select copies whole rows: ~20x faster than x[idx]
         if self.mean is not None: xb = xb.sub_(self.mean).div_(self.std)
         if self.flat: xb = xb.view(len(idx), -1)
@@ -304,16 +283,16 @@ class TensorDL:
         for i in range(len(self)): yield self.get_batch(idxs[i*self.bs:(i+1)*self.bs])
 
 # %% ../nbs/02_datasets.ipynb #6cb74538
-_hub_arrays = {}  # Hub data converted to tensors, kept so the slow PIL conversion happens once per process
+_hub_arrays = {}  # Hub data as arrays, so the slow PIL conversion happens once per process
 
 def _dd_to_arrays(dd):
-    "A Fashion-MNIST DatasetDict as numpy arrays {'train': (x, y), 'valid': (x, y)}, decoding every PIL image."
+    "A Fashion-MNIST DatasetDict as numpy arrays {'train': (x, y), 'valid': (x, y)}."
     return {name: (np.stack([np.asarray(im, dtype=np.uint8) for im in dd[split]['image']]),
                    np.array(list(dd[split]['label']), dtype=np.int64))
             for name, split in (('train', 'train'), ('valid', 'test'))}
 
 def fashion_mnist_arrays(source=None):
-    "Fashion-MNIST as {'train': (x, y), 'valid': (x, y)}: uint8 images (N,28,28) and int64 labels, from `source`."
+    "Fashion-MNIST from `source` as {'train': (x, y), 'valid': (x, y)}: uint8 images (N,28,28), int64 labels."
     source = _check_source(source)
     if source != 'sample' and 'arrays' in _hub_arrays:
         if source == 'auto': _notice('using Fashion-MNIST already loaded from the Hub/cache')
@@ -324,7 +303,7 @@ def fashion_mnist_arrays(source=None):
             sample = _sample_arrays()
             arrays = {'train': sample['train'], 'valid': sample['test']}
         else: arrays = _hub_arrays.setdefault('arrays', _dd_to_arrays(dd))
-    # Copies, so a caller changing them in place can't alter what later calls get.
+    # copies, so changing them in place can't alter what later calls get
     return {k: (torch.tensor(x), torch.tensor(y)) for k, (x, y) in arrays.items()}
 
 # %% ../nbs/02_datasets.ipynb #fe8b6c95

@@ -17,34 +17,34 @@ from .learner import Callback
 
 # %% ../nbs/08_sgd.ipynb #9dde753a
 def _save_hypers(opt):
-    "A copy of every param group's settings (all but 'params')."
+    "A copy of every param group's settings but 'params'."
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != 'params'}
             for g in opt.param_groups]
 
 def _restore_hypers(opt, saved):
-    "Put back settings saved by `_save_hypers`, dropping keys added since (e.g. a scheduler's 'initial_lr')."
+    "Put back what `_save_hypers` saved, dropping keys added since (e.g. a scheduler's 'initial_lr')."
     for g, s in zip(opt.param_groups, saved):
         for k in [k for k in g if k != 'params' and k not in s]: del g[k]
         for k, v in s.items():
-            # a tensor lr (capturable optimizers) is updated in place, so anything holding it sees the change
+            # a tensor lr (capturable optimizers) is updated in place, so whoever holds it sees the change
             if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor): g[k].copy_(v)
             else: g[k] = v
 
 # %% ../nbs/08_sgd.ipynb #812d01bf
 class BaseSchedCB(Callback):
-    "Make a torch scheduler with `sched(learn.opt)` in `before_fit`; subclasses choose when it steps. Restores the hyperparameters after fit."
+    "Make a scheduler with `sched(learn.opt)` before fit (subclasses choose when it steps); restore the settings after."
     def __init__(self, sched):
         if not callable(sched) or isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
-            raise TypeError(f"{type(self).__name__} needs a function that makes a scheduler from the optimizer, got "
-                            f"{sched!r}; pass e.g. partial(OneCycleLR, max_lr=1e-2, total_steps=n), not a scheduler object")
+            raise TypeError(f"{type(self).__name__} needs a function of the optimizer, got {sched!r}; "
+                            "e.g. partial(OneCycleLR, max_lr=1e-2, total_steps=n)")
         self.sched, self._saved = sched, None
 
     def before_fit(self, learn):
         self._saved = _save_hypers(learn.opt)
         self.schedo = self.sched(learn.opt)
         if not callable(getattr(self.schedo, 'step', None)):
-            raise TypeError(f"{type(self).__name__}: sched(opt) returned {type(self.schedo).__name__}, which has no step(); "
-                            "it should return a torch LR scheduler")
+            raise TypeError(f"{type(self).__name__}: sched(opt) gave a {type(self.schedo).__name__} with no step(); "
+                            "make it return a torch LR scheduler")
 
     def _step(self, learn):
         if learn.training: self.schedo.step()
@@ -53,33 +53,32 @@ class BaseSchedCB(Callback):
         if self._saved is not None: _restore_hypers(learn.opt, self._saved)
         self._saved = None
 
-    # Checkpoints save the scheduler's position, so a resumed fit continues the schedule where it stopped
+    # checkpoints keep the scheduler's position, so a resumed fit carries on with the schedule
     def state_dict(self): return self.schedo.state_dict()
     def load_state_dict(self, sd): self.schedo.load_state_dict(sd)
 
 # %% ../nbs/08_sgd.ipynb #680dfc19
 class BatchSchedCB(BaseSchedCB):
-    "Step the scheduler after every optimizer step (so plan `total_steps = n_epochs*len(dls.train)`)."
+    "Step the scheduler after every optimizer step (so `total_steps = n_epochs*len(dls.train)`)."
     def before_fit(self, learn):
         super().before_fit(learn)
         if isinstance(self.schedo, ReduceLROnPlateau):
-            raise TypeError("ReduceLROnPlateau steps on a validation metric once per epoch; use EpochSchedCB for it")
+            raise TypeError("ReduceLROnPlateau steps once per epoch on a validation metric; use EpochSchedCB")
 
     def after_step(self, learn):
         try: self._step(learn)
         except ValueError as e:  # OneCycleLR and friends refuse to step past total_steps
             n = getattr(learn, 'n_epochs', 1)*len(learn.dls.train)
-            raise ValueError(f"{e}. BatchSchedCB steps once per training batch: this fit needs "
-                             f"total_steps={n} (n_epochs*len(dls.train))") from e
+            raise ValueError(f"{e}; BatchSchedCB steps once per batch, so this fit needs total_steps={n}") from e
 
 # %% ../nbs/08_sgd.ipynb #f34626fe
 def one_cycle(lr, epochs, dl, **kwargs):
-    "A `BatchSchedCB` running torch's `OneCycleLR` up to `lr` over `epochs` passes of `dl` (one step per batch)."
+    "A `BatchSchedCB` running torch's `OneCycleLR` up to `lr` over `epochs` passes of `dl`."
     return BatchSchedCB(partial(OneCycleLR, max_lr=lr, total_steps=max(1, epochs*len(dl)), **kwargs))
 
 # %% ../nbs/08_sgd.ipynb #4cc22c02
 class EpochSchedCB(BaseSchedCB):
-    "Step the scheduler after each training epoch; `ReduceLROnPlateau` steps after each validation epoch on its mean loss."
+    "Step the scheduler after each training epoch; `ReduceLROnPlateau` after each validation epoch, on its mean loss."
     def before_epoch(self, learn): self._tot, self._n = 0., 0
 
     def after_batch(self, learn):
@@ -93,7 +92,7 @@ class EpochSchedCB(BaseSchedCB):
 
 # %% ../nbs/08_sgd.ipynb #b599c06e
 class HasLearnCB(Callback):
-    "Keep the `Learner` as `self.learn` during each fit, and drop it (`None`) when the fit ends, however it ends."
+    "`self.learn` is the `Learner` during each fit, and `None` once it ends, however it ends."
     learn = None
     def before_fit(self, learn): self.learn = learn
     def cleanup_fit(self, learn): self.learn = None
@@ -101,31 +100,23 @@ class HasLearnCB(Callback):
 # %% ../nbs/08_sgd.ipynb #d117543f
 _all_ = ['_lr', '_mom', '_beta1']
 
-def _lr(g):
-    "The learning rate of param group `g`."
-    return g['lr']
-
-def _beta1(g):
-    "Adam's `beta1` (its momentum) in param group `g`."
-    return g['betas'][0]
-
-def _mom(g):
-    "Momentum of param group `g`: `momentum` (SGD, RMSprop) or `betas[0]` (Adam and friends)."
-    return g['betas'][0] if 'betas' in g else g['momentum']
+def _lr(g): return g['lr']
+def _beta1(g): return g['betas'][0]  # Adam's momentum
+def _mom(g): return g['betas'][0] if 'betas' in g else g['momentum']  # Adam's beta1, or SGD's momentum
 
 # %% ../nbs/08_sgd.ipynb #1efbda58
 class _Group(dict):
-    "A param group's settings that also answer `.pg` (themselves), for the course's functions that read `cb.pg['lr']`."
+    "A param group that is also its own `.pg`, for the course's functions that read `cb.pg['lr']`."
     @property
     def pg(self): return self
 
 class RecorderCB(Callback):
-    "After each optimizer step, record `f(param_group)` for each `name=f` given, e.g. `RecorderCB(lr=_lr, mom=_mom)`."
+    "After each optimizer step, record `f(param_group)` for each `name=f`, e.g. `RecorderCB(lr=_lr, mom=_mom)`."
     order = -1  # before the schedulers step in after_step: records are what the step used
     def __init__(self, **d):
-        if not d: raise ValueError("RecorderCB needs at least one name=function, e.g. RecorderCB(lr=_lr, mom=_mom)")
+        if not d: raise ValueError("RecorderCB needs at least one name=function, e.g. RecorderCB(lr=_lr)")
         for k, f in d.items():
-            if not callable(f): raise TypeError(f"RecorderCB: {k}={f!r} is not a function of a param group; pass e.g. {k}=_lr")
+            if not callable(f): raise TypeError(f"RecorderCB: {k}={f!r} is not a function of a param group, e.g. _lr")
         self.d = d
 
     def before_fit(self, learn):
@@ -152,14 +143,13 @@ class RecorderCB(Callback):
 def _check_pname(opt, pname):
     "ValueError unless every param group of `opt` has the setting `pname` ('mom': momentum or betas)."
     for g in opt.param_groups:
-        ok = ('betas' in g or 'momentum' in g) if pname == 'mom' else pname in g
-        if ok: continue
+        if (('betas' in g or 'momentum' in g) if pname == 'mom' else pname in g): continue
         keys = sorted(k for k in g if k != 'params')
-        hint = " Use 'mom' to schedule momentum or Adam's beta1." if pname in ('momentum', 'betas', 'beta1') else ''
-        raise ValueError(f"ParamSchedCB: {type(opt).__name__} param groups have no {pname!r}; their settings are {keys}.{hint}")
+        hint = "; use 'mom' for momentum or Adam's beta1" if pname in ('momentum', 'betas', 'beta1') else ''
+        raise ValueError(f"ParamSchedCB: {type(opt).__name__} has no {pname!r}, only {keys}{hint}")
 
 def _set_hyper(g, pname, v):
-    "Set setting `pname` of param group `g` to `v`; 'mom' is `momentum`, or `betas[0]` where there are betas."
+    "Set `pname` of param group `g` to `v`; 'mom' is `momentum`, or `betas[0]` where there are betas."
     if pname == 'mom':
         if 'betas' in g: g['betas'] = (v, *g['betas'][1:])
         else: g['momentum'] = v
@@ -168,19 +158,19 @@ def _set_hyper(g, pname, v):
 
 # %% ../nbs/08_sgd.ipynb #e7d5140d
 class ParamSchedCB(Callback):
-    "Before each training batch set `pname` ('lr', 'mom', 'weight_decay', ...) on every param group to `sched_func(pos)`."
+    "Before each training batch, set `pname` ('lr', 'mom', 'weight_decay'...) of all param groups to `sched_func(pos)`."
     def __init__(self, pname, sched_func):
-        if not isinstance(pname, str): raise TypeError(f"ParamSchedCB: pname must be a setting name such as 'lr', got {pname!r}")
+        if not isinstance(pname, str): raise TypeError(f"ParamSchedCB needs a setting name like 'lr', got {pname!r}")
         if not callable(sched_func):
             raise TypeError(f"ParamSchedCB: sched_func must be a function of pos in [0, 1], got {sched_func!r}; "
-                            "e.g. sched_cos(1e-2, 1e-4) or combine_scheds(...)")
+                            "e.g. sched_cos(1e-2, 1e-4)")
         self.pname, self.sched_func, self._saved = pname, sched_func, None
 
     def before_fit(self, learn):
         _check_pname(learn.opt, self.pname)
         self._saved = _save_hypers(learn.opt)
         try: self.n_iter = len(learn.dls.train)
-        except TypeError: raise TypeError("ParamSchedCB needs len(dls.train) to know how far through training each batch is") from None
+        except TypeError: raise TypeError("ParamSchedCB needs len(dls.train) to know where training is") from None
 
     def before_batch(self, learn):
         if not learn.training: return

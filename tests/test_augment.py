@@ -118,8 +118,9 @@ def test_capture_preds_keeps_several_inputs_apart_and_can_skip_them():
     assert cp.all_inps is None and torch.equal(cp.all_preds, preds)
 
 
-def test_recipe_names_moved_but_still_import_from_augment_with_a_warning():
-    import miniai.augment, miniai.recipe
-    with pytest.warns(DeprecationWarning, match='miniai.recipe'):
-        assert miniai.augment.recipe_learner is miniai.recipe.recipe_learner
-    with pytest.raises(AttributeError): miniai.augment.not_a_name
+def test_the_recipe_lives_in_miniai_recipe_only_and_augment_does_not_import_it():
+    import subprocess, sys
+    code = ("import sys, miniai.augment as a; assert 'miniai.recipe' not in sys.modules\n"
+            "import miniai.recipe; assert not hasattr(a, 'recipe_learner') and not hasattr(a, '__getattr__')")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

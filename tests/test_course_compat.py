@@ -323,6 +323,20 @@ def test_miniai_imports_gives_the_usual_names():
     assert ns['nn'] is nn and ns['F'] is F and ns['optim'] is optim
 
 
+def test_course_dataloader_after_miniai_imports():
+    "The course's way: `from miniai.imports import *`, then PyTorch's DataLoader with a batch_size."
+    ns = {}
+    exec('from miniai.imports import *\n'
+         'ds = Dataset(torch.arange(10.), torch.arange(10))\n'
+         'dl = DataLoader(ds, batch_size=4)\n'
+         'xb, yb = next(iter(dl))', ns)
+    assert ns['DataLoader'] is DataLoader and isinstance(ns['dl'], DataLoader)
+    assert ns['xb'].tolist() == [0., 1., 2., 3.] and len(ns['dl']) == 3
+    import miniai.training
+    assert miniai.training.__all__ == ['accuracy', 'report', 'Dataset', 'fit', 'get_dls']   # the course's exports
+    assert miniai.training.DataLoader is not DataLoader    # the from-scratch one, by name
+
+
 def test_clean_mem_outside_ipython_and_after_an_error():
     from miniai.init import clean_mem, clean_tb
     def fails(t): raise ValueError('boom')
