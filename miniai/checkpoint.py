@@ -19,35 +19,29 @@ import fastcore.all as fc
 import torch
 
 from .checks import check_int
-from .learner import CancelBatchException, Callback, Learner, _setup_opt, get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, _setup_opt, _train_generator, get_rng_state, set_rng_state
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93
-_all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner (lr_find uses them too); checkpoints are their main job
+_all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner (lr_find uses them too)
 
 
 # %% ../nbs/05_checkpoint.ipynb #1ce0458e
 CKPT_VERSION = 1
 
-def _train_generator(learn):
-    "The `torch.Generator` the training DataLoader shuffles with, if it has its own."
-    return getattr(getattr(learn.dls, 'train', None), 'generator', None)
-
 def _cb_key(learn, cb):
-    "The name `cb`'s state is saved under: its class name, numbered if the Learner has several with state."
+    "The name `cb`'s state is saved under: its class name, numbered if several of its class have state."
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
     "The whole training state as plain data, `done` training batches into `epoch` (which began in `epoch_rng`)."
-    if epoch is None: epoch = getattr(self, 'n_epochs', 0)
-    if done and epoch_rng is None:
-        raise ValueError("a mid-epoch checkpoint needs epoch_rng, the random state the epoch began with; "
-                         "save it with CheckpointCB, which records it")
+    if done and epoch_rng is None: raise ValueError("a mid-epoch checkpoint needs epoch_rng; save it with CheckpointCB")
     if self.opt is not None and not hasattr(self.opt, 'state_dict'):
-        raise TypeError(f"the optimizer {type(self.opt).__name__} has no state_dict(), so a checkpoint can't save it; "
-                        "use a torch.optim optimizer, or give yours state_dict() and load_state_dict()")
-    return dict(version=CKPT_VERSION, epoch=epoch, done=done, n_epochs=getattr(self, 'n_epochs', None),
+        raise TypeError(f"the optimizer {type(self.opt).__name__} has no state_dict() to save; use a torch.optim one, "
+                        "or give yours state_dict() and load_state_dict()")
+    n = getattr(self, 'n_epochs', None)
+    return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
                 cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
                 rng=get_rng_state(_train_generator(self)), epoch_rng=epoch_rng if done else None)
@@ -56,7 +50,6 @@ def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
 # %% ../nbs/05_checkpoint.ipynb #7cbdc332
 def _atomic_save(obj, path):
     "`torch.save` to a temp file beside `path`, fsync, then rename: `path` is never half-written."
-    path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
@@ -80,12 +73,11 @@ def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
 
 def read_checkpoint(path):
     "Load a checkpoint file written by `Learner.save`, with a clear error if it is missing or damaged."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} not found; check the path")
+    if not Path(path).is_file(): raise FileNotFoundError(f"checkpoint {path} not found; check the path")
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}); "
-                         "resume from an earlier one (CheckpointCB keeps several)") from None
+        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}); use an earlier one (CheckpointCB keeps "
+                         "several)") from None
     if not isinstance(ck, dict) or ck.get('version') != CKPT_VERSION or 'model' not in ck:
         raise ValueError(f"{path} is not a miniai checkpoint (version {CKPT_VERSION}); write one with Learner.save")
     return ck
@@ -104,9 +96,8 @@ def apply_checkpoint(learn, ck, with_opt=True):
 
 @fc.patch
 def load(self: Learner, path, with_opt=True):
-    "Load a checkpoint written by `save` into this Learner (see `apply_checkpoint`); returns the checkpoint dict."
-    ck = read_checkpoint(path)
-    apply_checkpoint(self, ck, with_opt)
+    "Load a checkpoint written by `save` into this Learner (`apply_checkpoint`); returns the checkpoint dict."
+    apply_checkpoint(self, ck := read_checkpoint(path), with_opt)
     return ck
 
 
@@ -123,26 +114,25 @@ def ckpt_position(path):
 def ckpt_where(path):
     "Where in training the checkpoint file `path` was saved, in words."
     if (pos := ckpt_position(path)) is None: return Path(path).name
-    epoch, done = pos
-    return f"epoch {epoch}, batch {done}" if done or not epoch else f"the end of epoch {epoch-1}"
+    e, done = pos
+    return f"epoch {e}, batch {done}" if done or not e else f"the end of epoch {e-1}"
 
 def ckpt_files(folder):
-    "Checkpoints in `folder`, oldest first (temp files from interrupted writes are ignored)."
+    "Checkpoints in `folder`, oldest first (temp files of interrupted writes are ignored)."
     return sorted(Path(folder).glob('ckpt-*.pt'))
 
-class FitInterrupted(KeyboardInterrupt):
-    "Ctrl-C during `fit` under `CheckpointCB(on_interrupt=True)`; the message says what was saved, and where."
+class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` with `CheckpointCB(on_interrupt=True)`; says what was saved."
 
 class CheckpointCB(Callback):
-    "Save into `path` every `every_n_batches` training batches and/or each epoch, keeping the newest `keep`."
+    "Save into `path` every `every_n_batches` training batches and/or epoch (keeping `keep`), and on Ctrl-C if asked."
     order = 100  # after every other callback has finished with the batch
     def __init__(self, path='checkpoints', every_n_batches=None, every_epoch=True, keep=3, on_interrupt=False):
         if every_n_batches is not None:
             try: check_int(every_n_batches, 'every_n_batches', 1, where='CheckpointCB')
             except ValueError as e: raise ValueError(f"{e}; or None for no checkpoints inside an epoch") from None
-        check_int(keep, 'keep', 1, where='CheckpointCB')
-        self.path, self.every_n_batches, self.every_epoch, self.keep = Path(path), every_n_batches, every_epoch, keep
-        self.on_interrupt, self.epoch_rng, self.last, self.stopping, self._old = on_interrupt, None, None, False, None
+        self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
+        self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
+        self.epoch_rng, self.last, self.stopping, self._old = None, None, False, None
 
     def before_fit(self, learn):
         self.stopping = False
@@ -155,24 +145,21 @@ class CheckpointCB(Callback):
     def _on_sigint(self, signum, frame):
         if self.stopping: raise self.interrupted()
         self.stopping = True
-        print("\nstopping after this batch to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
+        print("\nstopping after this batch to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def interrupted(self):
-        "The `FitInterrupted` to raise: where the newest checkpoint was saved, or that there is none."
+        "The `FitInterrupted` to raise: where the newest checkpoint is, or that there is none."
         f = self.latest()
-        if f is None: return FitInterrupted("interrupted before the first checkpoint; nothing was saved")
-        return FitInterrupted(f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
+        return FitInterrupted("interrupted before the first checkpoint; nothing was saved" if f is None else
+                              f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
 
-    def before_epoch(self, learn):
-        # a training epoch's shuffle is drawn from the state it starts in: a checkpoint inside it needs that to replay it
+    def before_epoch(self, learn):  # an epoch's shuffle comes from the state it starts in: mid-epoch saves need it
         if learn.training: self.epoch_rng = get_rng_state(_train_generator(learn))
 
     def save_now(self, learn, epoch, done):
-        "Save `learn` as `done` training batches into `epoch` (0: the start of it), keeping the newest `keep` files."
-        f = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
+        "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
+        self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
         for old in ckpt_files(self.path)[:-self.keep]: old.unlink(missing_ok=True)
-        self.last = f
 
     def after_batch(self, learn):
         if not learn.training: return
@@ -187,30 +174,25 @@ class CheckpointCB(Callback):
 
     def latest(self):
         "The newest checkpoint file in `path`, or None."
-        fs = ckpt_files(self.path)
-        return fs[-1] if fs else None
+        return (ckpt_files(self.path) or [None])[-1]
 
 
 # %% ../nbs/05_checkpoint.ipynb #eed1e913
 def _find_checkpoint(learn, resume):
-    "The checkpoint file `resume` names: a file, a folder (its newest), or 'latest' (the newest in CheckpointCB's path)."
+    "The checkpoint file `resume` names: a file, a folder (its newest), or 'latest' (the newest in CheckpointCB's)."
     if resume == 'latest':
         ccb = [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]
-        if not ccb: raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs to know where to look; "
-                                     "or pass the checkpoint file or folder")
+        if not ccb: raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs; or pass a checkpoint or folder")
         resume = ccb[0].path
-    r = Path(resume)
-    if r.is_dir():
-        fs = ckpt_files(r)
-        if not fs: raise FileNotFoundError(f"no checkpoints (ckpt-*.pt) in {r}; fit without ResumeCB to start afresh")
-        r = fs[-1]
-    return r
+    if not Path(resume).is_dir(): return Path(resume)
+    if not (fs := ckpt_files(resume)): raise FileNotFoundError(f"no checkpoints in {resume}; fit without ResumeCB")
+    return fs[-1]
 
 
 # %% ../nbs/05_checkpoint.ipynb #11415e5e
 class ResumeCB(Callback):
     "Continue training exactly where checkpoint `resume` (a file, a folder, or 'latest') stopped."
-    order = CheckpointCB.order - 1  # after every other before_fit (their state exists to be loaded); before CheckpointCB
+    order = CheckpointCB.order - 1  # after the other before_fits (their objects exist), before CheckpointCB
     def __init__(self, resume='latest'): self.resume = resume
 
     def before_fit(self, learn):
@@ -220,13 +202,12 @@ class ResumeCB(Callback):
 
     def _resuming(self, learn): return learn.training and learn.epoch == self.start
 
-    def before_epoch(self, learn):
-        # from the state the epoch began in, the loader draws the same shuffle; at a boundary that is the saved one
+    def before_epoch(self, learn):  # the same starting state draws the same shuffle (at a boundary: the saved one)
         if self._resuming(learn): set_rng_state(self.epoch_rng if self.done else self.rng, _train_generator(learn))
 
     def before_batch(self, learn):
         if not (self._resuming(learn) and learn.iter < self.done): return
-        # the last replayed batch: what follows (the next batch's loading, dropout...) draws from the state at the save
+        # after the last replayed batch, what follows (loading, dropout...) draws from the state at the save
         if learn.iter == self.done - 1: set_rng_state(self.rng, _train_generator(learn))
         raise CancelBatchException()  # trained on before the interruption: loaded again, not trained on again
 

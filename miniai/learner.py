@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'STEPS', 'LEARN_ATTRS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback',
-           'run_cbs', 'with_cbs', 'check_cb', 'Learner', 'TrainCB', 'check_finite', 'TerminateOnNaNCB', 'Metric',
-           'Accuracy', 'DeviceCB', 'metric_by_name', 'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'TrainLearner',
-           'MomentumLearner', 'get_rng_state', 'set_rng_state', 'LRFinderCB', 'lr_find', 'to_cpu']
+           'run_cbs', 'with_cbs', 'check_cb', 'Learner', 'TrainCB', 'check_finite', 'TerminateOnNaNCB', 'DeviceCB',
+           'metric_by_name', 'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'TrainLearner', 'MomentumLearner',
+           'get_rng_state', 'set_rng_state', 'LRFinderCB', 'lr_find', 'to_cpu']
 
 # %% ../nbs/04_learner.ipynb #a11c4f07
 import copy
@@ -27,38 +27,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastprogress.fastprogress import master_bar, progress_bar, IN_NOTEBOOK
-from torch import optim
+from torch import nn, optim
 from torch.optim.lr_scheduler import ExponentialLR
-from torcheval.metrics import Mean
+from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, MulticlassF1Score, R2Score
 
-from .checks import check_int
+from .checks import check_float, check_int
 from .conv import default_device, module_modes, restore_modes, to_cpu, to_device
 
 # %% ../nbs/04_learner.ipynb #19f542fc
 _all_ = ['to_cpu']  # the course imports to_cpu from the learner module
 
 # %% ../nbs/04_learner.ipynb #ec2c9c0e
-class CancelFitException(Exception):
-    "Raise in a callback to stop `fit`: `after_fit` is skipped, `cleanup_fit` still runs."
-class CancelEpochException(Exception):
-    "Raise in a callback to end the current epoch: `after_epoch` is skipped, `cleanup_epoch` still runs."
-class CancelBatchException(Exception):
-    "Raise in a callback to skip the rest of the current batch: `after_batch` is skipped, `cleanup_batch` still runs."
+class CancelFitException(Exception): "Raise in a callback to stop `fit` (`cleanup_fit` still runs)."
+class CancelEpochException(Exception): "Raise in a callback to end this epoch (`cleanup_epoch` still runs)."
+class CancelBatchException(Exception): "Raise in a callback to skip the rest of the batch (`cleanup_batch` still runs)."
 
 class Callback:
-    "Base class for callbacks: define any event method, each taking `learn`; lower `order` runs first."
+    "Base class for callbacks: define event methods taking `learn`; lower `order` runs first."
     order = 0
-    # State loaded before fit makes the object it belongs to (a grad scaler, an averaged model): kept until then
+    # State loaded before fit makes its object (a grad scaler, an averaged model) waits for it
     def load_or_keep(self, name, sd):
-        "Load `sd` into `self.<name>` now if it exists, else keep it until the callback calls `made(name)`."
+        "Load `sd` into `self.<name>` if it exists, else keep it until the callback calls `made(name)`."
         vars(self).setdefault('_kept', {})[name] = sd
         if getattr(self, name, None) is not None: self.made(name)
     def made(self, name):
-        "Call once `self.<name>` exists: it gets the state `load_or_keep` kept for it, if any."
+        "Call once `self.<name>` exists: it gets the state kept for it, if any."
         sd = vars(self).get('_kept', {}).pop(name, None)
-        if sd is not None: getattr(self, name).load_state_dict(sd)
+        if sd: getattr(self, name).load_state_dict(sd)  # None or {} (a disabled GradScaler's): nothing to load
     def state_of(self, name):
-        "`self.<name>.state_dict()`, or the state kept for it while it doesn't exist: what `state_dict` should save."
+        "`self.<name>`'s state, or the state kept for it: what `state_dict` saves."
         obj = getattr(self, name, None)
         return obj.state_dict() if obj is not None else vars(self).get('_kept', {}).get(name)
 
@@ -67,48 +64,50 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_predict', 'after_
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 
 def run_cbs(cbs, method_nm, learn=None):
-    "Call `method_nm(learn)` on every callback in `cbs` that defines it, sorted by `order`."
+    "Call `method_nm(learn)` on each callback in `cbs` that defines it, in `order`."
     for cb in sorted(cbs, key=attrgetter('order')):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
+
 # %% ../nbs/04_learner.ipynb #aea1611a
-LEARN_ATTRS = {  # what callbacks share through `learn`: name -> who sets it, and what it holds
-    'model':     "Learner(): the nn.Module being trained (AccelerateCB swaps in its prepared model)",
-    'dls':       "Learner(): DataLoaders with .train and .valid (AccelerateCB swaps in prepared ones)",
-    'loss_func': "Learner(): called as loss_func(preds, *targets) by TrainCB",
-    'lr':        "Learner(): the learning rate the optimizer is made with; fit(lr=...) changes it for one fit",
-    'opt_func':  "Learner(): opt_func(params, lr) makes the optimizer; None for an inference-only Learner",
-    'cbs':       "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
-    'opt':       "fit, the first time: the optimizer (GradAccumCB swaps in a no-step stand-in; AccelerateCB wraps it)",
-    'n_epochs':  "fit: the number of epochs asked for",
-    'epochs':    "fit: range(n_epochs), what the loop iterates (ProgressCB wraps it, ResumeCB skips finished ones)",
-    'do_valid':  "fit: whether each epoch ends with a validation pass",
-    'epoch':     "the loop: the current epoch",
-    'training':  "the loop (read-only: model.training): True in a training pass, False in a validation pass",
-    'dl':        "the loop: dls.train or dls.valid for this pass (ProgressCB wraps it in a bar)",
-    'iter':      "the loop: the index of the batch in this pass",
-    'batch':     "the loop: the current batch (DeviceCB, BatchTransformCB, DDPMCB replace it in before_batch)",
-    'preds':     "the predict step (TrainCB): the model's output",
-    'loss':      "the get_loss step (TrainCB): the loss (GradAccumCB divides it for backward, then puts it back)",
-    'n_inp':     "TrainCB.before_fit (so also MixedPrecision, AccelerateCB): how many batch items the model takes",
-    'metrics':   "MetricsCB.before_fit: the MetricsCB itself, with its history",
-    'scaler':    "MixedPrecision.before_fit: its GradScaler or None, removed after fit (GradClipCB unscales with it)",
+LEARN_ATTRS = {  # what callbacks share through `learn`: who sets it, and what it is
+    'model': "Learner(): the nn.Module (AccelerateCB prepares it)",
+    'dls': "Learner(): DataLoaders with .train and .valid",
+    'loss_func': "Learner(): loss_func(preds, *targets)",
+    'lr': "Learner(): the optimizer's lr; fit(lr=...) changes it",
+    'opt_func': "Learner(): opt_func(params, lr) makes the optimizer; None: inference only",
+    'cbs': "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
+    'opt': "the first fit: the optimizer (GradAccumCB, AccelerateCB wrap it)",
+    'n_epochs': "fit: the epochs asked for",
+    'epochs': "fit: range(n_epochs) (ProgressCB wraps it, ResumeCB skips done ones)",
+    'do_valid': "fit: whether epochs end with a validation pass",
+    'epoch': "the loop: the current epoch",
+    'training': "the loop (model.training): a training pass?",
+    'dl': "the loop: dls.train or dls.valid (ProgressCB wraps it)",
+    'iter': "the loop: the batch's index in this pass",
+    'batch': "the loop: the batch (DeviceCB, BatchTransformCB, DDPMCB replace it)",
+    'preds': "predict (TrainCB): the model's output",
+    'loss': "get_loss (TrainCB): the loss",
+    'n_inp': "TrainCB.before_fit: how many batch items go to the model",
+    'metrics': "MetricsCB.before_fit: the MetricsCB, with its history",
+    'scaler': "MixedPrecision.before_fit: its GradScaler or None; removed after fit",
     'will_step': "GradAccumCB.before_batch: False while gradients accumulate; removed after fit",
-    'lr_finder': "lr_find: the LRFinderCB of the last run, with its lrs, losses and plot()",
+    'lr_finder': "lr_find: the last LRFinderCB (lrs, losses, plot())",
 }
 
-# %% ../nbs/04_learner.ipynb #6b37e951
+
+# %% ../nbs/04_learner.ipynb #91fc0817
 def _name(f): return getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
 
 def _note(err, f, e):
-    "Tell the user, on `err` itself, that `f` failed with `e` while `err` was being handled: never raise `e` instead."
+    "Note on `err` that `f` also failed with `e` (never raise `e` in its place)."
     msg = f"while handling this error, {_name(f)} also failed: {type(e).__name__}: {e}"
     if hasattr(err, 'add_note'): err.add_note(msg)  # Python 3.11+
     else: warnings.warn(msg, RuntimeWarning)
 
 def _call_all(fns, *args, err=None):
-    "Call every one of `fns`, even after some fail: failures become notes on `err`, or without it the first is raised."
+    "Call all `fns`, even after failures: they become notes on `err`, or else the first is raised."
     first = None
     for f in fns:
         try: f(*args)
@@ -119,19 +118,18 @@ def _call_all(fns, *args, err=None):
 
 @contextmanager
 def _undo_after(*fns):
-    "Call `fns` when the block ends, whether it failed or not, without their failures hiding the block's own error."
+    "Call `fns` when the block ends, failed or not, without hiding the block's own error."
     try: yield
     except BaseException as e:
         _call_all(fns, err=e)
         raise
     _call_all(fns)
 
-# %% ../nbs/04_learner.ipynb #91fc0817
 class with_cbs:
-    "Decorator: `before_{nm}`, the method, `after_{nm}`; swallow `cancel_exc`; `cleanup_{nm}` for callbacks whose `before_{nm}` ran."
+    "Decorator: `before_nm`, the method, `after_nm`; swallow `cancel_exc`; `cleanup_nm` for those set up."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
     def __call__(self, f):
-        before, after, cleanup, cancel_exc = f'before_{self.nm}', f'after_{self.nm}', f'cleanup_{self.nm}', self.cancel_exc
+        before, after, cleanup = (f'{w}_{self.nm}' for w in ('before', 'after', 'cleanup'))
         @wraps(f)
         def _f(learn, *args, **kwargs):
             befores, n = learn.handlers(before), 0  # n: how many before_ handlers finished
@@ -139,8 +137,8 @@ class with_cbs:
                 for _, m in befores: m(learn); n += 1
                 f(learn, *args, **kwargs)
                 learn.callback(after)
-            except cancel_exc: pass
-            except BaseException as e:  # an error, or an outer level's cancel (not an error: a cleanup failing then is raised)
+            except self.cancel_exc: pass
+            except BaseException as e:  # an error, or an outer cancel (then a failing cleanup is raised)
                 _cleanup(learn, cleanup, befores[n:], err=None if isinstance(e, _CANCELS) else e)
                 raise
             _cleanup(learn, cleanup, befores[n:])
@@ -149,78 +147,68 @@ class with_cbs:
 _CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
 
 def _cleanup(learn, nm, not_entered, err=None):
-    "Run event `nm` on all callbacks but those in `not_entered` (their `before_` never finished); see `_call_all` for `err`."
+    "Run event `nm` on the callbacks, but not those in `not_entered` (never set up)."
     skip = {id(cb) for cb, _ in not_entered}
     _call_all([m for cb, m in learn.handlers(nm) if id(cb) not in skip], learn, err=err)
+
 
 # %% ../nbs/04_learner.ipynb #32d10ac1
 def _check_lr(lr):
     if lr is None: return
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}; pass e.g. lr=1e-3 (use Learner.lr_find to pick one)")
-
-def _check_dl(dl, name):
-    try: n = len(dl)
-    except TypeError: return  # an iterable without a length can't be checked up front
-    if n == 0:
-        raise ValueError(f"the {name} DataLoader is empty (0 batches): its dataset has no items, or fewer than "
-                         f"batch_size with drop_last=True; give it data, lower batch_size, or pass {name}=False to fit")
+    try: check_float(lr, 'lr', '(0, inf)')
+    except ValueError as e: raise ValueError(f"{e}; pass a positive number, e.g. 1e-3 (lr_find suggests one)") from None
 
 def _check_fit(learn, n_epochs, train, valid, lr):
     check_int(n_epochs, 'n_epochs', 0, where='fit')
     _check_lr(lr)
     if train and learn.opt is None and learn.opt_func is None:
-        raise ValueError("this Learner was made with opt_func=None (inference only), so it has no optimizer to train "
-                         "with; pass e.g. opt_func=torch.optim.SGD to Learner, or call fit(..., train=False)")
-    for nm in STEPS if train else STEPS[:2]:  # a validation pass only predicts and computes the loss
+        raise ValueError("this Learner has no optimizer (opt_func=None); give it one, or fit(..., train=False)")
+    for nm in STEPS if train else STEPS[:2]:  # validation only predicts and computes the loss
         if getattr(type(learn), nm) is getattr(Learner, nm) and not any(hasattr(cb, nm) for cb in learn.cbs):
-            raise ValueError(f"nothing does the training step '{nm}': add TrainCB() to cbs, or use TrainLearner / "
-                             f"a Learner subclass that defines {nm}()")
-    for nm, on in (('train', train), ('valid', valid)):
-        if not on: continue
+            raise ValueError(f"nothing does the training step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
+    for nm in [nm for nm, on in (('train', train), ('valid', valid)) if on]:
         if not hasattr(learn.dls, nm):
-            raise TypeError(f"dls has no .{nm} DataLoader (got {type(learn.dls).__name__}); pass a DataLoaders(train_dl, valid_dl), "
-                            f"or {nm}=False to fit")
-        _check_dl(getattr(learn.dls, nm), nm)
+            raise TypeError(f"dls has no .{nm}; pass DataLoaders(train_dl, valid_dl), or {nm}=False to fit")
+        try: empty = len(getattr(learn.dls, nm)) == 0
+        except TypeError: empty = False  # an iterable without a length
+        if empty: raise ValueError(f"the {nm} DataLoader is empty (no items, or fewer than batch_size with drop_last); "
+                                   f"give it data, lower batch_size, or pass {nm}=False to fit")
+
 
 # %% ../nbs/04_learner.ipynb #e9b9fef3
 def check_cb(cb):
-    "Refuse a callback class instead of an instance, and a method named like an event that is not one (it would never run)."
-    if isinstance(cb, type): raise TypeError(f"add_cb got the class {cb.__name__}, not an instance; pass {cb.__name__}()")
+    "Refuse a callback class instead of an instance, and a method named like an event that is none."
+    if isinstance(cb, type): raise TypeError(f"add_cb got the class {cb.__name__}; pass an instance, {cb.__name__}()")
     for nm in dir(cb):
-        if not nm.startswith(('before_', 'after_', 'cleanup_')) or nm in EVENTS or not callable(getattr(cb, nm, None)): continue
+        if nm in EVENTS or not nm.startswith(('before_', 'after_', 'cleanup_')): continue
+        if not callable(getattr(cb, nm, None)): continue
         close = difflib.get_close_matches(nm, EVENTS + STEPS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"the events are {', '.join(EVENTS)}."
-        raise ValueError(f"{type(cb).__name__}.{nm} is named like an event, but there is no event {nm!r}, so it would never "
-                         f"run: {hint} (give a helper method that is not an event a name starting with '_')")
-
-# %% ../nbs/04_learner.ipynb #65cc3efa
-def _setup_opt(learn, lr, reset):
-    "Make the optimizer on the first fit (or with `reset`); later fits only change its lr when asked to."
-    if learn.opt_func is not None and (reset or learn.opt is None):
-        lr = learn.lr if lr is None else lr
-        learn.opt = learn.opt_func(learn.model.parameters()) if lr is None else learn.opt_func(learn.model.parameters(), lr)
-        learn._applied_lr = learn.lr
-        return
-    if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr  # the user changed learn.lr
-    if lr is not None and learn.opt is not None: _set_lr(learn.opt, lr)  # else it keeps its own lr(s), per group too
-
-def _set_lr(opt, lr):
-    "Set `lr` on a torch optimizer's param groups, or on an optimizer that keeps it in `.lr` (like the course's own SGD)."
-    if hasattr(opt, 'param_groups'):
-        for g in opt.param_groups:
-            g['lr'] = lr
-            g.pop('initial_lr', None)  # so a torch scheduler made in before_fit starts from the new lr
-    elif hasattr(opt, 'lr'): opt.lr = lr
-
-def _drop_grads(model):
-    for p in model.parameters(): p.grad = None  # not opt.zero_grad(): a hand-written optimizer's may fail on missing grads
-
+        raise ValueError(f"{type(cb).__name__}.{nm} is not an event, so it would never run: {hint} "
+                         "(start a helper's name with '_')")
 
 
 # %% ../nbs/04_learner.ipynb #990b7929
+def _setup_opt(learn, lr, reset):
+    "Make the optimizer on the first fit (or with `reset`); later fits only change its lr if asked to."
+    if learn.opt_func is not None and (reset or learn.opt is None):
+        lr, ps = learn.lr if lr is None else lr, learn.model.parameters()
+        learn.opt, learn._applied_lr = learn.opt_func(ps) if lr is None else learn.opt_func(ps, lr), learn.lr
+        return
+    if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr  # the user changed learn.lr
+    if lr is not None and learn.opt is not None: _set_lr(learn.opt, lr)  # else it keeps its own lr(s)
+
+def _set_lr(opt, lr):
+    "Set `lr` in a torch optimizer's param groups, or in `opt.lr` (like the course's own SGD)."
+    if hasattr(opt, 'param_groups'):
+        for g in opt.param_groups: g['lr'] = lr; g.pop('initial_lr', None)  # for a scheduler made after this
+    elif hasattr(opt, 'lr'): opt.lr = lr
+
+def _drop_grads(model):
+    for p in model.parameters(): p.grad = None  # a hand-written opt.zero_grad() may fail on missing grads
+
 class Learner:
-    "Train `model` on `dls` with `loss_func` and an optimizer from `opt_func` (None: inference only), extended by `cbs`."
+    "Train `model` on `dls` with `loss_func` and `opt_func` (None: inference only), extended by `cbs`."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
         _check_lr(lr)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
@@ -228,7 +216,7 @@ class Learner:
         for cb in fc.L(cbs): self.add_cb(cb)
 
     def add_cb(self, cb):
-        "Add callback `cb` (an instance; its method names are checked); `cbs` stays sorted by `order`, ties as added."
+        "Add callback instance `cb`; `cbs` stays sorted by `order`, ties as added."
         check_cb(cb)
         cb.learn, self.cbs, self._handlers = self, sorted([*self.cbs, cb], key=attrgetter('order')), {}
         return self
@@ -237,12 +225,12 @@ class Learner:
         self.cbs.remove(cb); self._handlers = {}
         return self
     def handlers(self, nm):
-        "`(callback, method)` for each callback that defines `nm`, in order; looked up once per change of `cbs`."
+        "`(cb, method)` for the callbacks that define `nm`, in order; cached until `cbs` changes."
         if nm not in self._handlers:
             self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
         return self._handlers[nm]
     def callback(self, nm):
-        "Run event `nm` on every callback that defines it."
+        "Run event `nm` on the callbacks that define it."
         for _, m in self.handlers(nm): m(self)
 
     # The step methods: callbacks do the work unless a subclass overrides them
@@ -280,7 +268,7 @@ class Learner:
                 with torch.no_grad(): self.one_epoch(False)
 
     def fit(self, n_epochs=1, train=True, valid=True, cbs=None, lr=None, reset_opt=False):
-        "Train for `n_epochs`, each followed by a validation pass; `cbs` are added for this call only."
+        "Train for `n_epochs`, each with a validation pass; `cbs` are added for this call only."
         cbs, modes = list(fc.L(cbs)), module_modes(self.model)
         try:
             for cb in cbs: self.add_cb(cb)
@@ -288,7 +276,7 @@ class Learner:
             self.n_epochs, self.epochs, self.do_valid = n_epochs, range(n_epochs), valid
             _setup_opt(self, lr, reset_opt)
             self._fit(train, valid)
-        except BaseException as e:  # leave nothing half-done (no gradients of an unfinished step), without hiding `e`
+        except BaseException as e:  # leave no gradients of a half-done step, without hiding `e`
             _call_all([partial(_drop_grads, self.model), partial(restore_modes, modes)], err=e)
             raise
         finally:
@@ -296,92 +284,68 @@ class Learner:
                 if cb in self.cbs: self.rm_cb(cb)
 
 # %% ../nbs/04_learner.ipynb #06ba1a91
+def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
+
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+def _check_same_shape(f, preds, targs):
+    # torch broadcasts (bs,1) against (bs,) to (bs,bs) in these with only a warning: a silent, classic bug
+    if not (f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE_MODULES)) or len(targs) != 1: return
+    if hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
+        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}, which an elementwise "
+                         "loss would broadcast wrongly. Reshape one to match, e.g. preds.squeeze(-1)")
+
 class TrainCB(Callback):
-    "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step, zero_grad."
+    "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
     def __init__(self, n_inp=1): self.n_inp = check_int(n_inp, 'n_inp', 1, where=type(self).__name__)
     def before_fit(self, learn): learn.n_inp = self.n_inp
     def predict(self, learn):
         b = learn.batch
-        if not isinstance(b, (tuple, list)) or len(b) <= self.n_inp: self._bad_batch(b)
+        if isinstance(b, dict): raise TypeError(f"TrainCB needs a tuple batch (inputs..., targets...), got a dict with "
+                                                f"keys {list(b)}; use DataLoaders.from_dd(..., as_tuple=True)")
+        if (n := len(b) if isinstance(b, (tuple, list)) else 1) <= self.n_inp:
+            raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), leaving no targets for the "
+                             "loss; check n_inp, or what the DataLoader yields")
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
         targs = learn.batch[self.n_inp:]
-        if learn.iter == 0 and _elementwise(learn.loss_func): _check_same_shape(learn.preds, targs)  # before torch's warning
+        if learn.iter == 0: _check_same_shape(learn.loss_func, learn.preds, targs)
         try: learn.loss = learn.loss_func(learn.preds, *targs)
-        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit together
+        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit
             raise ValueError(f"loss_func failed on predictions of shape {_shape(learn.preds)} and targets of shape "
-                             f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size, "
-                             f"the loss function, and n_inp={self.n_inp}") from e
+                             f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size "
+                             f"and n_inp={self.n_inp}") from e
     def backward(self, learn):
         check_finite(learn)
         learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
 
-    def _bad_batch(self, b):
-        if isinstance(b, dict):
-            raise TypeError(f"TrainCB got a batch that is a dict with keys {list(b)}; it needs a tuple (inputs..., targets...). "
-                            "Use DataLoaders.from_dd(..., as_tuple=True) or a collate_fn that returns a tuple")
-        n = len(b) if isinstance(b, (tuple, list)) else 1
-        raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s) ({type(b).__name__}), leaving no targets "
-                         f"for the loss; the batch should have more than n_inp items — check n_inp or what the DataLoader yields")
-
-# %% ../nbs/04_learner.ipynb #623b566b
-def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
-
-_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
-def _elementwise(f): return f in _ELEMENTWISE or isinstance(f, (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss))
-
-def _check_same_shape(preds, targs):
-    # torch broadcasts (bs,1) against (bs,) to (bs,bs) for these losses with only a warning: a silent, classic bug
-    if len(targs) == 1 and hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
-        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}: an elementwise loss would "
-                         "broadcast them into a wrong result. Reshape one to match (e.g. preds.squeeze(-1) or y[:, None])")
 
 # %% ../nbs/04_learner.ipynb #1c7c564c
 def check_finite(learn):
     "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
     loss = learn.loss
-    if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common case, and the cheapest check
+    if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common, cheapest case
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(
-            f"the loss is {learn.loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch {learn.iter}: training "
-            "would corrupt the weights. Lower the lr (try lr_find), check the inputs for NaN/inf, clip gradients, "
-            "or add TerminateOnNaNCB() to stop quietly instead")
+        raise FloatingPointError(f"the loss is {loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch "
+                                 f"{learn.iter}; lower the lr (try lr_find), check the inputs for NaN, or add "
+                                 "TerminateOnNaNCB() to stop quietly")
 
 class TerminateOnNaNCB(Callback):
     "Stop `fit` quietly (keeping the last good weights) when the loss is NaN or infinite."
-    order = -1  # after_loss runs before TrainCB's backward, so the bad batch never reaches the weights
+    order = -1  # after_loss: before TrainCB's backward, so the bad batch never reaches the weights
     def after_loss(self, learn):
         if not torch.isfinite(learn.loss).all():
             print(f"TerminateOnNaNCB: loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}; stopping")
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #3bbbb7b6
-class Metric:
-    "A metric accumulated over batches: `add` a batch, read the size-weighted `value`, `reset` between epochs."
-    def __init__(self): self.reset()
-    def reset(self): self.vals, self.ns = [], []
-    def add(self, inp, targ=None, n=1):
-        self.last = self.calc(inp, targ)
-        self.vals.append(self.last)
-        self.ns.append(n)
-    @property
-    def value(self):
-        ns = torch.tensor(self.ns, dtype=torch.float64)
-        return (torch.tensor(self.vals, dtype=torch.float64)*ns).sum()/ns.sum()
-    def calc(self, inps, targs): return inps
-
-class Accuracy(Metric):
-    "Fraction of predictions equal to the targets; logits are turned into classes with argmax."
-    def calc(self, inps, targs):
-        if inps.ndim == targs.ndim + 1: inps = inps.argmax(-1)
-        return (inps == targs).float().mean()
 
 # %% ../nbs/04_learner.ipynb #ab496d1f
 def _opt_state_to(opt, dev):
-    "Move a torch optimizer's per-parameter state to `dev`; an optimizer without a `.state` dict (a hand-written one) is left alone."
+    "Move a torch optimizer's per-parameter state to `dev` (a hand-written one has no `.state`)."
     state = getattr(opt, 'state', None)
     if not isinstance(state, Mapping): return
     for s in state.values():
@@ -390,38 +354,37 @@ def _opt_state_to(opt, dev):
             if isinstance(v, torch.Tensor) and v.ndim > 0: s[k] = v.to(dev)  # 0-dim step counters stay on the CPU
 
 class DeviceCB(Callback):
-    "Move the model, optimizer state and each batch to `device` (default: `default_device()` when fit starts)."
+    "Move the model, optimizer state and each batch to `device` (default: `default_device()` at fit)."
     order = -10
     def __init__(self, device=None, non_blocking=False): self.device, self.non_blocking = device, non_blocking
 
     def before_fit(self, learn):
         self.dev = torch.device(self.device) if self.device is not None else default_device()
         if self.dev.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"DeviceCB(device={self.device!r}) but this machine has no usable CUDA GPU; "
-                             "use DeviceCB() to pick the best device available, or device='cpu'")
+            raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; "
+                             "use DeviceCB() for the best device there is, or device='cpu'")
         learn.model.to(self.dev)
-        _opt_state_to(learn.opt, self.dev)  # momentum or Adam state from an earlier fit must follow the weights
+        _opt_state_to(learn.opt, self.dev)  # momentum from an earlier fit follows the weights
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
+
 # %% ../nbs/04_learner.ipynb #d7f2fbb1
-def _torcheval_metrics():
-    from torcheval.metrics import MulticlassAccuracy, MulticlassF1Score, MeanSquaredError, R2Score
-    return dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
+_METRICS = dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
 
 def metric_by_name(name):
     "A fresh torcheval metric from its short name ('accuracy', 'f1', 'mse', 'r2')."
-    known = _torcheval_metrics()
-    if name not in known: raise ValueError(f"unknown metric name {name!r}; known names are {sorted(known)}, or pass a torcheval metric instance")
-    return known[name]()
+    if name not in _METRICS:
+        raise ValueError(f"unknown metric name {name!r}; known names are {sorted(_METRICS)}, or pass a metric")
+    return _METRICS[name]()
 
-# %% ../nbs/04_learner.ipynb #ebce91ff
+
+# %% ../nbs/04_learner.ipynb #767e390d
 def _n_items(b):
-    "Batch size: the length of the first tensor in `b`, looking inside nested tuples like `((xt, t), eps)`."
+    "Batch size: the length of the first tensor in `b`, even in nested tuples like `((xt, t), eps)`."
     while isinstance(b, (tuple, list)) and b: b = b[0]
     return len(b)
 
-# %% ../nbs/04_learner.ipynb #767e390d
 class _Metrics(dict):
     "Metrics by name, whose states are saved and loaded together."
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
@@ -436,23 +399,23 @@ class MetricsCB(Callback):
             else: metrics[type(o).__name__] = o
         for k, m in metrics.items():
             if not all(hasattr(m, a) for a in ('update', 'compute', 'reset')):
-                raise TypeError(f"MetricsCB: metric {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
-                                "pass a torcheval metric instance such as MulticlassAccuracy()")
+                raise TypeError(f"MetricsCB: {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
+                                "pass a torcheval metric such as MulticlassAccuracy()")
         self.metrics, self.all_metrics = metrics, _Metrics(metrics, loss=Mean())
         self.loss, self.running = self.all_metrics['loss'], None  # running: all_metrics while an epoch runs
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
-    logger = staticmethod(print)  # where each epoch's row goes; set it (per instance) to send rows elsewhere
+    logger = staticmethod(print)  # where each epoch's row goes (set it per instance)
     def before_fit(self, learn):
         learn.metrics, self.running = self, None
-        self.load_or_keep('running', None)  # a fit starts its epochs afresh; only ResumeCB (after this) brings one back
+        self.load_or_keep('running', None)  # a fit starts afresh; only ResumeCB, after this, resumes an epoch
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
         self.running, self._buf = self.all_metrics, []
         self.made('running')  # resuming mid-epoch: carry on from the saved partial sums
 
     def state_dict(self):
-        "History, and the metrics' partial state when saved in the middle of an epoch (for exact resume)."
+        "History, and the partial sums when saved mid-epoch (for exact resume)."
         self._flush()
         return dict(history=copy.deepcopy(self.history), metrics=self.state_of('running'))
     def load_state_dict(self, sd):
@@ -460,65 +423,56 @@ class MetricsCB(Callback):
         self.load_or_keep('running', sd['metrics'])
 
     def after_batch(self, learn):
-        preds, n_inp, loss = learn.preds, getattr(learn, 'n_inp', 1), learn.loss.detach()
+        preds, loss = learn.preds, learn.loss.detach()
         if preds.device != self._dev:
             self._flush()
             self._dev = preds.device
             for m in self.all_metrics.values(): m.to(self._dev)
-        y = learn.batch[n_inp] if self.metrics else None
-        if loss.numel() != 1:  # an unreduced loss can't be stacked with others: update now
-            self._flush()
-            for m in self.metrics.values(): m.update(preds, y)
-            self.loss.update(loss.float().mean(), weight=_n_items(learn.batch))
-            return
+        if loss.ndim: loss = loss.float().mean()  # an unreduced loss: its mean per item
+        y = learn.batch[getattr(learn, 'n_inp', 1)] if self.metrics else None
         self._buf.append((preds.detach() if self.metrics else None, y, loss, _n_items(learn.batch)))
         if len(self._buf) >= self.buffer: self._flush()
 
     def _flush(self):
-        # torcheval's update has a fixed cost per call, so a few dozen batches go in at once; sums don't care
+        # torcheval's update has a fixed cost per call: a few dozen batches go in at once (sums don't care)
         if not self._buf: return
         preds, ys, losses, ns = zip(*self._buf)
         self._buf = []
         if self.metrics:
             p, y = torch.cat(preds), torch.cat(ys)
             for m in self.metrics.values(): m.update(p, y)
-        self.loss.update(torch.stack(losses).float(), weight=torch.tensor(ns, dtype=torch.float32, device=losses[0].device))
+        w = torch.tensor(ns, dtype=torch.float32, device=losses[0].device)
+        self.loss.update(torch.stack(losses).float(), weight=w)
 
     def after_epoch(self, learn):
         self._flush()
-        self.running = None
-        vals = {k: m.compute().item() for k, m in self.all_metrics.items()}
+        self.running, vals = None, {k: m.compute().item() for k, m in self.all_metrics.items()}
         self.history.append({**vals, 'epoch': learn.epoch, 'train': learn.training})
-        log = {k: f'{v:.3f}' for k, v in vals.items()}
-        log['epoch'] = learn.epoch
-        log['train'] = 'train' if learn.training else 'eval'
-        self.logger(log)
+        self.logger({**{k: f'{v:.3f}' for k, v in vals.items()}, 'epoch': learn.epoch,
+                     'train': 'train' if learn.training else 'eval'})
+
 
 # %% ../nbs/04_learner.ipynb #c4de7351
 class ProgressCB(Callback):
-    "Progress bars and a metrics table; `plot=True` adds a live train/valid loss graph. Keeps `losses`, `val_losses`."
+    "Progress bars and a metrics table; `plot=True` adds a live loss graph. Keeps `losses` and `val_losses`."
     order = MetricsCB.order + 1
-    def __init__(self, plot=False, refresh=0.25): self.plot, self.refresh = plot, refresh
+    def __init__(self, plot=False, refresh=0.25):
+        self.plot, self.refresh, self.losses, self.val_losses, self._buf = plot, refresh, [], [], []
 
     def before_fit(self, learn):
-        self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # bars only where they redraw in place
+        self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # only where bars redraw in place
         self.first, self.losses, self.val_losses, self._buf, self._last = True, [], [], [], 0.
-        self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)  # this fit's, not a stale one
+        self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
-        if self.metrics is not None:  # last: until here nothing outside this callback has changed
-            self._had_logger = 'logger' in vars(self.metrics)  # its own, or the class's print
-            self._prev_logger, self.metrics.logger = self.metrics.logger, self.log_row
+        if self.metrics is not None:  # last: nothing outside this callback has changed until here
+            self._old_logger = vars(self.metrics).get('logger')  # None: the class's print
+            self.metrics.logger = self.log_row
 
     def log_row(self, d):
-        vals = [str(v) for v in d.values()]
-        if self.bars:
-            if self.first: self.mbar.write(list(d), table=True)
-            self.mbar.write(vals, table=True)
-        else:
-            if self.first:
-                self._widths = [max(8, len(k)) for k in d]
-                print('  '.join(k.ljust(w) for k, w in zip(d, self._widths)).rstrip(), flush=True)
-            print('  '.join(v.ljust(w) for v, w in zip(vals, self._widths)).rstrip(), flush=True)
+        if self.first and not self.bars: self._widths = [max(8, len(k)) for k in d]
+        for row in ([list(d)] if self.first else []) + [[str(v) for v in d.values()]]:
+            if self.bars: self.mbar.write(row, table=True)
+            else: print('  '.join(v.ljust(w) for v, w in zip(row, self._widths)).rstrip(), flush=True)
         self.first = False
 
     def before_epoch(self, learn):
@@ -526,8 +480,7 @@ class ProgressCB(Callback):
 
     def after_batch(self, learn):
         if learn.training: self._buf.append(learn.loss.detach())
-        now = time.perf_counter()
-        if now - self._last < self.refresh: return
+        if (now := time.perf_counter()) - self._last < self.refresh: return
         self._last = now
         if self.bars: learn.dl.comment = f'{learn.loss.item():.3f}'
         if self.plot and self.bars and learn.training: self._update_graph(learn)
@@ -538,9 +491,9 @@ class ProgressCB(Callback):
         if self.plot and self.bars: self._update_graph(learn)
 
     def cleanup_fit(self, learn):
-        if self.metrics is not None:  # put MetricsCB's logger back exactly as it was
-            if self._had_logger: self.metrics.logger = self._prev_logger
-            else: vars(self.metrics).pop('logger', None)
+        if self.metrics is not None:  # give MetricsCB its logger back, exactly as it was
+            vars(self.metrics).pop('logger', None)
+            if self._old_logger is not None: self.metrics.logger = self._old_logger
         self._flush()
 
     def _flush(self):
@@ -548,33 +501,35 @@ class ProgressCB(Callback):
         self._buf = []
 
     def state_dict(self):
-        "The losses so far, for checkpoints: a resumed run's curve shows the whole run."
+        "The losses so far: a resumed run's curve shows the whole run."
         self._flush()
         return dict(losses=list(self.losses), val_losses=list(self.val_losses))
-    def load_state_dict(self, sd): self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
+    def load_state_dict(self, sd):
+        self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
+
+    def _val_x(self, n=None):
+        "The validation losses' places on the batch axis, for epochs of `n` batches (default: the mean)."
+        return [(i+1)*(n or len(self.losses)/len(self.val_losses)) for i in range(len(self.val_losses))]
 
     def _update_graph(self, learn):
         self._flush()
-        if len(self.losses) < 2: return  # a single point makes an empty-looking graph
-        graphs = [[list(range(len(self.losses))), self.losses]]
-        if self.val_losses:
-            n = len(learn.dls.train) if hasattr(learn.dls.train, '__len__') else len(self.losses)//max(len(self.val_losses), 1)
-            graphs.append([[(i+1)*n for i in range(len(self.val_losses))], self.val_losses])
+        if len(self.losses) < 2: return  # one point looks like an empty graph
+        graphs, n = [[list(range(len(self.losses))), self.losses]], getattr(learn.dls.train, '__len__', None)
+        if self.val_losses: graphs.append([self._val_x(n and n()), self.val_losses])
         self.mbar.update_graph(graphs)
-        ax = self.mbar.graph_ax  # fastprogress draws no labels: add them and show the figure again
-        for line in ax.lines[1:]: line.set_marker('o')  # one validation point is a dot, not an invisible line
-        ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss while training (valid: end of each epoch)')
+        ax = self.mbar.graph_ax  # fastprogress draws no labels: add them, show the figure again
+        for line in ax.lines[1:]: line.set_marker('o')  # so a single validation point shows
+        ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss (valid: at the end of each epoch)')
         self.mbar.graph_out.update(ax.figure)
 
     def plot_losses(self, ax=None):
-        "Plot the recorded training loss per batch, and validation loss per epoch if there is one."
+        "Plot the training loss per batch, and the validation loss per epoch."
         if ax is None: _, ax = plt.subplots()
         ax.plot(self.losses, label='train')
-        if self.val_losses:
-            n = len(self.losses)/len(self.val_losses)
-            ax.plot([(i+1)*n for i in range(len(self.val_losses))], self.val_losses, 'o-', label='valid')
+        if self.val_losses: ax.plot(self._val_x(), self.val_losses, 'o-', label='valid')
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
+
 
 # %% ../nbs/04_learner.ipynb #d8ba0b4d
 class SingleBatchCB(Callback):
@@ -584,7 +539,7 @@ class SingleBatchCB(Callback):
 
 # %% ../nbs/04_learner.ipynb #b4ccbb95
 class TrainLearner(Learner):
-    "A Learner whose step methods are the plain training step (like `TrainCB` with `n_inp=1`)."
+    "A Learner whose step methods do the plain training step (`TrainCB` with `n_inp=1`)."
     def predict(self): self.preds = self.model(self.batch[0])
     def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
     def backward(self): self.loss.backward()
@@ -603,7 +558,7 @@ class MomentumLearner(TrainLearner):
 
 # %% ../nbs/04_learner.ipynb #0399413f
 def get_rng_state(generator=None):
-    "Every global random state (python, numpy, torch, cuda), plus `generator`'s if given, as plain data."
+    "Every global random state (python, numpy, torch, cuda), and `generator`'s, as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -618,9 +573,14 @@ def set_rng_state(state, generator=None):
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
 
-# %% ../nbs/04_learner.ipynb #1facd0f0
+def _train_generator(learn):
+    "The `torch.Generator` the training DataLoader shuffles with, if it has its own."
+    return getattr(getattr(learn.dls, 'train', None), 'generator', None)
+
+
+# %% ../nbs/04_learner.ipynb #0c6f4b70
 class LRFinderCB(Callback):
-    "Grow the lr by `gamma` each batch, record lrs and losses, stop when the loss passes `max_mult`× its minimum or is NaN."
+    "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its min."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
     def before_fit(self, learn):
         self.sched = ExponentialLR(learn.opt, self.gamma)
@@ -630,7 +590,7 @@ class LRFinderCB(Callback):
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         loss = learn.loss.item()
         self.losses.append(loss)
-        if loss < self.min: self.min = loss
+        self.min = min(self.min, loss)
         if not math.isfinite(loss) or loss > self.min*self.max_mult: raise CancelFitException()
         self.sched.step()
 
@@ -640,8 +600,7 @@ class LRFinderCB(Callback):
         for i, (lr, l) in enumerate(zip(self.lrs, self.losses)):
             if not math.isfinite(l): break
             avg = beta*avg + (1-beta)*l
-            sm = avg/(1 - beta**(i+1))
-            if sm < best: best, best_lr = sm, lr
+            if (sm := avg/(1 - beta**(i+1))) < best: best, best_lr = sm, lr
         return None if best_lr is None else best_lr/10
 
     def plot(self, ax=None):
@@ -649,20 +608,19 @@ class LRFinderCB(Callback):
         if ax is None: _, ax = plt.subplots()
         ax.plot(self.lrs, self.losses)
         ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss')
-        if (s := self.suggestion()) is not None: ax.axvline(s, color='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
+        if (s := self.suggestion()) is not None: ax.axvline(s, c='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-# %% ../nbs/04_learner.ipynb #0c6f4b70
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
     "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
-    gen = getattr(getattr(self.dls, 'train', None), 'generator', None)  # a loader's own shuffling generator, if any
-    state, opt, modes, rng = copy.deepcopy(self.model.state_dict()), self.opt, module_modes(self.model), get_rng_state(gen)
-    cb = LRFinderCB(gamma=gamma, max_mult=max_mult)
-    self.opt = None  # the finder trains with a throwaway optimizer; the real one is left as it was
+    gen, opt, modes = _train_generator(self), self.opt, module_modes(self.model)
+    state, rng, cb = copy.deepcopy(self.model.state_dict()), get_rng_state(gen), LRFinderCB(gamma, max_mult)
+    self.opt = None  # the finder trains with a throwaway optimizer
     with _undo_after(partial(self.model.load_state_dict, state), partial(setattr, self, 'opt', opt),
                      partial(restore_modes, modes), partial(set_rng_state, rng, gen)):
         self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
     self.lr_finder = cb
     if plot: cb.plot()
     return cb.suggestion()
+

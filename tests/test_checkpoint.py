@@ -135,3 +135,39 @@ def test_without_on_interrupt_ctrl_c_stops_at_once(tmp_path):
 def test_fit_is_the_same_whatever_was_imported():
     import miniai.checkpoint  # noqa: F401 (imported above too: it must change nothing in Learner.fit)
     assert Learner.fit.__module__ == 'miniai.learner' and 'resume' not in inspect.signature(Learner.fit).parameters
+
+class Averager(Callback):
+    "Keeps `avg`, a module made in before_fit, through the pending-state mechanism (as EMACB and MixedPrecision do)."
+    def __init__(self): self.avg = None
+    def before_fit(self, learn):
+        if self.avg is None: self.avg = nn.Linear(2, 2)
+        self.made('avg')
+    def after_step(self, learn):
+        with torch.no_grad(): self.avg.weight.add_(1)
+    def state_dict(self): return dict(avg=self.state_of('avg'))
+    def load_state_dict(self, sd): self.load_or_keep('avg', sd['avg'])
+
+def test_load_applies_callback_state_at_once_or_when_fit_makes_its_object(tmp_path):
+    learn = small_learner(tmp_path)
+    learn.add_cb(Averager())
+    learn.fit(1)
+    saved = learn.cbs[[type(c) for c in learn.cbs].index(Averager)].avg.weight.clone()
+    path = learn.save(tmp_path/'ck.pt')
+    fresh = small_learner(tmp_path)
+    avg = Averager()
+    fresh.add_cb(avg)
+    fresh.load(path)                                   # before any fit: kept...
+    assert avg.avg is None and torch.equal(avg.state_dict()['avg']['weight'], saved)  # ...and saved again as it is
+    fresh.fit(1, train=False)                          # fit makes the object, which gets the state
+    assert torch.equal(avg.avg.weight, saved)
+    with torch.no_grad(): avg.avg.weight.zero_()
+    fresh.load(path)                                   # the object exists: loaded at once
+    assert torch.equal(avg.avg.weight, saved)
+    assert fresh.metrics.history == learn.metrics.history  # MetricsCB's history came back too
+
+def test_load_warns_about_callback_state_the_learner_lacks(tmp_path):
+    learn = small_learner(tmp_path)
+    learn.fit(1)
+    path = learn.save(tmp_path/'ck.pt')
+    bare = Learner(learn.model, learn.dls, F.cross_entropy, cbs=[TrainCB()])
+    with pytest.warns(UserWarning, match=r"state for callbacks \['MetricsCB'\] that this Learner lacks"): bare.load(path)

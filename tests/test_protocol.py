@@ -5,6 +5,7 @@ event and inside each training step (from the model, the loss, autograd, the opt
 of `fit` must be the injected one — same type, same message, with no note saying that a cleanup failed too — and
 `fit` must leave nothing half-done: its callbacks removed, modes restored, no gradients, loggers given back.
 """
+import signal
 import warnings
 from functools import partial
 from types import SimpleNamespace
@@ -179,6 +180,7 @@ def test_injected_error_is_the_one_the_user_sees(name, point, order, tmp_path, r
     metrics = [cb for cb in learn.cbs if isinstance(cb, MetricsCB)]
     extra = [Arm(faults, stack.at, train)] + ([] if order is None else [injector(point, order, stack.at, train)])
     expected = f'injected in {point}' if order is None else f'injected at {point}'
+    sigint = signal.getsignal(signal.SIGINT)
 
     with pytest.raises(Exception) as ei: learn.fit(1, **{**fit_kw, 'cbs': extra + fit_kw.get('cbs', [])})
     assert type(ei.value) is Injected and str(ei.value) == expected, repr(ei.value)
@@ -187,6 +189,7 @@ def test_injected_error_is_the_one_the_user_sees(name, point, order, tmp_path, r
     assert [m.training for m in learn.model.modules()] == modes, 'train/eval modes must be as before fit'
     assert all(p.grad is None for p in learn.model.parameters()), 'no gradients of the failed step may be left'
     for m in metrics: assert 'logger' not in vars(m), 'ProgressCB must give MetricsCB its logger back'
+    assert signal.getsignal(signal.SIGINT) is sigint, 'CheckpointCB(on_interrupt=True) must put the handler back'
     learn.fit(1)  # and the Learner still trains
 
 
