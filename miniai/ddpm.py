@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['NoiseSched', 'linear_sched', 'cosine_sched', 'respace', 'noisify', 'UNet', 'ddpm_unet', 'init_ddpm', 'DDPMCB',
-           'EMACB', 'ddpm_step', 'Traj', 'sample', 'ddim_timesteps', 'ddim_step', 'ddim_sample', 'collate_ddpm',
-           'dl_ddpm', 'DDPMCB2', 'min_snr_weights']
+           'ddpm_step', 'Traj', 'sample', 'ddim_timesteps', 'ddim_step', 'ddim_sample', 'collate_ddpm', 'dl_ddpm',
+           'DDPMCB2', 'min_snr_weights']
 
 # %% ../nbs/13_ddpm.ipynb #c4e71814
 import inspect
@@ -22,7 +22,6 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from fastprogress.fastprogress import IN_NOTEBOOK, progress_bar
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, default_collate
 
 from .checks import check_choice, check_float, check_int
@@ -182,49 +181,6 @@ class DDPMCB(Callback):
         "DDPM-sample `shape` images with `model` on this schedule, calling `model` as training did."
         kwargs.setdefault('pair_input', _takes_pair(model, default=True))  # DDPMCB's batches hand the model one pair
         return sample(model, shape, self.sched, **kwargs)
-
-# %% ../nbs/13_ddpm.ipynb #23800241
-class EMACB(Callback):
-    "Keep `ema_model`, an exponential moving average of the model's weights and buffers; `warmup` grows the decay."
-    order = DeviceCB.order + 1  # after DeviceCB has moved the model: the average is made on the same device
-
-    def __init__(self, decay=0.999, warmup=True):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise ValueError(f"EMACB: decay must be a number in [0, 1), e.g. 0.999; got {decay!r}")
-        self.decay, self.warmup, self.ema_model, self._src, self._state = decay, warmup, None, None, None
-
-    def decay_at(self, n):
-        "The decay of the update that follows `n` earlier ones: `min(decay, (1+n)/(10+n))` with warm-up."
-        return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
-
-    def _average(self, ema_params, params, n_averaged):
-        # AveragedModel calls this once per (device, dtype) group, after the first update (which copies)
-        d = self.decay_at(int(self.ema_model.n_averaged))  # the CPU counter: no wait for the GPU
-        if ema_params[0].is_floating_point(): torch._foreach_lerp_(ema_params, params, 1 - d)
-        else: torch._foreach_copy_(ema_params, params)  # integer buffers (batch norm's counter) can't be averaged
-
-    def before_fit(self, learn):
-        if self.ema_model is None or self._src is not learn.model:
-            self.ema_model = AveragedModel(learn.model, multi_avg_fn=self._average, use_buffers=True)
-            self._src = learn.model
-        self.ema_model.module.to(model_device(learn.model))  # only the module: n_averaged stays on the CPU
-        self._load()
-
-    def after_step(self, learn): self.ema_model.update_parameters(learn.model)
-
-    def state_dict(self):
-        "The averaged weights and buffers and the number of steps averaged, for checkpoints."
-        return dict(ema=self.ema_model.state_dict() if self.ema_model is not None else self._state)
-
-    def load_state_dict(self, sd):
-        "Restore `state_dict()`; applied now if the average exists, else when `fit` makes it."
-        self._state = sd['ema']
-        self._load()
-
-    def _load(self):
-        if self.ema_model is not None and self._state is not None:
-            self.ema_model.load_state_dict(self._state)
-            self._state = None
 
 # %% ../nbs/13_ddpm.ipynb #fd1c5b88
 def _ddpm_coefs(abar, var):

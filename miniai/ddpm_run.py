@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .accel import EMACB
 from .checks import check_choice, check_int
 from .conv import model_device, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays, get_grid, show_image
-from .ddpm import (EMACB, NoiseSched, cosine_sched, ddim_sample, ddpm_unet, dl_ddpm, init_ddpm, linear_sched,
+from .ddpm import (NoiseSched, cosine_sched, ddim_sample, ddpm_unet, dl_ddpm, init_ddpm, linear_sched,
                          min_snr_weights, sample)
 from .fid import ImageEval, ddpm_images, ddpm_pixels, load_fid_classifier
 from .learner import MetricsCB, ProgressCB

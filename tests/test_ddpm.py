@@ -5,7 +5,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from miniai.ddpm import (DDPMCB, EMACB, NoiseSched, UNet, collate_ddpm, cosine_sched, ddim_sample, ddim_step,
+from miniai.accel import EMACB
+from miniai.ddpm import (DDPMCB, NoiseSched, UNet, collate_ddpm, cosine_sched, ddim_sample, ddim_step,
                          ddim_timesteps, ddpm_step, ddpm_unet, init_ddpm, linear_sched, noisify, respace, sample)
 from miniai.ddpm_run import load_ddpm, save_ddpm, save_grid, save_progression, short_run_warning, train_ddpm
 from miniai.fid import ddpm_images, ddpm_pixels
