@@ -30,7 +30,7 @@ from .learner import Callback, DeviceCB
 
 # %% ../nbs/13_ddpm.ipynb #f92dc15c
 class NoiseSched:
-    "A noise schedule from its betas: `beta`, `alpha`=1-beta, `abar`=cumprod(alpha), `sigma`=sqrt(beta)."
+    "A noise schedule: `beta`, `alpha`=1-beta, `abar`=cumprod(alpha), `sigma`=sqrt(beta)."
     def __init__(self, beta):
         beta = torch.as_tensor(beta, dtype=torch.float64).cpu()
         if beta.ndim != 1 or len(beta) == 0:
@@ -47,21 +47,21 @@ class NoiseSched:
         return f"NoiseSched({self.n_steps} steps, beta {self.beta[0]:.3g}..{self.beta[-1]:.3g})"
 
     def ddpm_coefs(self, var='small'):
-        "Per-step DDPM sampling coefficients as floats (computed once, in float64); see `ddpm_step`."
+        "Per-step coefficients of `ddpm_step` as floats, computed once in float64."
         check_choice(var, 'var', ('small', 'large'))
         if var not in self._coefs: self._coefs[var] = _ddpm_coefs(self._abar64, var)
         return self._coefs[var]
 
 # %% ../nbs/13_ddpm.ipynb #9d7815dc
 def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
-    "The paper's schedule: betas evenly spaced from `beta_min` to `beta_max` over `n_steps` steps."
+    "The paper's schedule: `n_steps` betas evenly spaced from `beta_min` to `beta_max`."
     check_int(n_steps, 'n_steps', 1, where='linear_sched')
     check_float(beta_max, 'beta_max', f'[{check_float(beta_min, "beta_min", "(0, 1)")}, 1)', 'linear_sched')
     return NoiseSched(torch.linspace(beta_min, beta_max, n_steps, dtype=torch.float64))
 
 # %% ../nbs/13_ddpm.ipynb #43474e4f
 def cosine_sched(n_steps=1000, s=0.008, max_beta=0.999):
-    "Improved DDPM's schedule: abar follows cos² of t/T (offset by `s`), betas capped at `max_beta`."
+    "Improved DDPM's schedule: abar follows cos² of t/T, betas capped at `max_beta`."
     check_int(n_steps, 'n_steps', 1, where='cosine_sched'), check_float(max_beta, 'max_beta', '(0, 1)', 'cosine_sched')
     u = torch.arange(n_steps + 1, dtype=torch.float64)/n_steps
     f = torch.cos((u + s)/(1 + s)*math.pi/2)**2
@@ -112,13 +112,13 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
 
 # %% ../nbs/13_ddpm.ipynb #bcb30d79
 def _check_halvable(h, w, n_levels):
-    "Each UNet level but the last halves H and W; the way up must meet the skip connections at the same sizes."
+    "Each UNet level but the last halves H and W, and the way up must meet the skips."
     k = 2**(n_levels - 1)
     if h % k or w % k: raise ValueError(f"a {n_levels}-level UNet needs H and W multiples of {k}; got {h}×{w}. Pad "
                                         "them (F.pad(x, (2, 2, 2, 2)) makes 28×28 32×32) or use fewer levels")
 
 class UNet(UNet2DModel):
-    "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning the predicted noise."
+    "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning a tensor."
     def forward(self, x, t=None):
         if t is None:
             if not (isinstance(x, (tuple, list)) and len(x) == 2):
@@ -128,7 +128,7 @@ class UNet(UNet2DModel):
         return super().forward(x, t).sample
 
     def _check_images(self, x):
-        "Fail early, naming the fix, on images this UNet can't take (torch would fail deep inside)."
+        "Fail early, naming the fix, on images this UNet can't take."
         c = self.config.in_channels
         if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W); got {tuple(x.shape)}. Add a channel dim: "
                                          "x[:, None]")
@@ -137,7 +137,7 @@ class UNet(UNet2DModel):
         _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
 
 def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_channels=1, size=32):
-    "A `UNet` of plain resnet blocks with `channels` per level and `layers` blocks per level, for `size`² images."
+    "A `UNet` with `layers` plain resnet blocks per level, of widths `channels`, for `size`² images."
     if bad := [c for c in channels if c % groups]:
         raise ValueError(f"GroupNorm's groups={groups} doesn't divide {bad}; choose groups that divides every width")
     n = len(channels)
@@ -148,7 +148,7 @@ def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_ch
 
 # %% ../nbs/13_ddpm.ipynb #d660e248
 def init_ddpm(model):
-    "Zero each resnet block's `conv2` and the output conv, orthogonal init for downsamplers' convs."
+    "Zero each resnet block's `conv2` and the output conv; orthogonal downsampling convs."
     n_res = 0
     for m in model.modules():
         if isinstance(m, ResnetBlock2D):
@@ -178,7 +178,7 @@ class DDPMCB(Callback):
         learn.batch = noisify(xb, self._abar, weights=self.weights)
 
     def sample(self, model, shape, **kwargs):
-        "DDPM-sample `shape` images with `model` on this schedule, calling `model` as training did."
+        "DDPM-sample `shape` images on this schedule, calling `model` as training did."
         kwargs.setdefault('pair_input', _takes_pair(model, default=True))  # DDPMCB's batches hand the model one pair
         return sample(model, shape, self.sched, **kwargs)
 
@@ -198,7 +198,7 @@ def _check_t(t, n_steps, nm='t'):
         raise ValueError(f"{nm} must be an int step in [0, {n_steps}), got {t!r}")
 
 def ddpm_step(x_t, eps_pred, t, sched, noise=None, clip=True, var='small'):
-    "One DDPM step from `x_t` at step `t` with predicted noise `eps_pred`: `(x_prev, x0_hat)`; adds `noise`·σ."
+    "One DDPM step from `x_t` at step `t` given `eps_pred`: `(x_prev, x0_hat)`; adds `noise`·σ."
     _check_t(t, len(sched))
     r_xt, r_eps, c0, ct, sig = sched.ddpm_coefs(var)[t]
     x0 = x_t*r_xt - eps_pred*r_eps  # undo the mixing: our guess of the clean image
@@ -209,7 +209,7 @@ def ddpm_step(x_t, eps_pred, t, sched, noise=None, clip=True, var='small'):
 
 # %% ../nbs/13_ddpm.ipynb #c78db3da
 class Traj(NamedTuple):
-    "A sampling trajectory: the steps `t`, and for each the input `xt` and the clean-image guess `x0` (CPU)."
+    "A sampling walk: steps `t`, and at each the input `xt` and the guess `x0` (CPU)."
     t: list
     xt: torch.Tensor
     x0: torch.Tensor
@@ -227,7 +227,7 @@ def _check_generator(generator, device):
                          f"torch.Generator(device='{device.type}')")
 
 def _inner_module(model):
-    "The module doing the work inside wrappers: `.module` (`AveragedModel`, DDP) or `_orig_mod` (`torch.compile`)."
+    "The module inside wrappers: `.module` (`AveragedModel`, DDP) or `_orig_mod` (`torch.compile`)."
     for _ in range(4):
         inner = getattr(model, 'module', None)
         if not isinstance(inner, nn.Module): inner = getattr(model, '_orig_mod', None)
@@ -236,7 +236,7 @@ def _inner_module(model):
     return model
 
 def _takes_pair(model, default):
-    "True if `model.forward` takes one input (`model((xt, t))`), False if two or more; `default` if it can't tell."
+    "Whether `model.forward` takes one input, `model((xt, t))`; `default` if it can't tell."
     try: params = list(inspect.signature(_inner_module(model).forward).parameters.values())
     except (TypeError, ValueError): return default
     if any(p.kind == p.VAR_POSITIONAL for p in params): return default
@@ -244,14 +244,14 @@ def _takes_pair(model, default):
     return n_pos == 1 if n_pos else default
 
 def _eps_fn(model, pair_input):
-    "A function `(xt, t) -> predicted noise` calling `model` with a pair or two arguments, unwrapping `.sample`."
+    "`(xt, t) -> predicted noise`, calling `model` with a pair or two arguments."
     def eps(x, t):
         out = model((x, t)) if pair_input else model(x, t)
         return out.sample if hasattr(out, 'sample') else out
     return eps
 
 def _progress(steps, on, what):
-    "Iterate over `steps`; if `on`, show a bar (notebook or terminal) or else print a line with an ETA every ~10%."
+    "Iterate over `steps`; if `on`, show a bar or print a line with the time left every ~10%."
     if not on: yield from steps; return
     if IN_NOTEBOOK or sys.stdout.isatty(): yield from progress_bar(steps, total=len(steps)); return
     n, t0 = len(steps), time.perf_counter()
@@ -272,7 +272,7 @@ class _Recorder:
 @torch.no_grad()
 def sample(model, shape, sched, generator=None, return_traj=False, clip=True, var='small', traj_every=1,
            pair_input=None, progress=False):
-    "DDPM sampling (Algorithm 2) in `len(sched)` steps from noise; returns the images, or `(images, Traj)`."
+    "DDPM sampling (Algorithm 2) over all steps: the images, or `(images, Traj)`."
     _check_sched(sched, 'sample')
     dev, dtype = _dev_dtype(model)
     _check_generator(generator, dev)
@@ -291,7 +291,7 @@ def sample(model, shape, sched, generator=None, return_traj=False, clip=True, va
 
 # %% ../nbs/13_ddpm.ipynb #933d5314
 def ddim_timesteps(n_steps, steps):
-    "`steps` evenly spaced steps of a `n_steps` schedule, from `n_steps-1` down ('trailing', as in diffusers)."
+    "`steps` evenly spaced steps of `n_steps`, from `n_steps-1` down (diffusers' 'trailing')."
     check_int(steps, 'steps', 1, where='DDIM')
     if steps > n_steps: raise ValueError(f"DDIM needs 1 <= steps <= the schedule's {n_steps} steps; got {steps!r}")
     return [round(n_steps - i*n_steps/steps) - 1 for i in range(steps)]
@@ -302,7 +302,7 @@ def _ddim_coefs(ab_t, ab_prev, eta):
     return 1/math.sqrt(ab_t), math.sqrt(1/ab_t - 1), math.sqrt(ab_prev), math.sqrt(max(1 - ab_prev - sig**2, 0.)), sig
 
 def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, rederive=True):
-    "One DDIM step from step `t` to `t_prev` (-1: the clean image): `(x_prev, x0_hat)`; `noise` used if eta>0."
+    "One DDIM step from `t` to `t_prev` (-1: the end): `(x_prev, x0_hat)`; `noise` used if eta>0."
     _check_t(t, len(sched))
     if not isinstance(t_prev, int) or not -1 <= t_prev < t: raise ValueError(f"t_prev must be an int in [-1, {t}), "
                                                                              f"got {t_prev!r}")
@@ -319,7 +319,7 @@ def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, re
 @torch.no_grad()
 def ddim_sample(model, shape, sched, steps=50, eta=0., generator=None, clip=True, return_traj=False, traj_every=1,
                 rederive=True, pair_input=None, progress=False):
-    "DDIM sampling in `steps` steps (`eta=0`: deterministic); returns the images, or `(images, Traj)`."
+    "DDIM sampling in `steps` steps (`eta=0`: deterministic): the images, or `(images, Traj)`."
     _check_sched(sched, 'ddim_sample')
     dev, dtype = _dev_dtype(model)
     _check_generator(generator, dev)
@@ -340,24 +340,24 @@ def ddim_sample(model, shape, sched, steps=50, eta=0., generator=None, clip=True
 
 # %% ../nbs/13_ddpm.ipynb #97d3afef
 def collate_ddpm(b, abar, xl=0, flat=False, weights=None):
-    "Collate items `b`, take the images (`xl`: index or key; plain tensors as they are), `noisify` them with `abar`."
+    "Collate items `b`, take the images (`xl`: index or key) and `noisify` them with `abar`."
     xb = default_collate(b)
     if not isinstance(xb, torch.Tensor): xb = xb[xl]
     return noisify(xb, abar, weights=weights, flat=flat)
 
 def dl_ddpm(ds, bs, abar, shuffle=True, xl=0, flat=False, weights=None, **kwargs):
-    "A DataLoader over `ds` whose batches are noisified by `collate_ddpm` (`kwargs` go to `DataLoader`)."
+    "A DataLoader over `ds` whose batches `collate_ddpm` noisifies."
     return DataLoader(ds, batch_size=bs, shuffle=shuffle, **kwargs,
                       collate_fn=partial(collate_ddpm, abar=_abar_tensor(abar), xl=xl, flat=flat, weights=weights))
 
 class DDPMCB2(Callback):
-    "Unwrap diffusers' output (`learn.preds.sample`) so a plain `UNet2DModel` trains with `TrainCB(n_inp=2)`."
+    "Unwrap `learn.preds.sample`, so a plain `UNet2DModel` trains with `TrainCB(n_inp=2)`."
     def after_predict(self, learn):
         if hasattr(learn.preds, 'sample'): learn.preds = learn.preds.sample
 
 # %% ../nbs/13_ddpm.ipynb #18c5c92a
 def min_snr_weights(sched, gamma=5.):
-    "Per-step weights min(SNR_t, gamma)/SNR_t (Min-SNR-γ), for drawing t in `noisify(..., weights=...)`."
+    "Min-SNR-γ weights min(SNR_t, gamma)/SNR_t, to draw t with in `noisify(..., weights=...)`."
     abar = _abar_tensor(sched).double()
     snr = abar/(1 - abar)
     return (snr.clamp(max=gamma)/snr).float()

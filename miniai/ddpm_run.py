@@ -35,14 +35,13 @@ def _make_sched(sched, n_steps):
     if sched == 'cosine': return cosine_sched(n_steps)
     check_choice(sched, 'sched', ('linear', 'cosine'), 'train_ddpm')
     k = 1000/n_steps  # keep the total noise of the paper's 1000-step schedule
-    if 0.02*k >= 1: raise ValueError(f"n_steps={n_steps} is too few for scaled linear betas (max beta {0.02*k:.2f}); "
-                                     "use n_steps > 20, or sched='cosine', or a NoiseSched from respace()")
+    if 0.02*k >= 1: raise ValueError(f"n_steps={n_steps} is too few for scaled linear betas; use > 20, or 'cosine'")
     return linear_sched(n_steps, 1e-4*k, 0.02*k)
 
 def train_ddpm(epochs=None, bs=64, lr=4e-3, n_steps=1000, sched='linear', source=None, channels=(16, 32, 32),
                layers=1, groups=8, attn=False, ema=0.999, min_snr=None, n_train=None, device=None, seed=None,
                progress=True, cbs=None):
-    "Train a noise-predicting UNet on Fashion-MNIST (32×32, [-1,1]); returns learn, model, ema_model, sched, config."
+    "Train a UNet to predict the noise in Fashion-MNIST; returns learn, model, ema_model, sched, config."
     for nm, v in (('bs', bs), ('layers', layers)): check_int(v, nm, 1, where='train_ddpm')
     if epochs is not None: check_int(epochs, 'epochs', 1, where='train_ddpm')
     if seed is not None: torch.manual_seed(seed)
@@ -71,14 +70,14 @@ def train_ddpm(epochs=None, bs=64, lr=4e-3, n_steps=1000, sched='linear', source
 MIN_TRAIN_STEPS = 1000  # fewer optimizer steps than this have given blobs and speckle, not clothes (FID > 10)
 
 def short_run_warning(config):
-    "A one-line warning if a `train_ddpm` config had too few optimizer steps for recognisable samples, else None."
+    "A warning if a `train_ddpm` run had too few steps to expect clothes, else None."
     n = config['opt_steps']
     if n >= MIN_TRAIN_STEPS: return None
     return (f"warning: only {n} optimizer steps of training; samples need about {MIN_TRAIN_STEPS:,}+ to look like "
             f"clothes (the defaults take 1,680). Train longer (--epochs) on more images")
 
 def score_samples(imgs, source=None, classifier=None):
-    "FID and KID of images `imgs` (N,1,32,32 in [-1,1]) against the held-out images, and of N real training images."
+    "FID and KID of `imgs` against the held-out images, and of as many real ones."
     arrays = fashion_mnist_arrays(source)
     clf = load_fid_classifier() if classifier is None else classifier
     ie = ImageEval(clf[:-1], ddpm_images(arrays['valid'][0]))
@@ -95,14 +94,14 @@ def _save_fig(fig, path):
     return path
 
 def save_grid(imgs, path, nrow=8, vrange=(-1., 1.), title=None):
-    "Save images (N,C,H,W) with values in `vrange` as one PNG grid `nrow` wide, with `title` above it."
+    "Save images (N,C,H,W) in `vrange` as a PNG grid `nrow` wide, `title` above."
     imgs = to_cpu(torch.as_tensor(imgs))
     fig, axs = get_grid(len(imgs), ncols=min(nrow, len(imgs)), title=title, imsize=1, size=10)
     for im, ax in zip(imgs, axs): show_image(im, ax=ax, vmin=vrange[0], vmax=vrange[1])
     return _save_fig(fig, path)
 
 def save_progression(traj, path, n_frames=10, n_images=8, which='x0', title=None):
-    "Save a `Traj` as a PNG: `n_images` rows, `n_frames` columns from noise to image titled with their step t."
+    "Save a `Traj` as a PNG: `n_images` rows of `n_frames` steps, each titled with its t."
     frames = getattr(traj, check_choice(which, 'which', ('x0', 'xt'), 'save_progression'))
     idx = torch.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().long().tolist()
     sel = frames[idx, :n_images].transpose(0, 1).flatten(0, 1).clamp(-1, 1)  # one row per image
@@ -113,7 +112,7 @@ def save_progression(traj, path, n_frames=10, n_images=8, which='x0', title=None
 
 # %% ../nbs/13a_ddpm_run.ipynb #4c5d5245
 def save_ddpm(run, path, **extra):
-    "Save `train_ddpm`'s result as run folder `path`: `config.json` (with `extra`), `model.pt` and `ema.pt`."
+    "Save `train_ddpm`'s result in run folder `path`, `extra` in its config."
     cfg = {**run.config, **extra}
     if cfg.get('sched') is None: cfg['betas'] = run.sched._beta64.tolist()  # a NoiseSched we can't rebuild by name
     return save_run(path, cfg, model=run.model, **({} if run.ema_model is None else dict(ema=run.ema_model.module)))
@@ -121,7 +120,7 @@ def save_ddpm(run, path, **extra):
 def _unet(c): return ddpm_unet(tuple(c['channels']), c['layers'], c['groups'], c['attn'], c['in_channels'], c['size'])
 
 def load_ddpm(path, weights='ema'):
-    "The UNet saved by `save_ddpm` in folder `path` with its 'ema' or 'raw' weights: `(model, sched, config)`."
+    "`(model, sched, config)` of `save_ddpm`'s folder `path`, with 'ema' or 'raw' weights."
     check_choice(weights, 'weights', ('ema', 'raw'), 'load_ddpm')
     model, cfg = load_run(path, _unet, 'ema' if weights == 'ema' else 'model')
     return model, NoiseSched(cfg['betas']) if cfg.get('betas') else _make_sched(cfg['sched'], cfg['n_steps']), cfg
@@ -129,7 +128,7 @@ def load_ddpm(path, weights='ema'):
 # %% ../nbs/13a_ddpm_run.ipynb #9144cb43
 def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, eta=0., seed=0, grid=None, progression=None,
                  weights='EMA', progress=False):
-    "Sample `n` images with 'ddim' (`ddim_steps` steps, `eta`) or 'ddpm' (every step); save PNGs to `grid`/`progression`."
+    "Sample `n` images with 'ddim' or 'ddpm'; save a `grid` and a `progression` PNG."
     check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'save_samples'); check_int(n, 'n', 1, 'save_samples')
     gen = torch.Generator(device=model_device(model)).manual_seed(seed)
     steps = ddim_steps if sampler == 'ddim' else len(sched)
@@ -145,7 +144,7 @@ def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, eta=0., seed
     return to_cpu(imgs)
 
 def run_ddpm(out, n=500, sampler='ddim', ddim_steps=50, eta=1., data=None, seed=42, **train_kw):
-    "Train a DDPM (`train_ddpm(**train_kw)`) into folder `out`, sample `n` images, save and score them; `(out, scores)`."
+    "`miniai ddpm`: train into folder `out`, sample `n` images, save and score them."
     start = time.time()
     run = train_ddpm(source=data, seed=seed, **train_kw)
     if (warning := short_run_warning(run.config)): print(warning, flush=True)

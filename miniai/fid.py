@@ -24,7 +24,7 @@ from .recipe import cnn_classifier, std_learner
 
 # %% ../nbs/12_fid.ipynb #8e41b95a
 def ddpm_images(x, pad=2):
-    "uint8 images (N,H,W) or (N,C,H,W) as float32 (N,C,H+2*pad,W+2*pad) in [-1, 1], padded with the background -1."
+    "uint8 images (N,[C,]H,W) as floats (N,C,H+2*pad,W+2*pad) in [-1, 1], padded with -1."
     x = torch.as_tensor(x)
     if x.dtype != torch.uint8 or x.ndim not in (3, 4):
         raise TypeError(f"ddpm_images wants uint8 pixels shaped (N,H,W) or (N,C,H,W); got {x.dtype} {tuple(x.shape)}")
@@ -34,7 +34,7 @@ def ddpm_images(x, pad=2):
     return F.pad(x, (pad,)*4, value=-1.)
 
 def ddpm_pixels(x, pad=2):
-    "Images in [-1, 1] shaped (N,1,H,W) as uint8 pixels (N,H-2*pad,W-2*pad): `ddpm_images` undone."
+    "`ddpm_images` undone: images (N,1,H,W) in [-1, 1] as uint8 pixels without the padding."
     x = torch.as_tensor(x)
     if not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 1:
         raise TypeError(f"ddpm_pixels wants float images shaped (N,1,H,W); got {x.dtype} {tuple(x.shape)}")
@@ -44,7 +44,7 @@ def ddpm_pixels(x, pad=2):
 
 # %% ../nbs/12_fid.ipynb #7430de16
 def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
-    "A small conv classifier for 32×32 images whose penultimate layer (pooled, `nfs[-1]` wide) gives FID features."
+    "A small classifier of 32×32 images; its pooled penultimate layer gives FID features."
     return cnn_classifier(nfs, first_ks=3, pool=True, n_classes=n_classes, in_channels=in_channels)
 
 # %% ../nbs/12_fid.ipynb #9c2f6cd0
@@ -56,7 +56,7 @@ def _accuracy(model, x, y, bs=512):
     return (preds == y).float().mean().item()
 
 def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, device=None, seed=None):
-    "Train `fid_classifier` on Fashion-MNIST (32×32, [-1,1]) with `std_learner`; returns `(model, valid accuracy)`."
+    "Train `fid_classifier` on Fashion-MNIST; returns `(model, valid accuracy)`."
     check_int(bs, 'bs', 1, where='train_fid_classifier')
     if seed is not None: torch.manual_seed(seed)
     arrays = fashion_mnist_arrays(source)
@@ -73,13 +73,13 @@ def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, d
 FID_CLASSIFIER_PATH = Path(miniai.__file__).parent/'data'/'fid_classifier.npz'
 
 def save_fid_classifier(model, path, nfs=(16, 32, 64, 128)):
-    "Save a `fid_classifier(nfs)`'s weights as numpy arrays in an .npz file (what `load_fid_classifier` reads)."
+    "Save a `fid_classifier(nfs)`'s weights as numpy arrays in an .npz file."
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     np.savez(path, _nfs=np.array(nfs), **arrays)
     return Path(path)
 
 def load_fid_classifier(path=None):
-    "The trained `fid_classifier` saved in `path` (default: the one shipped with miniai), on the CPU in eval mode."
+    "The `fid_classifier` saved in `path` (default: the one miniai ships), in eval mode."
     path = Path(path) if path is not None else FID_CLASSIFIER_PATH
     if not path.exists(): raise FileNotFoundError(f"no FID classifier at {path}; make one with save_fid_classifier")
     with np.load(path) as d:
@@ -127,7 +127,7 @@ def kid(feats_a, feats_b):
 
 # %% ../nbs/12_fid.ipynb #62b1660d
 class _FeatsCB(Callback):
-    "The step of an inference-only Learner: `preds = model(x)` for each batch's images, kept flattened in `feats`."
+    "An inference-only step: `preds = model(x)` of each batch's images, kept in `feats`."
     def __init__(self): self.feats = []
     def before_fit(self, learn):
         self.feats, self.dtype = [], model_dtype(learn.model)
@@ -135,14 +135,14 @@ class _FeatsCB(Callback):
         b = learn.batch
         x = b[0] if isinstance(b, (tuple, list)) else b
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ImageEval needs batches of image tensors, or tuples (images, ...); got {type(x).__name__}")
+            raise TypeError(f"ImageEval needs batches of image tensors or tuples; got {type(x).__name__}")
         learn.preds = learn.model(x.to(self.dtype))
         self.feats.append(learn.preds.detach().flatten(1))  # stays on the device: one copy to the CPU at the end
     def get_loss(self, learn): learn.loss = learn.preds.new_zeros(())
 
 # %% ../nbs/12_fid.ipynb #ee222df6
 class ImageEval:
-    "FID/KID of images against real ones, on the features `model(x)` (e.g. a classifier without its last layer)."
+    "FID/KID of images against real ones, on features `model(x)` (a classifier without its head)."
     def __init__(self, model, dls, cbs=None, bs=512):
         self.bs = check_int(bs, 'bs', 1, where='ImageEval')
         cbs = list(cbs or [])
@@ -165,7 +165,7 @@ class ImageEval:
         return torch.cat(self._feats_cb.feats).double().cpu()
 
     def get_feats(self, samp):
-        "Features of images `samp` (a tensor, or a DataLoader of image batches) as a float64 CPU tensor."
+        "Features of images `samp` (a tensor or a DataLoader) in float64, on the CPU."
         return self._run(self._dl(samp) if isinstance(samp, torch.Tensor) else samp)
 
     def fid(self, samp):

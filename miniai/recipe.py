@@ -39,7 +39,7 @@ from .sgd import one_cycle
 RECIPE_NFS = (16, 32, 64, 128, 256)
 
 def recipe_model(nfs=RECIPE_NFS, drop=0.):
-    "`fmnist_resnet(nfs)` with batch norm, optional `Dropout(drop)` before its linear layer, and Kaiming init."
+    "`fmnist_resnet(nfs)`, Kaiming init, optional `Dropout(drop)` before its linear layer."
     model = fmnist_resnet(nfs=nfs)
     if drop:
         layers = list(model)
@@ -49,7 +49,7 @@ def recipe_model(nfs=RECIPE_NFS, drop=0.):
 
 # %% ../nbs/11_recipe.ipynb #4c008b16
 def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n_inp=1, wd=1e-2, eps=1e-5, accel=None):
-    "A `Learner` with `DeviceCB`, `TrainCB(n_inp)` (or `accel`), one-cycle to `lr` over `epochs`, AdamW, `cbs`."
+    "`DeviceCB`, `TrainCB` (or `accel`), one-cycle to `lr` over `epochs`, AdamW, and `cbs`."
     check_int(epochs, 'epochs (the one-cycle schedule is planned for them)', 1, 'std_learner')
     step = [DeviceCB(device), TrainCB(n_inp=n_inp)] if accel is None else [accel]
     return Learner(model, dls, loss_func, lr=lr, cbs=step + [one_cycle(lr, epochs, dls.train)] + list(fc.L(cbs)),
@@ -58,7 +58,7 @@ def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n
 # %% ../nbs/11_recipe.ipynb #751fd208
 def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
                    device=None, cbs=None, progress=True, accel=None):
-    "A `Learner` set up with the default recipe for `learn.fit(epochs)`; see `fit_recipe` for the arguments."
+    "The recipe's `Learner`, for `learn.fit(epochs)`."
     cbs = [augment_cb(RandCrop(pad), RandFlip()), MetricsCB(accuracy=MulticlassAccuracy())] + \
           [ProgressCB()]*progress + list(fc.L(cbs))
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
@@ -66,7 +66,7 @@ def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2
 
 def fit_recipe(dls=None, epochs=16, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
                bs=128, source=None, seed=None, device=None, cbs=None, progress=True):
-    "Train a Fashion-MNIST classifier with the default recipe; returns the `Learner` (see `learn.metrics.history`)."
+    "Train a Fashion-MNIST classifier with the recipe; returns the `Learner`."
     if seed is not None: torch.manual_seed(seed)
     if dls is None: dls = fashion_dls(bs=bs, source=source, seed=seed)
     learn = recipe_learner(dls, epochs, lr, nfs, pad, drop, wd, eps, label_smoothing, device, cbs, progress)
@@ -77,7 +77,7 @@ def fit_recipe(dls=None, epochs=16, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=
 CNN_NFS = (16, 32, 64, 128)
 
 def cnn_classifier(nfs=CNN_NFS, first_ks=5, pool=False, n_classes=10, in_channels=1):
-    "Stride-2 batch-norm convs of widths `nfs`, then a stride-2 conv to 1×1 logits, or with `pool` a pool and a linear."
+    "Stride-2 batch-norm convs of widths `nfs`, then a conv to 1×1 logits, or a pool and a linear."
     nfs = tuple(check_int(nf, 'every width in nfs', 1, 'cnn_classifier') for nf in nfs)
     if len(nfs) < 4 and not pool:
         raise ValueError(f"cnn_classifier: nfs={nfs} has {len(nfs)} widths; 28×28 images need 4 or more (28→14→7→4→2), "
@@ -93,31 +93,31 @@ ARCHS, NORMS = ('resnet', 'cnn'), ('batch', 'layer')
 ARCH_NFS = dict(resnet=RECIPE_NFS, cnn=CNN_NFS)
 
 def layer_norm_(model):
-    "Swap every `BatchNorm2d` in `model` for `GroupNorm(1, C)`, which normalises each image on its own."
+    "Swap `model`'s `BatchNorm2d`s for `GroupNorm(1, C)`, which normalises each image alone."
     for m in list(model.modules()):
         for k, c in list(m.named_children()):
             if isinstance(c, nn.BatchNorm2d): setattr(m, k, nn.GroupNorm(1, c.num_features))
     return model
 
 def check_arch(arch, norm):
-    "Raise a clear `ValueError` unless `arch` and `norm` name a model `build_model` makes."
+    "A clear `ValueError` unless `build_model` makes `arch` with `norm`."
     check_choice(arch, 'arch', ARCHS), check_choice(norm, 'norm', NORMS)
     if norm == 'layer' and arch != 'cnn': raise ValueError(f"norm 'layer' is for the cnn (the {arch} keeps its batch "
                                                          "norm); add --arch cnn, or drop --norm")
 
 def build_model(arch='resnet', nfs=None, norm='batch'):
-    "The model of `ARCHS` named `arch`, with widths `nfs` (default: its own) and `norm`."
+    "Model `arch` with widths `nfs` (default: its own) and `norm`."
     check_arch(arch, norm)
     model = (recipe_model if arch == 'resnet' else cnn_classifier)(tuple(nfs or ARCH_NFS[arch]))
     return layer_norm_(model) if norm == 'layer' else model
 
 def default_epochs(n_train, sample=16, full=5):
-    "Epochs when none are given: `sample` for a training set of the bundled sample's size (< 20,000), `full` for more."
+    "Epochs when none are given: `sample` under 20,000 images (the bundled sample), else `full`."
     return sample if n_train < 20_000 else full
 
 # %% ../nbs/11_recipe.ipynb #45c65d28
 def save_run(path, config, **models):
-    "Write run folder `path`: `config.json`, and `NAME.pt` with the CPU weights of each `NAME=model`."
+    "Write run folder `path`: `config.json`, and `NAME.pt` weights for each `NAME=model`."
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name, m in models.items(): torch.save({k: v.cpu() for k, v in m.state_dict().items()}, path/f'{name}.pt')
@@ -132,7 +132,7 @@ def read_config(path):
     except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON ({e}); train the run again") from None
 
 def load_run(path, build, weights='model'):
-    "`(model, config)` of run folder `path`: `build(config)` makes the model, `weights`.pt fills it (CPU, eval mode)."
+    "`(model, config)` of run folder `path`: `build(config)`, loaded with `weights`.pt."
     cfg, w = read_config(path), Path(path)/f'{weights}.pt'
     if not w.is_file(): raise FileNotFoundError(f"{w} not found: the run in {path} has no {weights!r} weights")
     try:
@@ -167,7 +167,7 @@ def _classifier_learner(cfg, dls, device, cbs, accel):
 
 def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, bs=None, lr=None, seed=None, data=None,
             device=None, threads=None, accel=None):
-    "Train a classifier into folder `out` (config.json, checkpoints, then model.pt, loss.png), or `resume` it."
+    "Train a classifier into run folder `out` with checkpoints, or `resume` it."
     out, given = Path(out), dict(arch=arch, norm=norm, epochs=epochs, bs=bs, lr=lr, seed=seed, data=data)
     cfg = _resume_config(out, given) if resume else {k: FIT_DEFAULTS[k] if v is None else v for k, v in given.items()}
     check_arch(cfg['arch'], cfg['norm'])
@@ -225,7 +225,7 @@ def load_classifier(path):
     return load_run(path, _build_classifier)
 
 def classify(model, cfg, x, bs=512, tta=None, device=None):
-    "Predicted classes of uint8 images `x` (N,28,28) by a `fit_run` model; `tta` (default `cfg['flips']`) adds mirrors."
+    "Classes of uint8 images `x` (N,28,28); `tta` (default `cfg['flips']`) adds mirror images."
     dl = TensorDL(x, torch.zeros(len(x), dtype=torch.long), bs, mean=cfg['mean'], std=cfg['std'])
     learn = Learner(model, DataLoaders([], dl), F.cross_entropy, cbs=[DeviceCB(device), TrainCB()], opt_func=None)
     probs = flip_tta(learn)[0] if (cfg['flips'] if tta is None else tta) else capture_preds(learn)[0]
