@@ -31,9 +31,8 @@ from .recipe import default_epochs, load_run, read_config, save_run, std_learner
 def _make_sched(sched, n_steps):
     "The `NoiseSched` named 'linear' (betas scaled to `n_steps`) or 'cosine', or `sched` itself."
     if isinstance(sched, NoiseSched): return sched
-    check_int(n_steps, 'n_steps', 1, where='train_ddpm')
+    check_int(n_steps, 'n_steps', 1, 'train_ddpm'), check_choice(sched, 'sched', ('linear', 'cosine'), 'train_ddpm')
     if sched == 'cosine': return cosine_sched(n_steps)
-    check_choice(sched, 'sched', ('linear', 'cosine'), 'train_ddpm')
     k = 1000/n_steps  # keep the total noise of the paper's 1000-step schedule
     if 0.02*k >= 1: raise ValueError(f"n_steps={n_steps} is too few for scaled linear betas; use > 20, or 'cosine'")
     return linear_sched(n_steps, 1e-4*k, 0.02*k)
@@ -149,8 +148,9 @@ def run_ddpm(out, n=500, sampler='ddim', ddim_steps=50, eta=1., data=None, seed=
     run = train_ddpm(source=data, seed=seed, **train_kw)
     if (warning := short_run_warning(run.config)): print(warning, flush=True)
     out = save_ddpm(run, out, data=data, sampler=sampler, ddim_steps=ddim_steps, eta=eta)
-    imgs = save_samples(run.ema_model.module, run.sched, n, sampler, ddim_steps, eta, seed, out/'samples.png',
-                        out/'progression.png', progress=True)
+    model = run.model if run.ema_model is None else run.ema_model.module
+    imgs = save_samples(model, run.sched, n, sampler, ddim_steps, eta, seed, out/'samples.png', out/'progression.png',
+                        progress=True)
     np.savez_compressed(out/'samples.npz', images=ddpm_pixels(imgs).numpy())
     scores = score_samples(imgs, data) if n > 1 else None
     save_run(out, {**read_config(out), 'scores': scores, 'seconds': round(time.time() - start, 1)})
