@@ -214,8 +214,6 @@ class Traj(NamedTuple):
     xt: torch.Tensor
     x0: torch.Tensor
 
-def _dev_dtype(model): return model_device(model), model_dtype(model)
-
 def _check_sched(sched, where):
     if not isinstance(sched, NoiseSched):
         raise TypeError(f"{where} takes a NoiseSched (e.g. ddpm_cb.sched), got {type(sched).__name__}. The course's "
@@ -250,6 +248,14 @@ def _eps_fn(model, pair_input):
         return out.sample if hasattr(out, 'sample') else out
     return eps
 
+def _setup(model, shape, sched, generator, pair_input, where):
+    "A sampler's checks; then its noise predictor, a function drawing noise of `shape`, and the device."
+    _check_sched(sched, where)
+    dev, dtype = model_device(model), model_dtype(model)
+    _check_generator(generator, dev)
+    eps_fn = _eps_fn(model, _takes_pair(model, default=False) if pair_input is None else pair_input)
+    return eps_fn, lambda: torch.randn(shape, generator=generator, device=dev, dtype=dtype), dev
+
 def _progress(steps, on, what):
     "Iterate over `steps`; if `on`, show a bar or print a line with the time left every ~10%."
     if not on: yield from steps; return
@@ -273,18 +279,12 @@ class _Recorder:
 def sample(model, shape, sched, generator=None, return_traj=False, clip=True, var='small', traj_every=1,
            pair_input=None, progress=False):
     "DDPM sampling (Algorithm 2) over all steps: the images, or `(images, Traj)`."
-    _check_sched(sched, 'sample')
-    dev, dtype = _dev_dtype(model)
-    _check_generator(generator, dev)
-    eps_fn = _eps_fn(model, _takes_pair(model, default=False) if pair_input is None else pair_input)
-    x = torch.randn(shape, generator=generator, device=dev, dtype=dtype)
-    steps = torch.arange(len(sched), device=dev)
-    rec = _Recorder(return_traj, traj_every)
+    eps_fn, randn, dev = _setup(model, shape, sched, generator, pair_input, 'sample')
+    x, steps, rec = randn(), torch.arange(len(sched), device=dev), _Recorder(return_traj, traj_every)
     with model_mode(model, False):
         for i, t in enumerate(_progress(range(len(sched) - 1, -1, -1), progress, f'DDPM, {len(sched)} steps')):
             eps = eps_fn(x, steps[t].expand(len(x)))
-            noise = torch.randn(shape, generator=generator, device=dev, dtype=dtype) if t > 0 else None
-            x_prev, x0 = ddpm_step(x, eps, t, sched, noise, clip=clip, var=var)
+            x_prev, x0 = ddpm_step(x, eps, t, sched, randn() if t > 0 else None, clip=clip, var=var)
             rec.add(i, len(sched), t, x, x0)
             x = x_prev
     return (x, rec.traj()) if return_traj else x
@@ -320,19 +320,13 @@ def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, re
 def ddim_sample(model, shape, sched, steps=50, eta=0., generator=None, clip=True, return_traj=False, traj_every=1,
                 rederive=True, pair_input=None, progress=False):
     "DDIM sampling in `steps` steps (`eta=0`: deterministic): the images, or `(images, Traj)`."
-    _check_sched(sched, 'ddim_sample')
-    dev, dtype = _dev_dtype(model)
-    _check_generator(generator, dev)
-    eps_fn = _eps_fn(model, _takes_pair(model, default=False) if pair_input is None else pair_input)
+    eps_fn, randn, dev = _setup(model, shape, sched, generator, pair_input, 'ddim_sample')
     ts = ddim_timesteps(len(sched), steps)
-    x = torch.randn(shape, generator=generator, device=dev, dtype=dtype)
-    all_t = torch.arange(len(sched), device=dev)
-    rec = _Recorder(return_traj, traj_every)
+    x, all_t, rec = randn(), torch.arange(len(sched), device=dev), _Recorder(return_traj, traj_every)
     with model_mode(model, False):
         for i, (t, t_prev) in enumerate(_progress(list(zip(ts, ts[1:] + [-1])), progress, f'DDIM, {steps} steps')):
             eps = eps_fn(x, all_t[t].expand(len(x)))
-            noisy = eta > 0 and t_prev >= 0  # sigma is 0 on the last step
-            noise = torch.randn(shape, generator=generator, device=dev, dtype=dtype) if noisy else None
+            noise = randn() if eta > 0 and t_prev >= 0 else None  # sigma is 0 on the last step
             x_prev, x0 = ddim_step(x, eps, t, t_prev, sched, eta, noise, clip, rederive)
             rec.add(i, len(ts), t, x, x0)
             x = x_prev
