@@ -26,7 +26,7 @@ from torcheval.metrics import MulticlassAccuracy
 
 from .augment import Dropout, RandCrop, RandFlip, augment_cb, capture_preds
 from .augment import tta as flip_tta
-from .checkpoint import CheckpointCB, ResumeCB, ckpt_files
+from .checkpoint import CheckpointCB, ResumeCB, ckpt_files, ckpt_where
 from .checks import check_choice, check_int
 from .conv import conv, pick_threads
 from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, DataLoaders, TensorDL, fashion_dls
@@ -197,7 +197,7 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
     cbs = [CheckpointCB(ckpt, keep=2, on_interrupt=True)] if n_proc == 1 else []
     if n_proc > 1 and is_main: print("miniai: no checkpoints in a multi-process run: Ctrl-C loses it", file=sys.stderr)
     learn = _classifier_learner(cfg, dls, device, cbs, accel)
-    if resume: print(f"miniai: resuming the run in {out} from {ckpt_files(ckpt)[-1].name}", file=sys.stderr)
+    if resume: print(f"miniai: resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}", file=sys.stderr)
     start = time.time()
     learn.fit(cfg['epochs'], cbs=ResumeCB(ckpt) if resume else None)
     if is_main:
