@@ -7,7 +7,7 @@
 What it does, all on the bundled Fashion-MNIST sample (7,226 training / 1,000 held-out images, 28×28 padded to 32×32
 and scaled to [-1, 1]):
 
-1. trains a small noise-predicting UNet with `miniai.ddpm.train_ddpm` (paper's 1000-step linear schedule, Adam,
+1. trains a small noise-predicting UNet with `miniai.ddpm_run.train_ddpm` (paper's 1000-step linear schedule, Adam,
    one-cycle lr, EMA copy of the weights), seed 0;
 2. trains the FID classifier with `miniai.fid.train_fid_classifier` (seed 0) and builds `ImageEval` on the held-out images
    `valid[N:]` (the reference set);
@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from _common import machine
-from miniai.ddpm import ddim_sample, ddpm_images, sample, train_ddpm
-from miniai.fid import ImageEval, fid, kid, train_fid_classifier
-from miniai.datasets import fashion_mnist_arrays
+from miniai.ddpm import ddim_sample, sample
+from miniai.ddpm_run import train_ddpm
+from miniai.fid import ImageEval, ddpm_images, fid, kid, train_fid_classifier
+from miniai.datasets import fashion_mnist_arrays, get_grid, show_image
 
 HERE = Path(__file__).resolve().parent
 FULL = dict(channels='16,32,32', layers=1, groups=8, epochs=10, bs=64, lr=2e-3, ema=0.995, n=200, chunk=100,
@@ -117,29 +118,17 @@ def scores(ie, feats, boot, seed):
     return f, sd(fb), k, sd(kb)
 
 
-def save_rows(rows, path, ncol=8, scale=2):
-    "Save image rows [(label, images (n,1,32,32) in [-1,1])] as a labelled PNG, `ncol` images a row."
-    import matplotlib
-    matplotlib.use('Agg')
+def save_rows(rows, path, ncol=8):
+    "Save image rows [(label, images (n,1,32,32) in [-1,1])] as a PNG, `ncol` images a row, drawn as `show_images` does."
     import matplotlib.pyplot as plt
-    pad, h = 2, 32
-    H = len(rows)*(h + pad) + pad
-    W = ncol*(h + pad) + pad
-    canvas = torch.ones(H, W)
-    for r, (_, imgs) in enumerate(rows):
-        for c, im in enumerate(imgs[:ncol]):
-            y, x = pad + r*(h + pad), pad + c*(h + pad)
-            canvas[y:y + h, x:x + h] = ((im[0].clamp(-1, 1) + 1)/2)
-    lw = 70  # pixels of label column, at scale 1
-    dpi = 100
-    fig = plt.figure(figsize=((W + lw)*scale/dpi, H*scale/dpi), dpi=dpi)
-    ax = fig.add_axes([lw/(W + lw), 0, W/(W + lw), 1])
-    ax.imshow(canvas.numpy(), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
-    ax.set_axis_off()
-    for r, (label, _) in enumerate(rows):
-        fig.text(lw/(W + lw) - 0.01, 1 - (pad + r*(h + pad) + h/2)/H, label, ha='right', va='center', fontsize=9)
+    fig, axs = get_grid(len(rows)*ncol, ncols=ncol, imsize=1)
+    for r, (label, imgs) in enumerate(rows):
+        for c, ax in enumerate(axs[r*ncol:(r + 1)*ncol]):
+            if c < len(imgs): show_image(imgs[c].clamp(-1, 1), ax=ax, vmin=-1, vmax=1)
+            else: ax.set_axis_off()
+        axs[r*ncol].text(-0.1, 0.5, label, transform=axs[r*ncol].transAxes, ha='right', va='center', fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=100, bbox_inches='tight')
     plt.close(fig)
     return path
 

@@ -4,7 +4,7 @@
         --samplers ddim:50:re:0,ddim:50:re:1,ddim:25:re:0
     python benchmarks/ddpm_tuning.py --name smoke --epochs 1 --n-train 512 --n 50 --samplers ddim:10:re:1   # ~1 min
 
-Training is `miniai.ddpm.train_ddpm` (the UNet of `--channels`, one resnet block per level, Adam, one-cycle to `--lr`,
+Training is `miniai.ddpm_run.train_ddpm` (the UNet of `--channels`, one resnet block per level, Adam, one-cycle to `--lr`,
 EMA 0.999 with warm-up, the paper's linear 1000-step schedule unless `--sched cosine`, `--min-snr` to draw t with
 Min-SNR-γ weights) on the bundled sample's 7,226 training images, seed 0. Each sampler in `--samplers` is
 `ddim:STEPS:re|no:ETA` (DDIM, eps re-derived from the clipped x0 or the model's own, eta) or `ddpm` (all 1000
@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from miniai.datasets import fashion_mnist_arrays
-from miniai.ddpm import ddim_sample, ddpm_images, ddpm_unet, linear_sched, save_grid, sample, train_ddpm, _make_sched
-from miniai.fid import ImageEval, load_fid_classifier
+from miniai.ddpm import ddim_sample, ddpm_unet, linear_sched, sample
+from miniai.ddpm_run import _make_sched, save_grid, train_ddpm
+from miniai.fid import ImageEval, ddpm_images, load_fid_classifier
 
 
 def parse_args(argv=None):

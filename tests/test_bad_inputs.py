@@ -40,7 +40,7 @@
 | 36 | `AccelerateCB(mixed_precision='fp16')` on the CPU | ValueError | silently fp32; 'no' or a GPU |
 | 37 | integer images to `noisify` | TypeError | wants a floating-point batch |
 | 38 | more DDIM steps than the schedule has | ValueError | 1 <= steps <= T |
-| 39 | `miniai ddpm --channels 12,24` | exit 2, one line | multiple of 8 (GroupNorm groups) |
+| 39 | `miniai ddpm --channels 12,24` | exit 2, one line | GroupNorm groups=8 doesn't divide them |
 | 40 | `miniai ddpm` with 7 levels for 32×32 images | exit 2, one line | multiples of 64; fewer levels |
 
 Activations, init, resnet, augment and the recipe:
@@ -177,7 +177,7 @@ def test_cli_bad_inputs(tmp_path):
              (['predict', '--model', tmp_path/'m', '--images', tmp_path/'noimg.npz'], "'images'"),
              (['predict', '--model', tmp_path/'m', '--images', tmp_path/'big.npz'], 'expected N×28×28'),
              (['predict', '--model', tmp_path/'m', '--images', tmp_path/'ok.npz'], 'could not load'),
-             (['ddpm', '--channels', '12,24'], 'multiple of 8'),
+             (['ddpm', '--channels', '12,24'], "doesn't divide"),
              (['ddpm', '--channels', '8,8,8,8,8,8,8', '--data', 'sample', '--out', tmp_path/'d'], 'multiples of 64')]
     for args, words in cases:
         r = cli(*args)

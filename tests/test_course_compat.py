@@ -502,7 +502,9 @@ def test_star_import_gives_the_course_names():
     exec('from miniai.fid import *', ns)
     assert {'ImageEval', 'fid', 'kid', 'fid_classifier', 'train_fid_classifier', 'load_fid_classifier'} <= set(ns)
     exec('from miniai.ddpm import *', ns)
-    assert {'DDPMCB', 'EMACB', 'noisify', 'sample', 'ddim_sample', 'UNet'} <= set(ns)
+    assert {'DDPMCB', 'noisify', 'sample', 'ddim_sample', 'UNet'} <= set(ns)
+    exec('from miniai.accel import *', ns)
+    assert 'EMACB' in ns  # a general callback: it lives with the other training aids
 
 
 def test_image_eval_with_a_chopped_classifier(dls):
