@@ -13,7 +13,7 @@ from torcheval.metrics import MulticlassAccuracy
 import miniai.checkpoint as mc
 from miniai.datasets import fashion_dls
 from miniai.accel import MixedPrecision
-from miniai.ddpm import EMACB
+from miniai.accel import EMACB
 from miniai.checkpoint import CheckpointCB, ResumeCB
 from miniai.learner import Callback, Learner, MetricsCB
 from miniai.sgd import BatchSchedCB
