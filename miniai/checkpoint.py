@@ -19,7 +19,7 @@ import fastcore.all as fc
 import torch
 
 from .checks import check_int
-from .learner import CancelBatchException, Callback, Learner, _setup_opt, _train_generator, get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, _rng_args, _setup_opt, get_rng_state, set_rng_state
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93
 _all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner (lr_find uses them too)
@@ -44,7 +44,7 @@ def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
     return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
                 cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
-                rng=get_rng_state(_train_generator(self)), epoch_rng=epoch_rng if done else None)
+                rng=get_rng_state(**_rng_args(self)), epoch_rng=epoch_rng if done else None)
 
 
 # %% ../nbs/05_checkpoint.ipynb #7cbdc332
@@ -154,7 +154,7 @@ class CheckpointCB(Callback):
                               f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
 
     def before_epoch(self, learn):  # an epoch's shuffle comes from the state it starts in: mid-epoch saves need it
-        if learn.training: self.epoch_rng = get_rng_state(_train_generator(learn))
+        if learn.training: self.epoch_rng = get_rng_state(**_rng_args(learn))
 
     def save_now(self, learn, epoch, done):
         "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
@@ -203,11 +203,13 @@ class ResumeCB(Callback):
     def _resuming(self, learn): return learn.training and learn.epoch == self.start
 
     def before_epoch(self, learn):  # the same starting state draws the same shuffle (at a boundary: the saved one)
-        if self._resuming(learn): set_rng_state(self.epoch_rng if self.done else self.rng, _train_generator(learn))
+        if self._resuming(learn): set_rng_state(self.epoch_rng if self.done else self.rng, **_rng_args(learn))
 
     def before_batch(self, learn):
         if not (self._resuming(learn) and learn.iter < self.done): return
         # after the last replayed batch, what follows (loading, dropout...) draws from the state at the save
-        if learn.iter == self.done - 1: set_rng_state(self.rng, _train_generator(learn))
+        if learn.iter == self.done - 1:
+            with warnings.catch_warnings():  # a CUDA state that can't be restored was reported at the epoch's start
+                warnings.simplefilter('ignore'); set_rng_state(self.rng, **_rng_args(learn))
         raise CancelBatchException()  # trained on before the interruption: loaded again, not trained on again
 
