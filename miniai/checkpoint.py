@@ -154,7 +154,7 @@ class CheckpointCB(Callback):
                               f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
 
     def before_epoch(self, learn):  # an epoch's shuffle comes from the state it starts in: mid-epoch saves need it
-        if learn.training: self.epoch_rng = get_rng_state(**_rng_args(learn))
+        if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])  # the GPU's: only at the save
 
     def save_now(self, learn, epoch, done):
         "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
@@ -208,8 +208,6 @@ class ResumeCB(Callback):
     def before_batch(self, learn):
         if not (self._resuming(learn) and learn.iter < self.done): return
         # after the last replayed batch, what follows (loading, dropout...) draws from the state at the save
-        if learn.iter == self.done - 1:
-            with warnings.catch_warnings():  # a CUDA state that can't be restored was reported at the epoch's start
-                warnings.simplefilter('ignore'); set_rng_state(self.rng, **_rng_args(learn))
+        if learn.iter == self.done - 1: set_rng_state(self.rng, **_rng_args(learn))
         raise CancelBatchException()  # trained on before the interruption: loaded again, not trained on again
 

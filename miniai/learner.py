@@ -321,24 +321,22 @@ class TrainCB(Callback):
         learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
-    def after_epoch(self, learn): _raise_if_not_finite(learn)  # the losses not checked yet
+    def after_epoch(self, learn): _raise_if_not_finite(learn)  # losses check_finite hasn't read yet
 
 
 # %% ../nbs/04_learner.ipynb #1c7c564c
 def check_finite(learn, every=None):
-    "Raise `FloatingPointError` if a loss was NaN or infinite; checks each batch on a CPU, else every `every` (32)."
-    ok = torch.isfinite(learn.loss.detach()).all()  # stays on the device: no wait
-    if every is None: every = 1 if ok.device.type == 'cpu' else 32
+    "Raise `FloatingPointError` if a loss was NaN or infinite: checked each batch on a CPU, else every `every` (32)."
+    ok = torch.isfinite(learn.loss.detach()).all()  # a flag on the device: no wait
     since, prev = vars(learn).get('_finite', ((learn.epoch, learn.iter), True))
     learn._finite = since, ok & prev
-    if every == 1 or (learn.iter+1) % every == 0: _raise_if_not_finite(learn)
+    if (learn.iter+1) % (every or (1 if ok.device.type == 'cpu' else 32)) == 0: _raise_if_not_finite(learn)
 
-def _raise_if_not_finite(learn):
-    "Read back `check_finite`'s flag (a wait for the device), raise if a loss since `since` wasn't finite."
+def _raise_if_not_finite(learn):  # reading the flag waits for the device
     (e, i), ok = vars(learn).pop('_finite', ((0, 0), True))
     if ok: return
-    at = f"epoch {e}, batch {i}"
-    at = f"at {at}" if (e, i) == (learn.epoch, learn.iter) else f"between {at} and epoch {learn.epoch}, batch {learn.iter}"
+    at, now = f"epoch {e}, batch {i}", (learn.epoch, learn.iter)
+    at = f"at {at}" if (e, i) == now else f"between {at} and epoch {now[0]}, batch {now[1]}"
     raise FloatingPointError(f"the loss is NaN or infinite {at}; lower the lr (try lr_find), check the inputs for NaN, "
                              "or add TerminateOnNaNCB() to stop quietly")
 
@@ -592,15 +590,16 @@ def set_rng_state(state, generator=None, device=None):
                         "differ from the saved run")
 
 def _rng_args(learn):
-    "The generator the training DataLoader shuffles with (if it has one) and the model's device: whose state to keep."
-    return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None), device=model_device(learn.model))
+    "What `get_rng_state` needs beyond the globals: the training DataLoader's generator, the model's device."
+    return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None),
+                device=model_device(learn.model))
 
 
 # %% ../nbs/04_learner.ipynb #0c6f4b70
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its min."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult, self.rng = gamma, max_mult, None
-    def before_fit(self, learn):  # the rng once DeviceCB has moved the model: then the GPU it draws on is known
+    def before_fit(self, learn):  # after DeviceCB: the GPU to save the state of is known
         self.sched, self.rng = ExponentialLR(learn.opt, self.gamma), get_rng_state(**_rng_args(learn))
         self.lrs, self.losses, self.min = [], [], math.inf
     def after_batch(self, learn):
@@ -629,9 +628,7 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, c='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-def _restore_cb(cb, attrs, sd):
-    "Put back `cb`'s attributes (an object it made since is dropped), then its state."
-    vars(cb).clear(); vars(cb).update(attrs); cb.load_state_dict(sd)
+def _restore_cb(cb, attrs, sd): cb.__dict__ = attrs; cb.load_state_dict(sd)  # drops objects made since
 
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):

@@ -127,7 +127,8 @@ def test_resuming_a_gpu_checkpoint_without_cuda_warns_once_and_resumes_exactly(t
     learn.fit(1, cbs=CheckpointCB(tmp_path, every_n_batches=2, keep=10))
     ck_path = tmp_path/'ckpt-e0000-b000002.pt'
     ck = read_checkpoint(ck_path)
-    for k in ('rng', 'epoch_rng'): ck[k]['cuda'] = (0, torch.zeros(16, dtype=torch.uint8))  # as saved on a GPU
+    assert ck['epoch_rng']['cuda'] is None  # the epoch's GPU state is never needed: the save's is restored before
+    ck['rng']['cuda'] = (0, torch.zeros(16, dtype=torch.uint8))  # as saved on a GPU
     torch.save(ck, ck_path)
     resumed = learner()
     with pytest.warns(UserWarning, match='CUDA random state') as ws: resumed.fit(1, cbs=ResumeCB(ck_path))
