@@ -19,7 +19,8 @@ import fastcore.all as fc
 import torch
 
 from .checks import check_int
-from .learner import CancelBatchException, Callback, Learner, _rng_args, _setup_opt, get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, get_rng_state, set_rng_state
+from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93
 _all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner (lr_find uses them too)
@@ -158,6 +159,7 @@ class CheckpointCB(Callback):
 
     def save_now(self, learn, epoch, done):
         "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
+        _raise_if_not_finite(learn)  # never save weights that a NaN loss `check_finite` hasn't read yet reached
         self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
         for old in ckpt_files(self.path)[:-self.keep]: old.unlink(missing_ok=True)
 

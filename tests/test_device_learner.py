@@ -200,3 +200,11 @@ def test_the_check_runs_at_the_end_of_each_epoch():
     learn = Learner(nn.Linear(6, 3), cls_dls(nan_at=2), F.cross_entropy, cbs=[RareCheckCB()])
     with pytest.raises(FloatingPointError, match='between epoch 0, batch 0 and epoch 0, batch 2;'): learn.fit(2)
     assert learn.epoch == 0
+
+def test_checkpoints_never_hold_weights_an_unchecked_nan_loss_reached(tmp_path):
+    class RareCheckCB(TrainCB):
+        def backward(self, learn): check_finite(learn, every=100); learn.loss.backward()
+    learn = Learner(nn.Linear(6, 3), cls_dls(n_train=4, nan_at=0), F.cross_entropy, cbs=[RareCheckCB()])
+    with pytest.raises(FloatingPointError, match='between epoch 0, batch 0 and epoch 0, batch 1;'):
+        learn.fit(1, cbs=CheckpointCB(tmp_path, every_n_batches=2))
+    assert not list(tmp_path.glob('*.pt'))
