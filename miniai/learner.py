@@ -395,7 +395,7 @@ def _n_items(b):
 class _Metrics(dict):
     "Metrics by name, whose states are saved and loaded together."
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
-    def load_state_dict(self, sd):  # torcheval keeps loaded tensors where they were: put them where the metric is
+    def load_state_dict(self, sd):  # torcheval leaves loaded tensors where they were saved
         for k, m in self.items(): m.load_state_dict(sd[k]); m.to(m.device)
 
 class MetricsCB(Callback):
