@@ -447,6 +447,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                                 'miniai.learner.LRFinderCB': ('learner.html#lrfindercb', 'miniai/learner.py'),
                                 'miniai.learner.LRFinderCB.__init__': ('learner.html#lrfindercb.__init__', 'miniai/learner.py'),
                                 'miniai.learner.LRFinderCB.after_batch': ('learner.html#lrfindercb.after_batch', 'miniai/learner.py'),
+                                'miniai.learner.LRFinderCB.after_loss': ('learner.html#lrfindercb.after_loss', 'miniai/learner.py'),
                                 'miniai.learner.LRFinderCB.before_fit': ('learner.html#lrfindercb.before_fit', 'miniai/learner.py'),
                                 'miniai.learner.LRFinderCB.plot': ('learner.html#lrfindercb.plot', 'miniai/learner.py'),
                                 'miniai.learner.LRFinderCB.suggestion': ('learner.html#lrfindercb.suggestion', 'miniai/learner.py'),

@@ -602,14 +602,14 @@ class LRFinderCB(Callback):
     def before_fit(self, learn):  # after DeviceCB: the GPU to save the state of is known
         self.sched, self.rng = ExponentialLR(learn.opt, self.gamma), get_rng_state(**_rng_args(learn))
         self.lrs, self.losses, self.min = [], [], math.inf
-    def after_batch(self, learn):
+    def after_loss(self, learn):  # before backward, where check_finite would stop a NaN loss with an error
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         loss = learn.loss.item()
         self.losses.append(loss)
         self.min = min(self.min, loss)
         if not math.isfinite(loss) or loss > self.min*self.max_mult: raise CancelFitException()
-        self.sched.step()
+    def after_batch(self, learn): self.sched.step()
 
     def suggestion(self, beta=0.7):
         "A tenth of the lr at the minimum of the exponentially smoothed loss."

@@ -222,3 +222,9 @@ def test_checkpoints_never_hold_weights_an_unchecked_nan_loss_reached(tmp_path):
     with pytest.raises(FloatingPointError, match='between epoch 0, batch 0 and epoch 0, batch 1;'):
         learn.fit(1, cbs=CheckpointCB(tmp_path, every_n_batches=2))
     assert not list(tmp_path.glob('*.pt'))
+
+def test_lr_find_ends_at_a_nan_loss_on_every_device():
+    "On a CPU check_finite reads each loss: the finder must see a NaN loss first, and end there, not fail."
+    learn = Learner(nn.Linear(6, 3), cls_dls(n_train=6), F.cross_entropy, cbs=[TrainCB(), PoisonCB(3)])
+    learn.lr_find(plot=False)
+    assert len(learn.lr_finder.losses) == 4 and learn.lr_finder.losses[-1] != learn.lr_finder.losses[-1]
