@@ -19,7 +19,7 @@ import fastcore.all as fc
 import torch
 
 from .checks import check_int
-from .learner import CancelBatchException, Callback, Learner, get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, LRFinderCB, get_rng_state, set_rng_state
 from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93
@@ -133,11 +133,11 @@ class CheckpointCB(Callback):
             except ValueError as e: raise ValueError(f"{e}; or None for no checkpoints inside an epoch") from None
         self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
         self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
-        self.epoch_rng, self.last, self.stopping, self._old = None, None, False, None
+        self.epoch_rng, self.last, self.stopping, self.idle, self._old = None, None, False, False, None
 
     def before_fit(self, learn):
-        self.stopping = False
-        if self.on_interrupt and threading.current_thread() is threading.main_thread():  # only it may handle signals
+        self.stopping, self.idle = False, any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find's run: no saves
+        if self.on_interrupt and not self.idle and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._on_sigint)
     def cleanup_fit(self, learn):
         if self._old is not None: signal.signal(signal.SIGINT, self._old)
@@ -159,6 +159,7 @@ class CheckpointCB(Callback):
 
     def save_now(self, learn, epoch, done):
         "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
+        if self.idle: return
         _raise_if_not_finite(learn)  # never save weights that a NaN loss `check_finite` hasn't read yet reached
         self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
         for old in ckpt_files(self.path)[:-self.keep]: old.unlink(missing_ok=True)

@@ -228,3 +228,11 @@ def test_lr_find_ends_at_a_nan_loss_on_every_device():
     learn = Learner(nn.Linear(6, 3), cls_dls(n_train=6), F.cross_entropy, cbs=[TrainCB(), PoisonCB(3)])
     learn.lr_find(plot=False)
     assert len(learn.lr_finder.losses) == 4 and learn.lr_finder.losses[-1] != learn.lr_finder.losses[-1]
+
+def test_lr_find_writes_no_checkpoints(tmp_path):
+    "Its throwaway run would rotate real checkpoints out, and a later ResumeCB('latest') could pick one of its own."
+    learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy, cbs=[TrainCB(), CheckpointCB(tmp_path, every_n_batches=1)])
+    learn.lr_find(plot=False)
+    assert not list(tmp_path.glob('*.pt'))
+    learn.fit(1)
+    assert list(tmp_path.glob('*.pt'))
