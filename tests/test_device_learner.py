@@ -14,7 +14,7 @@ import miniai.learner
 from miniai import accel
 from miniai.accel import MixedPrecision
 from miniai.checkpoint import CheckpointCB, ResumeCB, read_checkpoint
-from miniai.learner import Callback, Learner, MetricsCB, TrainCB, check_finite, get_rng_state, set_rng_state
+from miniai.learner import Callback, DeviceCB, Learner, MetricsCB, TrainCB, check_finite, get_rng_state, set_rng_state
 
 def cls_dls(n_train=3, n_valid=2, bs=4, n_in=6, nan_at=None):
     torch.manual_seed(0)
@@ -236,3 +236,44 @@ def test_lr_find_writes_no_checkpoints(tmp_path):
     assert not list(tmp_path.glob('*.pt'))
     learn.fit(1)
     assert list(tmp_path.glob('*.pt'))
+
+# --- on a real GPU (skipped elsewhere): what the mocks above stand in for
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+def dropout_learner(*cbs):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))  # dropout draws on the GPU
+    return Learner(model, cls_dls(n_train=6), F.cross_entropy, cbs=[TrainCB(), DeviceCB('cuda'), *cbs])
+
+@needs_cuda
+def test_on_a_gpu_check_finite_never_waits_for_it_within_32_batches():
+    class WatchedCB(TrainCB):
+        def backward(self, learn):
+            torch.cuda.set_sync_debug_mode('error')  # any wait for the GPU raises
+            try: check_finite(learn)
+            finally: torch.cuda.set_sync_debug_mode(0)
+            learn.loss.backward()
+    learn = Learner(nn.Linear(6, 3), cls_dls(n_train=20), F.cross_entropy, cbs=[WatchedCB(), DeviceCB('cuda')])
+    learn.fit(1)
+
+@needs_cuda
+def test_on_a_gpu_a_same_process_resume_is_exact_and_its_metrics_follow(tmp_path):
+    metrics = MetricsCB(accuracy=MulticlassAccuracy())
+    learn = dropout_learner(metrics)
+    learn.fit(1, cbs=CheckpointCB(tmp_path, every_n_batches=2, keep=10))
+    done, history = weights(learn.model), metrics.history
+    learn.fit(1, cbs=ResumeCB(tmp_path/'ckpt-e0000-b000004.pt'))  # the same Learner: its metrics are on the GPU
+    assert same(weights(learn.model), done)
+    assert [h['accuracy'] for h in metrics.history] == [h['accuracy'] for h in history]
+    assert [h['loss'] for h in metrics.history] == pytest.approx([h['loss'] for h in history])
+
+@needs_cuda
+def test_on_a_gpu_lr_find_before_the_first_fit_changes_nothing():
+    "DeviceCB moves the model in lr_find's own fit: the GPU's random state must come back all the same."
+    def train_once(find):
+        learn = dropout_learner()
+        if find: learn.lr_find(plot=False)
+        learn.fit(1)
+        return weights(learn.model)
+    assert same(train_once(True), train_once(False))
