@@ -19,7 +19,8 @@ import fastcore.all as fc
 import torch
 
 from .checks import check_int
-from .learner import CancelBatchException, Callback, Learner, _setup_opt, _train_generator, get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, LRFinderCB, get_rng_state, set_rng_state
+from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
 # %% ../nbs/05_checkpoint.ipynb #aef5ac93
 _all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner (lr_find uses them too)
@@ -44,7 +45,7 @@ def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
     return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
                 cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
-                rng=get_rng_state(_train_generator(self)), epoch_rng=epoch_rng if done else None)
+                rng=get_rng_state(**_rng_args(self)), epoch_rng=epoch_rng if done else None)
 
 
 # %% ../nbs/05_checkpoint.ipynb #7cbdc332
@@ -132,11 +133,11 @@ class CheckpointCB(Callback):
             except ValueError as e: raise ValueError(f"{e}; or None for no checkpoints inside an epoch") from None
         self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
         self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
-        self.epoch_rng, self.last, self.stopping, self._old = None, None, False, None
+        self.epoch_rng, self.last, self.stopping, self.idle, self._old = None, None, False, False, None
 
     def before_fit(self, learn):
-        self.stopping = False
-        if self.on_interrupt and threading.current_thread() is threading.main_thread():  # only it may handle signals
+        self.stopping, self.idle = False, any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find's run: no saves
+        if self.on_interrupt and not self.idle and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._on_sigint)
     def cleanup_fit(self, learn):
         if self._old is not None: signal.signal(signal.SIGINT, self._old)
@@ -154,10 +155,12 @@ class CheckpointCB(Callback):
                               f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
 
     def before_epoch(self, learn):  # an epoch's shuffle comes from the state it starts in: mid-epoch saves need it
-        if learn.training: self.epoch_rng = get_rng_state(_train_generator(learn))
+        if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])  # the GPU's: only at the save
 
     def save_now(self, learn, epoch, done):
         "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
+        if self.idle: return
+        _raise_if_not_finite(learn)  # never save weights that a NaN loss `check_finite` hasn't read yet reached
         self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
         for old in ckpt_files(self.path)[:-self.keep]: old.unlink(missing_ok=True)
 
@@ -203,11 +206,11 @@ class ResumeCB(Callback):
     def _resuming(self, learn): return learn.training and learn.epoch == self.start
 
     def before_epoch(self, learn):  # the same starting state draws the same shuffle (at a boundary: the saved one)
-        if self._resuming(learn): set_rng_state(self.epoch_rng if self.done else self.rng, _train_generator(learn))
+        if self._resuming(learn): set_rng_state(self.epoch_rng if self.done else self.rng, **_rng_args(learn))
 
     def before_batch(self, learn):
         if not (self._resuming(learn) and learn.iter < self.done): return
         # after the last replayed batch, what follows (loading, dropout...) draws from the state at the save
-        if learn.iter == self.done - 1: set_rng_state(self.rng, _train_generator(learn))
+        if learn.iter == self.done - 1: set_rng_state(self.rng, **_rng_args(learn))
         raise CancelBatchException()  # trained on before the interruption: loaded again, not trained on again
 

@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import ExponentialLR
 from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, MulticlassF1Score, R2Score
 
 from .checks import check_float, check_int
-from .conv import default_device, module_modes, restore_modes, to_cpu, to_device
+from .conv import default_device, model_device, module_modes, restore_modes, to_cpu, to_device
 
 # %% ../nbs/04_learner.ipynb #19f542fc
 _all_ = ['to_cpu']  # the course imports to_cpu from the learner module
@@ -299,7 +299,7 @@ def _check_same_shape(f, preds, targs):
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
     def __init__(self, n_inp=1): self.n_inp = check_int(n_inp, 'n_inp', 1, where=type(self).__name__)
-    def before_fit(self, learn): learn.n_inp = self.n_inp
+    def before_fit(self, learn): learn.n_inp = self.n_inp; vars(learn).pop('_finite', None)
     def predict(self, learn):
         b = learn.batch
         if isinstance(b, dict): raise TypeError(f"TrainCB needs a tuple batch (inputs..., targets...), got a dict with "
@@ -321,17 +321,24 @@ class TrainCB(Callback):
         learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
+    def after_epoch(self, learn): _raise_if_not_finite(learn)  # losses check_finite hasn't read yet
 
 
 # %% ../nbs/04_learner.ipynb #1c7c564c
-def check_finite(learn):
-    "Raise a clear `FloatingPointError` if `learn.loss` is NaN or infinite."
-    loss = learn.loss
-    if loss.numel() == 1 and math.isfinite(loss.item()): return  # the common, cheapest case
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"the loss is {loss.detach().float().cpu().tolist()} at epoch {learn.epoch}, batch "
-                                 f"{learn.iter}; lower the lr (try lr_find), check the inputs for NaN, or add "
-                                 "TerminateOnNaNCB() to stop quietly")
+def check_finite(learn, every=None):
+    "Raise `FloatingPointError` if a loss was NaN or infinite: checked each batch on a CPU, else every `every` (32)."
+    ok = torch.isfinite(learn.loss.detach()).all()  # a flag on the device: no wait
+    since, prev = vars(learn).get('_finite', ((learn.epoch, learn.iter), True))
+    learn._finite = since, ok & prev
+    if (learn.iter+1) % (every or (1 if ok.device.type == 'cpu' else 32)) == 0: _raise_if_not_finite(learn)
+
+def _raise_if_not_finite(learn):  # reading the flag waits for the device
+    (e, i), ok = vars(learn).pop('_finite', ((0, 0), True))
+    if ok: return
+    at, now = f"epoch {e}, batch {i}", (learn.epoch, learn.iter)
+    at = f"at {at}" if (e, i) == now else f"between {at} and epoch {now[0]}, batch {now[1]}"
+    raise FloatingPointError(f"the loss is NaN or infinite {at}; lower the lr (try lr_find), check the inputs for NaN, "
+                             "or add TerminateOnNaNCB() to stop quietly")
 
 class TerminateOnNaNCB(Callback):
     "Stop `fit` quietly (keeping the last good weights) when the loss is NaN or infinite."
@@ -388,8 +395,8 @@ def _n_items(b):
 class _Metrics(dict):
     "Metrics by name, whose states are saved and loaded together."
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
-    def load_state_dict(self, sd):
-        for k, m in self.items(): m.load_state_dict(sd[k])
+    def load_state_dict(self, sd):  # torcheval leaves loaded tensors where they were saved
+        for k, m in self.items(): m.load_state_dict(sd[k]); m.to(m.device)
 
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
@@ -557,42 +564,52 @@ class MomentumLearner(TrainLearner):
                 if p.grad is not None: p.grad.mul_(self.mom)
 
 # %% ../nbs/04_learner.ipynb #0399413f
-def get_rng_state(generator=None):
-    "Every global random state (python, numpy, torch, cuda), and `generator`'s, as plain data."
+def get_rng_state(generator=None, device=None):
+    "The random state of python, numpy, torch, `generator` and CUDA `device` (if it is one), as plain data."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
+    dev, cuda = torch.device(device or 'cpu'), None
+    if dev.type == 'cuda' and torch.cuda.is_available():
+        i = torch.cuda.current_device() if dev.index is None else dev.index
+        cuda = (i, torch.cuda.get_rng_state(i))
     return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                generator=None if generator is None else generator.get_state())
+                torch=torch.get_rng_state(), cuda=cuda, generator=None if generator is None else generator.get_state())
 
-def set_rng_state(state, generator=None):
-    "Restore a state from `get_rng_state`."
+def set_rng_state(state, generator=None, device=None):
+    "Restore a state from `get_rng_state`; its CUDA state goes to `device` (default: the GPU it came from)."
     random.setstate(state['python'])
     name, keys, pos, has_gauss, gauss = state['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state['torch'])
-    if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
+    if state['cuda'] is None: return
+    i, s = state['cuda']
+    dev = torch.device('cuda', i) if device is None else torch.device(device)
+    if dev.type == 'cuda' and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+        torch.cuda.set_rng_state(s, dev)
+    else: warnings.warn(f"the CUDA random state of cuda:{i} can't be restored on {dev}; random draws on the GPU will "
+                        "differ from the saved run")
 
-def _train_generator(learn):
-    "The `torch.Generator` the training DataLoader shuffles with, if it has its own."
-    return getattr(getattr(learn.dls, 'train', None), 'generator', None)
+def _rng_args(learn):
+    "What `get_rng_state` needs beyond the globals: the training DataLoader's generator, the model's device."
+    return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None),
+                device=model_device(learn.model))
 
 
 # %% ../nbs/04_learner.ipynb #0c6f4b70
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its min."
-    def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult = gamma, max_mult
-    def before_fit(self, learn):
-        self.sched = ExponentialLR(learn.opt, self.gamma)
+    def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult, self.rng = gamma, max_mult, None
+    def before_fit(self, learn):  # after DeviceCB: the GPU to save the state of is known
+        self.sched, self.rng = ExponentialLR(learn.opt, self.gamma), get_rng_state(**_rng_args(learn))
         self.lrs, self.losses, self.min = [], [], math.inf
-    def after_batch(self, learn):
+    def after_loss(self, learn):  # before backward, where check_finite would stop a NaN loss with an error
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         loss = learn.loss.item()
         self.losses.append(loss)
         self.min = min(self.min, loss)
         if not math.isfinite(loss) or loss > self.min*self.max_mult: raise CancelFitException()
-        self.sched.step()
+    def after_batch(self, learn): self.sched.step()
 
     def suggestion(self, beta=0.7):
         "A tenth of the lr at the minimum of the exponentially smoothed loss."
@@ -611,15 +628,19 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, c='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
+def _restore_cb(cb, attrs, sd): cb.__dict__ = attrs; cb.load_state_dict(sd)  # drops objects made since
+
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
-    "Run the LR finder, restore the model, optimizer and RNG exactly, and return the suggested lr."
-    gen, opt, modes = _train_generator(self), self.opt, module_modes(self.model)
-    state, rng, cb = copy.deepcopy(self.model.state_dict()), get_rng_state(gen), LRFinderCB(gamma, max_mult)
+    "Run the LR finder, restore the model, optimizer, callbacks and RNG exactly, and return the suggested lr."
+    opt, modes, cb = self.opt, module_modes(self.model), LRFinderCB(gamma, max_mult)
+    undo = [partial(_restore_cb, c, dict(vars(c)), copy.deepcopy(c.state_dict()))
+            for c in self.cbs if hasattr(c, 'load_state_dict')]  # e.g. MixedPrecision's grad scaler
+    undo += [partial(self.model.load_state_dict, copy.deepcopy(self.model.state_dict())),
+             partial(setattr, self, 'opt', opt), partial(restore_modes, modes),
+             lambda: cb.rng is None or set_rng_state(cb.rng, **_rng_args(self))]
     self.opt = None  # the finder trains with a throwaway optimizer
-    with _undo_after(partial(self.model.load_state_dict, state), partial(setattr, self, 'opt', opt),
-                     partial(restore_modes, modes), partial(set_rng_state, rng, gen)):
-        self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
+    with _undo_after(*undo): self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
     self.lr_finder = cb
     if plot: cb.plot()
     return cb.suggestion()

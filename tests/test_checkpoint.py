@@ -52,20 +52,23 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(uninter
     assert r.returncode == 0, r.stderr
     assert_same(uninterrupted, torch.load(tmp_path/'run.pt', weights_only=True))
 
-def test_cuda_rng_states_are_saved_and_restored(tmp_path, monkeypatch):
-    "No GPU here: fake two CUDA devices' RNG states and check they go through a checkpoint file and back."
+def test_the_training_gpus_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
+    "No GPU here: fake two CUDA devices, a model on cuda:1; its state goes through a checkpoint file and back to it."
     from types import SimpleNamespace
     from torch import nn
+    import miniai.learner
     from miniai.checkpoint import set_rng_state
     from miniai.learner import Learner
     fake, restored = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)], []
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [t.clone() for t in fake])
-    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', restored.append)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda i: fake[i].clone())
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, d: restored.append((s, d)))
+    monkeypatch.setattr(miniai.learner, 'model_device', lambda m: torch.device('cuda', 1))
     learn = Learner(nn.Linear(2, 2), SimpleNamespace(train=[], valid=[]))
     ck = read_checkpoint(learn.save(tmp_path/'ck.pt'))
     set_rng_state(ck['rng'])
-    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], fake)) and len(restored[0]) == 2
+    assert len(restored) == 1 and torch.equal(restored[0][0], fake[1]) and restored[0][1] == torch.device('cuda', 1)
 
 # --- Ctrl-C: CheckpointCB(on_interrupt=True)
 
