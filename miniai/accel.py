@@ -28,13 +28,13 @@ from .learner import Callback, DeviceCB, Learner, TrainCB, _n_items, check_finit
 @functools.cache
 def cpu_has_bf16():
     "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16): bf16 autocast pays off."
-    for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in PyTorch, so also cpuinfo
+    for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in torch: cpuinfo too
         if getattr(torch.cpu, nm, lambda: False)(): return True
     try:
         with open('/proc/cpuinfo') as f: return bool(set(f.read().split()) & {'avx512_bf16', 'amx_bf16', 'bf16'})
     except OSError: return False
 
-# %% ../nbs/14_accel.ipynb #e5eacbd1
+# %% ../nbs/14_accel.ipynb #76ba78d3
 def _check_sole_trainer(cb, learn):
     nm, cls = type(cb).__name__, type(learn)
     others = [type(o).__name__ for o in learn.cbs if isinstance(o, TrainCB) and o is not cb]
@@ -47,13 +47,12 @@ def _precision(want, dev, who, fix, warn=warnings.warn):
     cpu = dev.type == 'cpu'
     if cpu and want == 'fp16':
         raise ValueError(f"{who} on the CPU: fp16 is a CUDA GPU feature, a CPU silently trains in fp32; {fix}")
-    if dev.type == 'cuda' and want == 'bf16' and torch.cuda.get_device_capability(dev) < (8, 0):  # else emulated
+    if dev.type == 'cuda' and want == 'bf16' and torch.cuda.get_device_capability(dev) < (8, 0):  # emulated
         raise ValueError(f"{who}: {dev} has no native bf16 (it needs compute capability 8.0); {fix}")
     if cpu and want == 'bf16' and not cpu_has_bf16(): warn(f"{who}: this CPU emulates bf16, many times slower; {fix}")
     if want != 'auto': return want
     return 'fp16' if dev.type == 'cuda' else 'bf16' if cpu and cpu_has_bf16() else 'no'
 
-# %% ../nbs/14_accel.ipynb #76ba78d3
 class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
     order = DeviceCB.order + 10  # after DeviceCB has moved the model, whose device sets the precision
@@ -63,11 +62,12 @@ class MixedPrecision(TrainCB):
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
         try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now, not in an fp16 fit
         except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
-        self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype = scaler_kwargs, None, None, None
-        self.use_scaler, self._warned, self._stepping, self.step_skipped = False, False, False, False
-        self._skips = torch.zeros((), dtype=torch.long)  # on the device: counting needs no wait for the GPU
+        self.scaler_kwargs, self.scaler = scaler_kwargs, None
+        self.device_type = self.amp_dtype = None
+        self.use_scaler = self._warned = self.step_skipped = False
+        self._skips = torch.zeros((), dtype=torch.long)  # on the device: counting needs no wait
 
-    skipped_steps = property(lambda self: int(self._skips), doc="How many steps the GradScaler skipped (inf/NaN).")
+    skipped_steps = property(lambda self: int(self._skips), lambda self, n: self._skips.fill_(n))
 
     def _warn_once(self, msg):
         if not self._warned: warnings.warn(msg, stacklevel=3)
@@ -85,17 +85,15 @@ class MixedPrecision(TrainCB):
         p = _precision(self.dtype, dev, f"MixedPrecision(dtype={self.dtype!r})", "use dtype='auto'", self._warn_once)
         if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
-        fresh = self.make_scaler()
-        self.use_scaler = fresh is not None
-        if self.use_scaler and self.scaler is None: self.scaler = fresh  # kept across fits
+        self.use_scaler = (fresh := self.make_scaler()) is not None
+        if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # same scale, no stopped step's books
+        self.scaler = fresh or self.scaler
         if self.scaler is not None: self.made('scaler')
         learn.scaler = self.scaler if self.use_scaler else None
         self._skips = self._skips.to(dev)
         self._at_fit = self._skips.clone()
 
-    def _autocast(self):
-        if self.amp_dtype is None: return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+    def _autocast(self): return torch.autocast(self.device_type, self.amp_dtype, self.amp_dtype is not None)
 
     def predict(self, learn):
         with self._autocast(): super().predict(learn)
@@ -105,24 +103,16 @@ class MixedPrecision(TrainCB):
 
     def backward(self, learn):
         check_finite(learn)  # a NaN loss stops the fit in every precision
-        self._stepping = self.use_scaler and getattr(learn, 'will_step', True)
         (self.scaler.scale(learn.loss) if self.use_scaler else learn.loss).backward()
 
     def step(self, learn):
         if not getattr(learn, 'will_step', True): return  # GradAccumCB: still accumulating
         if not self.use_scaler: return learn.opt.step()
-        scale = self.scaler._get_scale_async().clone()  # a tensor on the device: no wait
+        scale = self.scaler._get_scale_async().clone()  # on the device: no wait
         self.scaler.step(learn.opt)  # unscales (unless GradClipCB did), steps or skips
         self.scaler.update()
-        self.step_skipped = self.scaler._get_scale_async() < scale  # the scale drops only after a skip
+        self.step_skipped = self.scaler._get_scale_async() < scale  # it drops only after a skip
         self._skips += self.step_skipped
-        self._stepping = False
-
-    def cleanup_batch(self, learn):  # a step stopped half-way (say after GradClipCB's unscale_) leaves a stuck scaler
-        if not self._stepping: return
-        sd, self.scaler, self._stepping = self.scaler.state_dict(), self.make_scaler(), False
-        self.scaler.load_state_dict(sd)  # a fresh one at the same scale and growth tracker
-        learn.scaler = self.scaler
 
     def cleanup_fit(self, learn):
         vars(learn).pop('scaler', None)
@@ -132,7 +122,7 @@ class MixedPrecision(TrainCB):
     def state_dict(self): return dict(scaler=self.state_of('scaler') or None, skipped_steps=self.skipped_steps)
 
     def load_state_dict(self, sd):
-        self._skips.fill_(sd['skipped_steps'])
+        self.skipped_steps = sd['skipped_steps']
         self.load_or_keep('scaler', sd['scaler'])
 
 # %% ../nbs/14_accel.ipynb #d5f5f748
@@ -240,11 +230,6 @@ class _Share(TensorDL):
     def get_batch(self, idx): return super().get_batch(idx.tensor_split(self.acc.num_processes)[self.acc.process_index])
 
 # %% ../nbs/14_accel.ipynb #04f4791d
-def _same_device(a, b):
-    "Whether torch devices `a` and `b` are one: a bare 'cuda' is the current GPU."
-    i = lambda d: (torch.cuda.current_device() if d.index is None else d.index) if d.type == 'cuda' else None
-    return a.type == b.type and i(a) == i(b)
-
 class AccelerateCB(TrainCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
@@ -262,7 +247,7 @@ class AccelerateCB(TrainCB):
         cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
         dev = torch.device('cpu' if cpu else device or PartialState().device)
         self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
-        if not torch.distributed.is_initialized():  # one process (a notebook): accelerate's state may take new settings
+        if not torch.distributed.is_initialized():  # one process: accelerate's state may take new settings
             AcceleratorState._reset_state(reset_partial_state=True)
             PartialState(cpu=dev.type == 'cpu').device = dev  # accelerate's own 'cuda' drops the index
         elif device is not None: raise ValueError("AccelerateCB(device=...) is for one process; leave it out")
@@ -279,9 +264,9 @@ class AccelerateCB(TrainCB):
         _check_sole_trainer(self, learn)
         clash = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (GradAccumCB, GradClipCB))]
         if clash: raise ValueError(f"AccelerateCB accumulates and clips: remove {clash}, pass it max_norm= etc.")
-        a = self.acc.device
-        for b in [torch.device(cb.dev) for cb in learn.cbs if isinstance(cb, DeviceCB)]:
-            if self.acc.num_processes > 1 or not _same_device(a, b):
+        a, now = self.acc.device, lambda d: torch.device('cuda', torch.cuda.current_device()) if str(d) == 'cuda' else d
+        for b in [cb.dev for cb in learn.cbs if isinstance(cb, DeviceCB)]:  # a bare 'cuda' is the current GPU
+            if self.acc.num_processes > 1 or now(a) != now(b):
                 raise ValueError(f"DeviceCB puts the model on {b}, AccelerateCB on {a}; remove DeviceCB")
         self.acc.gradient_accumulation_steps = self.n_accum  # a process-wide setting: ours
         if self._learn is not learn: self._prepare(learn)
@@ -297,7 +282,7 @@ class AccelerateCB(TrainCB):
         acc = self.acc
         if acc.num_processes > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learn.model.modules()):
             if acc.device.type == 'cuda': learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
-            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm statistics "
+            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm stats "
                                                     "over its share; GroupNorm trains as one process would")
         learn.model, learn.opt = acc.prepare(learn.model, learn.opt)
         self._learn, self._opt = learn, learn.opt
@@ -317,7 +302,6 @@ class AccelerateCB(TrainCB):
         except TypeError: self.last = None  # groups run on across epochs
 
     def before_batch(self, learn):
-        self._end_accumulate()
         learn.batch = to_device(learn.batch, self.acc.device)  # a no-op for prepared loaders
         if self.acc.num_processes > 1:  # every process's share
             self.ns = self.acc.gather(torch.tensor([float(_n_items(learn.batch))], device=self.acc.device))
@@ -329,8 +313,8 @@ class AccelerateCB(TrainCB):
 
     def backward(self, learn):
         loss, ns, n = learn.loss, self.ns, self.n_accum
-        if ns is not None: loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()  # DDP averages shares equally
-        if self.last is not None: loss = loss*n/min(n, self.last + 1 - learn.iter//n*n)  # a shorter last group
+        if ns is not None: loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()  # DDP averages the shares
+        if self.last is not None: loss = loss*n/min(n, self.last + 1 - learn.iter//n*n)  # a short last group
         self.acc.backward(loss)  # divided by n, scaled under fp16
 
     def step(self, learn):
@@ -354,21 +338,14 @@ class AccelerateCB(TrainCB):
             return torch.cat([g[i*m:i*m + n] for i, n in enumerate(ns)])
         return map_tensors(gather_one, x)
 
-    def _end_accumulate(self):
+    def cleanup_batch(self, learn):
         if self._accum is not None: self._accum.close(); self._accum = None
 
-    def cleanup_batch(self, learn): self._end_accumulate()
-
     def cleanup_fit(self, learn):
-        self._end_accumulate()
         self._fit.close()
         vars(learn).pop('will_step', None)
 
-    def state_dict(self): return dict(scaler=self.state_of('scaler'), skipped_steps=self.skipped_steps)
-
-    def load_state_dict(self, sd):
-        self.skipped_steps = sd['skipped_steps']
-        self.load_or_keep('scaler', sd['scaler'])
+    state_dict, load_state_dict = MixedPrecision.state_dict, MixedPrecision.load_state_dict  # its scaler too
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:

@@ -224,11 +224,9 @@ def test_scaler_counts_skipped_steps_and_survives_fits(always_scaler):
     assert mp.skipped_steps == 1
     assert mp.scaler.get_scale() == 2.**15
     assert torch.equal(ws.ws[1], ws.ws[0]) and not torch.equal(ws.ws[2], ws.ws[1])
-    scaler = mp.scaler
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(1, valid=False)  # poisoned again: a second skip, counted on top of the first
-    assert mp.scaler is scaler
     assert mp.skipped_steps == 2
     assert mp.scaler.get_scale() == 2.**14  # halved from where the first fit left it, not from 2**16
     learn.rm_cb(poison)
@@ -291,11 +289,11 @@ def test_cuda_fp16_skips_and_counts():
     learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[DeviceCB('cuda'), mp, ws, PoisonCB(1)])
     learn.fit(1, valid=False)
     assert mp.amp_dtype == torch.float16 and mp.use_scaler
-    assert mp.skipped_steps >= 1
+    n, scale = mp.skipped_steps, mp.scaler.get_scale()
+    assert n >= 1 and scale <= 2.**15
     assert torch.equal(ws.ws[1], ws.ws[0])
-    scaler = mp.scaler
     learn.fit(1, valid=False)
-    assert mp.scaler is scaler and mp.skipped_steps >= 2
+    assert mp.skipped_steps >= n + 1 and mp.scaler.get_scale() <= scale/2  # on from where the first fit left it
 
 @needs_cuda
 def test_cuda_bf16_has_no_scaler():
@@ -673,16 +671,14 @@ def test_accelerate_saves_and_loads_its_scaler_and_skips(fresh_accelerate):
     assert cb2.acc.scaler.get_scale() == 2.**10 and cb2.skipped_steps == 3
 
 def test_accelerate_keeps_the_gpu_index(fresh_accelerate, monkeypatch):
-    "`device='cuda:1'` trains on cuda:1 (accelerate's own 'cuda' is the current GPU), and 'cuda' is not 'cuda:1'."
+    "`device='cuda:1'` trains on cuda:1: accelerate's own 'cuda' is the current GPU."
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
     assert AccelerateCB(mixed_precision='no', device='cuda:1').acc.device == torch.device('cuda', 1)
-    cuda, cuda0, cuda1 = torch.device('cuda'), torch.device('cuda', 0), torch.device('cuda', 1)
-    assert accel._same_device(cuda, cuda0) and not accel._same_device(cuda1, cuda) and not accel._same_device(cuda, cuda1)
-    assert accel._same_device(torch.device('cpu'), torch.device('cpu'))
 
 def test_accelerate_refuses_a_devicecb_on_another_gpu(fresh_accelerate, monkeypatch):
+    "DeviceCB('cuda') is the current GPU, cuda:0, not the cuda:1 AccelerateCB trains on."
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
