@@ -65,7 +65,7 @@ class MixedPrecision(TrainCB):
         self.scaler_kwargs, self.scaler = scaler_kwargs, None
         self.device_type = self.amp_dtype = None
         self.use_scaler = self._warned = self.step_skipped = False
-        self._skips = torch.zeros((), dtype=torch.long)  # on the device: counting needs no wait
+        self._skips = torch.tensor(0)  # on the device: counting needs no wait
 
     skipped_steps = property(lambda self: int(self._skips), lambda self, n: self._skips.fill_(n))
 
@@ -74,7 +74,7 @@ class MixedPrecision(TrainCB):
         self._warned = True
 
     def make_scaler(self):
-        "A new `GradScaler` if this fit's forward pass is fp16 (whose range is small), else None."
+        "A new `GradScaler` for an fp16 fit (fp16's range is small), else None."
         return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs) if self.amp_dtype == torch.float16 else None
 
     def before_fit(self, learn):
@@ -117,7 +117,7 @@ class MixedPrecision(TrainCB):
     def cleanup_fit(self, learn):
         vars(learn).pop('scaler', None)
         if self.use_scaler and (n := int(self._skips - self._at_fit)):
-            warnings.warn(f"MixedPrecision: the GradScaler skipped {n} step(s) with inf/NaN gradients in this fit")
+            warnings.warn(f"MixedPrecision: {n} step(s) skipped for inf/NaN gradients in this fit")
 
     def state_dict(self): return dict(scaler=self.state_of('scaler') or None, skipped_steps=self.skipped_steps)
 
@@ -165,9 +165,7 @@ class GradAccumCB(Callback):
         if isinstance(learn.opt, _NoStep): learn.opt = learn.opt.opt
         learn.will_step = True
 
-    def cleanup_fit(self, learn):
-        if isinstance(learn.opt, _NoStep): learn.opt = learn.opt.opt
-        vars(learn).pop('will_step', None)
+    def cleanup_fit(self, learn): vars(learn).pop('will_step', None)
 
 # %% ../nbs/14_accel.ipynb #d3f87403
 class GradClipCB(Callback):
@@ -185,7 +183,7 @@ class GradClipCB(Callback):
 # %% ../nbs/14_accel.ipynb #a992cecc
 class EMACB(Callback):
     "Keep `ema_model`, an exponential moving average of the model's weights and buffers; `warmup` grows the decay."
-    order = DeviceCB.order + 2  # after DeviceCB and AccelerateCB: the average lives on the model's device
+    order = DeviceCB.order + 2  # after AccelerateCB, which may wrap the model
 
     def __init__(self, decay=0.999, warmup=True):
         self.decay, self.warmup, self.ema_model = check_float(decay, 'decay', '[0, 1)', 'EMACB'), warmup, None
@@ -195,8 +193,8 @@ class EMACB(Callback):
         return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
 
     def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first copy
-        d = self.decay_at(int(self.ema_model.n_averaged))  # a CPU counter: no wait for the GPU
-        w = (1 - d)*~torch.as_tensor(self._skip, device=params[0].device)  # 0 after an fp16-skipped step
+        d = self.decay_at(int(self.ema_model.n_averaged))  # a CPU counter: no wait
+        w = (1 - d)*~torch.as_tensor(self._skip, device=params[0].device)  # 0 after a skipped step
         if ema_params[0].is_floating_point():
             torch._foreach_add_(ema_params, torch._foreach_mul(torch._foreach_sub(params, ema_params), w))
         else: torch._foreach_copy_(ema_params, params)  # integer buffers can't be averaged
@@ -233,7 +231,7 @@ class _Share(TensorDL):
 class AccelerateCB(TrainCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
-    scaler = property(lambda self: self.acc.scaler)  # fp16's GradScaler, else None
+    scaler = property(lambda self: self.acc.scaler)
 
     def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, device=None,
                  **kwargs):
@@ -254,7 +252,6 @@ class AccelerateCB(TrainCB):
         self.acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=n, **kwargs)
         self.n_accum, self.max_norm, self.grad_norm, self.ns, self.step_skipped = n, max_norm, None, None, False
         self.skipped_steps, self._learn, self._opt, self._dls, self._fit_dls, self._accum = 0, *[None]*5
-        self._fit = contextlib.ExitStack()
 
     def before_fit(self, learn):
         super().before_fit(learn)

@@ -240,7 +240,7 @@ def test_skipped_steps_are_reported_at_the_end_of_each_fit(always_scaler):
     mp = MixedPrecision()
     learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[mp, PoisonCB(1)])
     for n in (1, 2):
-        with pytest.warns(UserWarning, match=r"skipped 1 step\(s\) with inf/NaN gradients in this fit") as ws:
+        with pytest.warns(UserWarning, match=r"MixedPrecision: 1 step\(s\) skipped for inf/NaN gradients in this fit") as ws:
             learn.fit(1, valid=False)
         assert len([w for w in ws if 'skipped' in str(w.message)]) == 1 and mp.skipped_steps == n
 
