@@ -704,12 +704,14 @@ def test_accelerate_counts_the_items_of_nested_batches(fresh_accelerate, monkeyp
     class NsCB(Callback):
         order = AccelerateCB.order + 1
         def after_predict(self, learn): seen.append(cb.ns.tolist())
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model()
+        def forward(self, inp): return self.body(inp[0])
     cb = AccelerateCB(mixed_precision='no')
-    monkeypatch.setattr(cb, '_loaders', lambda dls: dls)
-    m = model()
-    learn = Learner(lambda inp: m(inp[0]), DataLoaders(Nested(), Nested()), F.cross_entropy, cbs=[cb, NsCB()])
-    learn.model = m; learn.model.forward = lambda inp: nn.Sequential.forward(m, inp[0])
-    learn.fit(1)
+    monkeypatch.setattr(cb, '_loaders', lambda dls: dls)  # the loaders as they are: one process's share
+    Learner(TwoInputs(), DataLoaders(Nested(), Nested()), F.cross_entropy, cbs=[cb, NsCB()]).fit(1)
     assert seen[0] == [16.]
 
 # ---------------------------------------------------------------- MultDL
