@@ -14,8 +14,8 @@ from test_accel import PoisonCB, WeightsCB, dls, flat_weights, model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
-def fit(*cbs, n=1, **kw):
-    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[DeviceCB('cuda'), *cbs])
+def fit(*cbs, n=1, d=None, **kw):
+    learn = Learner(model(), d or dls(), F.cross_entropy, lr=0.1, cbs=[DeviceCB('cuda'), *cbs])
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(n, valid=False, **kw)
@@ -41,14 +41,15 @@ def test_fp16_interrupt_between_unscale_and_step():
     mp = MixedPrecision()
     learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[DeviceCB('cuda'), mp, GradClipCB(1.0)])
     with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=InterruptCB())
-    learn.fit(1)
-    assert mp.scaler.get_scale() == 2.**16
+    learn.fit(1)  # no "unscale_() has already been called"
+    assert mp.scaler.get_scale() >= 2.**15
 
 def test_ema_ignores_an_fp16_skipped_step():
     ema, ws = EMACB(0.5, warmup=False), WeightsCB()
-    fit(MixedPrecision(), ema, ws, PoisonCB(3))
-    assert torch.equal(ws.ws[3], ws.ws[2])
-    torch.testing.assert_close(flat_weights(ema.ema_model.module).cpu(), ws.ws[3].cpu())
+    fit(MixedPrecision(), ema, ws, PoisonCB(1), d=dls(32))  # two steps: the first copies the weights, the second skips
+    assert torch.equal(ws.ws[1], ws.ws[0])
+    torch.testing.assert_close(flat_weights(ema.ema_model.module), ws.ws[1])
+    assert ema.ema_model.n_averaged.item() == 2  # counted, with a weight of 0
 
 def test_bf16_on_this_gpu():
     ok = torch.cuda.get_device_capability() >= (8, 0)
