@@ -3,7 +3,6 @@
 d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', 'git_url': '', 'lib_path': 'miniai'},
   'syms': { 'miniai.accel': { 'miniai.accel.AccelerateCB': ('accel.html#acceleratecb', 'miniai/accel.py'),
                               'miniai.accel.AccelerateCB.__init__': ('accel.html#acceleratecb.__init__', 'miniai/accel.py'),
-                              'miniai.accel.AccelerateCB._end_accumulate': ('accel.html#acceleratecb._end_accumulate', 'miniai/accel.py'),
                               'miniai.accel.AccelerateCB._gather': ('accel.html#acceleratecb._gather', 'miniai/accel.py'),
                               'miniai.accel.AccelerateCB._loaders': ('accel.html#acceleratecb._loaders', 'miniai/accel.py'),
                               'miniai.accel.AccelerateCB._prepare': ('accel.html#acceleratecb._prepare', 'miniai/accel.py'),

@@ -14,7 +14,7 @@ import warnings
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast, parse_flag_from_env
+from accelerate.utils import broadcast, extract_model_from_parallel, parse_flag_from_env
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
@@ -22,19 +22,19 @@ from torch.utils.data import DataLoader
 from .checks import check_choice, check_float, check_int
 from .conv import map_tensors, model_device, to_device
 from .datasets import DataLoaders, TensorDL
-from .learner import Callback, DeviceCB, Learner, TrainCB
+from .learner import Callback, DeviceCB, Learner, TrainCB, _n_items, check_finite
 
 # %% ../nbs/14_accel.ipynb #f82cb804
 @functools.cache
 def cpu_has_bf16():
     "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16): bf16 autocast pays off."
-    for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in PyTorch, so also cpuinfo
+    for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in torch: cpuinfo too
         if getattr(torch.cpu, nm, lambda: False)(): return True
     try:
         with open('/proc/cpuinfo') as f: return bool(set(f.read().split()) & {'avx512_bf16', 'amx_bf16', 'bf16'})
     except OSError: return False
 
-# %% ../nbs/14_accel.ipynb #e5eacbd1
+# %% ../nbs/14_accel.ipynb #76ba78d3
 def _check_sole_trainer(cb, learn):
     nm, cls = type(cb).__name__, type(learn)
     others = [type(o).__name__ for o in learn.cbs if isinstance(o, TrainCB) and o is not cb]
@@ -43,17 +43,16 @@ def _check_sole_trainer(cb, learn):
     if own: raise ValueError(f"{nm} needs a plain Learner, but {cls.__name__} overrides {own}; use Learner(...)")
 
 def _precision(want, dev, who, fix, warn=warnings.warn):
-    "What precision `want` means on device type `dev`: 'fp16', 'bf16' or 'no' (fp32)."
-    if dev == 'cpu' and want == 'fp16':
+    "What precision `want` means on torch device `dev`: 'fp16', 'bf16' or 'no' (fp32)."
+    cpu = dev.type == 'cpu'
+    if cpu and want == 'fp16':
         raise ValueError(f"{who} on the CPU: fp16 is a CUDA GPU feature, a CPU silently trains in fp32; {fix}")
-    if dev == 'cuda' and want == 'bf16' and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"{who}: this GPU has no bf16; {fix}")
-    if dev == 'cpu' and want == 'bf16' and not cpu_has_bf16():
-        warn(f"{who}: this CPU emulates bf16, many times slower; {fix}")
+    if dev.type == 'cuda' and want == 'bf16' and torch.cuda.get_device_capability(dev) < (8, 0):  # emulated
+        raise ValueError(f"{who}: {dev} has no native bf16 (it needs compute capability 8.0); {fix}")
+    if cpu and want == 'bf16' and not cpu_has_bf16(): warn(f"{who}: this CPU emulates bf16, many times slower; {fix}")
     if want != 'auto': return want
-    return 'fp16' if dev == 'cuda' else 'bf16' if dev == 'cpu' and cpu_has_bf16() else 'no'
+    return 'fp16' if dev.type == 'cuda' else 'bf16' if cpu and cpu_has_bf16() else 'no'
 
-# %% ../nbs/14_accel.ipynb #76ba78d3
 class MixedPrecision(TrainCB):
     "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
     order = DeviceCB.order + 10  # after DeviceCB has moved the model, whose device sets the precision
@@ -65,32 +64,36 @@ class MixedPrecision(TrainCB):
         except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
         self.scaler_kwargs, self.scaler = scaler_kwargs, None
         self.device_type = self.amp_dtype = None
-        self.use_scaler, self.skipped_steps, self._warned = False, 0, False
+        self.use_scaler = self._warned = self.step_skipped = False
+        self._skips = torch.tensor(0)  # on the device: counting needs no wait
+
+    skipped_steps = property(lambda self: int(self._skips), lambda self, n: self._skips.fill_(n))
 
     def _warn_once(self, msg):
         if not self._warned: warnings.warn(msg, stacklevel=3)
         self._warned = True
 
     def make_scaler(self):
-        "A new `GradScaler` if this fit's forward pass is fp16 (whose range is small), else None."
+        "A new `GradScaler` for an fp16 fit (fp16's range is small), else None."
         return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs) if self.amp_dtype == torch.float16 else None
 
     def before_fit(self, learn):
         super().before_fit(learn)
         _check_sole_trainer(self, learn)
-        dev = self.device_type = model_device(learn.model).type
+        dev = model_device(learn.model)
+        self.device_type = t = dev.type
         p = _precision(self.dtype, dev, f"MixedPrecision(dtype={self.dtype!r})", "use dtype='auto'", self._warn_once)
-        if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {dev}" + ': no native bf16'*(dev == 'cpu'))
+        if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
-        fresh = self.make_scaler()
-        self.use_scaler = fresh is not None
-        if self.use_scaler and self.scaler is None: self.scaler = fresh  # kept across fits
+        self.use_scaler = (fresh := self.make_scaler()) is not None
+        if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # same scale, no stopped step's books
+        self.scaler = fresh or self.scaler
         if self.scaler is not None: self.made('scaler')
         learn.scaler = self.scaler if self.use_scaler else None
+        self._skips = self._skips.to(dev)
+        self._at_fit = self._skips.clone()
 
-    def _autocast(self):
-        if self.amp_dtype is None: return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+    def _autocast(self): return torch.autocast(self.device_type, self.amp_dtype, self.amp_dtype is not None)
 
     def predict(self, learn):
         with self._autocast(): super().predict(learn)
@@ -98,22 +101,23 @@ class MixedPrecision(TrainCB):
     def get_loss(self, learn):
         with self._autocast(): super().get_loss(learn)
 
-    def backward(self, learn): (self.scaler.scale(learn.loss) if self.use_scaler else learn.loss).backward()
+    def backward(self, learn):
+        check_finite(learn)  # a NaN loss stops the fit in every precision
+        (self.scaler.scale(learn.loss) if self.use_scaler else learn.loss).backward()
 
     def step(self, learn):
         if not getattr(learn, 'will_step', True): return  # GradAccumCB: still accumulating
         if not self.use_scaler: return learn.opt.step()
-        scale = self.scaler.get_scale()
-        try: self.scaler.step(learn.opt)  # unscales (unless GradClipCB did), steps or skips
-        except BaseException:  # maybe stopped mid-step: a fresh scaler at the same scale
-            sd, self.scaler = self.scaler.state_dict(), self.make_scaler()
-            self.scaler.load_state_dict(sd)
-            learn.scaler = self.scaler
-            raise
+        scale = self.scaler._get_scale_async().clone()  # on the device: no wait
+        self.scaler.step(learn.opt)  # unscales (unless GradClipCB did), steps or skips
         self.scaler.update()
-        if self.scaler.get_scale() < scale: self.skipped_steps += 1  # it drops only after a skip
+        self.step_skipped = self.scaler._get_scale_async() < scale  # it drops only after a skip
+        self._skips += self.step_skipped
 
-    def cleanup_fit(self, learn): vars(learn).pop('scaler', None)
+    def cleanup_fit(self, learn):
+        vars(learn).pop('scaler', None)
+        if self.use_scaler and (n := int(self._skips - self._at_fit)):
+            warnings.warn(f"MixedPrecision: {n} step(s) skipped for inf/NaN gradients in this fit")
 
     def state_dict(self): return dict(scaler=self.state_of('scaler') or None, skipped_steps=self.skipped_steps)
 
@@ -161,9 +165,7 @@ class GradAccumCB(Callback):
         if isinstance(learn.opt, _NoStep): learn.opt = learn.opt.opt
         learn.will_step = True
 
-    def cleanup_fit(self, learn):
-        if isinstance(learn.opt, _NoStep): learn.opt = learn.opt.opt
-        vars(learn).pop('will_step', None)
+    def cleanup_fit(self, learn): vars(learn).pop('will_step', None)
 
 # %% ../nbs/14_accel.ipynb #d3f87403
 class GradClipCB(Callback):
@@ -181,7 +183,7 @@ class GradClipCB(Callback):
 # %% ../nbs/14_accel.ipynb #a992cecc
 class EMACB(Callback):
     "Keep `ema_model`, an exponential moving average of the model's weights and buffers; `warmup` grows the decay."
-    order = DeviceCB.order + 1  # after DeviceCB: the average lives on the model's device
+    order = DeviceCB.order + 2  # after AccelerateCB, which may wrap the model
 
     def __init__(self, decay=0.999, warmup=True):
         self.decay, self.warmup, self.ema_model = check_float(decay, 'decay', '[0, 1)', 'EMACB'), warmup, None
@@ -191,18 +193,25 @@ class EMACB(Callback):
         return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
 
     def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first copy
-        d = self.decay_at(int(self.ema_model.n_averaged))  # a CPU counter: no wait for the GPU
-        if ema_params[0].is_floating_point(): torch._foreach_lerp_(ema_params, params, 1 - d)
+        d = self.decay_at(int(self.ema_model.n_averaged))  # a CPU counter: no wait
+        w = (1 - d)*~torch.as_tensor(self._skip, device=params[0].device)  # 0 after a skipped step
+        if ema_params[0].is_floating_point():
+            torch._foreach_add_(ema_params, torch._foreach_mul(torch._foreach_sub(params, ema_params), w))
         else: torch._foreach_copy_(ema_params, params)  # integer buffers can't be averaged
 
     def before_fit(self, learn):
-        if self.ema_model is None or self._src is not learn.model:
-            self.ema_model = AveragedModel(learn.model, multi_avg_fn=self._average, use_buffers=True)
-            self._src = learn.model
-        self.ema_model.module.to(model_device(learn.model))  # n_averaged stays on the CPU
+        m = extract_model_from_parallel(learn.model)  # AccelerateCB's DDP wraps the same weights
+        if self.ema_model is None or self._src is not m:
+            self.ema_model, self._src = AveragedModel(m, multi_avg_fn=self._average, use_buffers=True), m
+        self.ema_model.module.to(model_device(m))  # n_averaged stays on the CPU
         self.made('ema_model')
+        self._trainer = next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None)
 
-    def after_step(self, learn): self.ema_model.update_parameters(learn.model)
+    def after_step(self, learn):
+        if not getattr(learn, 'will_step', True): return  # accumulating: the weights haven't moved
+        self._skip = getattr(self._trainer, 'step_skipped', False)
+        self.ema_model.update_parameters(self._src)
+
     def state_dict(self): return dict(ema=self.state_of('ema_model'))
     def load_state_dict(self, sd): self.load_or_keep('ema_model', sd['ema'])
 
@@ -220,26 +229,29 @@ class _Share(TensorDL):
 
 # %% ../nbs/14_accel.ipynb #04f4791d
 class AccelerateCB(TrainCB):
-    "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, and several processes."
+    "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
+    scaler = property(lambda self: self.acc.scaler)
 
-    def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, **kwargs):
+    def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, device=None,
+                 **kwargs):
         super().__init__(n_inp)
         check_choice(mixed_precision, 'mixed_precision', ('auto', 'no', 'fp16', 'bf16'), 'AccelerateCB')
         n = check_int(gradient_accumulation_steps, 'gradient_accumulation_steps', 1, 'AccelerateCB')
         if max_norm is not None: check_float(max_norm, 'max_norm', '(0, inf)', 'AccelerateCB')
-        cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
         launched = mixed_precision == 'auto' and os.environ.get('ACCELERATE_MIXED_PRECISION', '').lower()
         who, fix = ((f"accelerate launch --mixed_precision {launched}", "launch with --mixed_precision no") if launched
                     else (f"AccelerateCB(mixed_precision={mixed_precision!r})", "use mixed_precision='auto' or 'no'"))
-        dev = 'cpu' if cpu else PartialState().device.type
+        cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
+        dev = torch.device('cpu' if cpu else device or PartialState().device)
         self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
-        # one process (a notebook): accelerate's process-wide state may take new settings
-        if not torch.distributed.is_initialized(): AcceleratorState._reset_state(reset_partial_state=True)
+        if not torch.distributed.is_initialized():  # one process: accelerate's state may take new settings
+            AcceleratorState._reset_state(reset_partial_state=True)
+            PartialState(cpu=dev.type == 'cpu').device = dev  # accelerate's own 'cuda' drops the index
+        elif device is not None: raise ValueError("AccelerateCB(device=...) is for one process; leave it out")
         self.acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=n, **kwargs)
-        self.n_accum, self.max_norm, self.skipped_steps, self.grad_norm, self.ns = n, max_norm, 0, None, None
-        self._learn = self._opt = self._dls = self._fit_dls = self._accum = None
-        self._fit = contextlib.ExitStack()
+        self.n_accum, self.max_norm, self.grad_norm, self.ns, self.step_skipped = n, max_norm, None, None, False
+        self.skipped_steps, self._learn, self._opt, self._dls, self._fit_dls, self._accum = 0, *[None]*5
 
     def before_fit(self, learn):
         super().before_fit(learn)
@@ -249,9 +261,9 @@ class AccelerateCB(TrainCB):
         _check_sole_trainer(self, learn)
         clash = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (GradAccumCB, GradClipCB))]
         if clash: raise ValueError(f"AccelerateCB accumulates and clips: remove {clash}, pass it max_norm= etc.")
-        a = self.acc.device
-        for b in [torch.device(cb.dev) for cb in learn.cbs if isinstance(cb, DeviceCB)]:
-            if self.acc.num_processes > 1 or a.type != b.type or None not in (a.index, b.index) and a.index != b.index:
+        a, now = self.acc.device, lambda d: torch.device('cuda', torch.cuda.current_device()) if str(d) == 'cuda' else d
+        for b in [cb.dev for cb in learn.cbs if isinstance(cb, DeviceCB)]:  # a bare 'cuda' is the current GPU
+            if self.acc.num_processes > 1 or now(a) != now(b):
                 raise ValueError(f"DeviceCB puts the model on {b}, AccelerateCB on {a}; remove DeviceCB")
         self.acc.gradient_accumulation_steps = self.n_accum  # a process-wide setting: ours
         if self._learn is not learn: self._prepare(learn)
@@ -267,7 +279,7 @@ class AccelerateCB(TrainCB):
         acc = self.acc
         if acc.num_processes > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learn.model.modules()):
             if acc.device.type == 'cuda': learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
-            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm statistics "
+            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm stats "
                                                     "over its share; GroupNorm trains as one process would")
         learn.model, learn.opt = acc.prepare(learn.model, learn.opt)
         self._learn, self._opt = learn, learn.opt
@@ -283,29 +295,31 @@ class AccelerateCB(TrainCB):
         return DataLoaders(*out)
 
     def before_epoch(self, learn):  # the epoch's last batch ends a group
-        try: self.last = len(learn.dl) - 1
-        except TypeError: self.last = None
+        try: self.last, self.acc.step = len(learn.dl) - 1, 0
+        except TypeError: self.last = None  # groups run on across epochs
 
     def before_batch(self, learn):
-        self._end_accumulate()
         learn.batch = to_device(learn.batch, self.acc.device)  # a no-op for prepared loaders
         if self.acc.num_processes > 1:  # every process's share
-            self.ns = self.acc.gather(torch.tensor([float(len(learn.batch[0]))], device=self.acc.device))
+            self.ns = self.acc.gather(torch.tensor([float(_n_items(learn.batch))], device=self.acc.device))
         if not learn.training: return
         if learn.iter == self.last: self.acc.step = -1  # accumulate() counts it to 0: a step
         self._accum = contextlib.ExitStack()
         self._accum.enter_context(self.acc.accumulate(learn.model))
+        learn.will_step = self.acc.sync_gradients
 
     def backward(self, learn):
-        loss, ns = learn.loss, self.ns
-        if ns is not None: loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()  # DDP averages shares equally
-        self.acc.backward(loss)  # divided by the accumulation steps, scaled under fp16
+        loss, ns, n = learn.loss, self.ns, self.n_accum
+        if ns is not None: loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()  # DDP averages the shares
+        if self.last is not None: loss = loss*n/min(n, self.last + 1 - learn.iter//n*n)  # a short last group
+        self.acc.backward(loss)  # divided by n, scaled under fp16
 
     def step(self, learn):
         sync = self.acc.sync_gradients  # False while accumulating
         if sync and self.max_norm: self.grad_norm = self.acc.clip_grad_norm_(learn.model.parameters(), self.max_norm)
         learn.opt.step()
-        if sync and learn.opt.step_was_skipped: self.skipped_steps += 1
+        self.step_skipped = sync and learn.opt.step_was_skipped
+        self.skipped_steps += self.step_skipped
 
     def after_batch(self, learn):  # the whole batch's, for metrics
         if self.ns is None: return
@@ -321,14 +335,14 @@ class AccelerateCB(TrainCB):
             return torch.cat([g[i*m:i*m + n] for i, n in enumerate(ns)])
         return map_tensors(gather_one, x)
 
-    def _end_accumulate(self):
+    def cleanup_batch(self, learn):
         if self._accum is not None: self._accum.close(); self._accum = None
 
-    def cleanup_batch(self, learn): self._end_accumulate()
-
     def cleanup_fit(self, learn):
-        self._end_accumulate()
         self._fit.close()
+        vars(learn).pop('will_step', None)
+
+    state_dict, load_state_dict = MixedPrecision.state_dict, MixedPrecision.load_state_dict  # its scaler too
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:

@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import miniai.accel as accel
-from miniai.accel import AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision, MultDL
+from miniai.accel import EMACB, AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision, MultDL
 from miniai.datasets import DataLoaders
-from miniai.learner import CancelBatchException, Callback, Learner, MetricsCB, ProgressCB, TrainCB
+from miniai.learner import CancelBatchException, Callback, DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 
 SCRIPT = Path(__file__).parent/'scripts'/'accel_train.py'
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -94,11 +94,13 @@ def native_bf16(monkeypatch):
     "Pretend the CPU computes bf16 natively (it is emulated, and slow, where it doesn't; the models here are tiny)."
     monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
 
-@pytest.fixture
-def always_scaler(monkeypatch):
-    "Give MixedPrecision a GradScaler whatever the precision, so the scaler's logic runs on a CPU too."
+def give_scaler(monkeypatch):
+    "Give MixedPrecision a GradScaler whatever the precision, so the scaler's logic (fp16's) runs on a CPU too."
     monkeypatch.setattr(MixedPrecision, 'make_scaler',
                         lambda self: torch.amp.GradScaler(self.device_type, **self.scaler_kwargs))
+
+@pytest.fixture
+def always_scaler(monkeypatch): give_scaler(monkeypatch)
 
 # ---------------------------------------------------------------- MixedPrecision
 
@@ -204,10 +206,10 @@ def test_autocast_is_off_after_a_failing_batch(where, native_bf16):
     assert torch.is_autocast_enabled() is False
 
 class PoisonCB(Callback):
-    "Put an inf into the input of training batch `i` of each epoch."
+    "Put an inf into a gradient of training batch `i` of each epoch, as an fp16 overflow does (the loss stays finite)."
     def __init__(self, i): self.i = i
-    def before_batch(self, learn):
-        if learn.training and learn.iter == self.i: learn.batch = (torch.full_like(learn.batch[0], math.inf), learn.batch[1])
+    def after_backward(self, learn):
+        if learn.iter == self.i: next(learn.model.parameters()).grad.view(-1)[0] = math.inf
 
 class WeightsCB(Callback):
     order = 10
@@ -222,11 +224,9 @@ def test_scaler_counts_skipped_steps_and_survives_fits(always_scaler):
     assert mp.skipped_steps == 1
     assert mp.scaler.get_scale() == 2.**15
     assert torch.equal(ws.ws[1], ws.ws[0]) and not torch.equal(ws.ws[2], ws.ws[1])
-    scaler = mp.scaler
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(1, valid=False)  # poisoned again: a second skip, counted on top of the first
-    assert mp.scaler is scaler
     assert mp.skipped_steps == 2
     assert mp.scaler.get_scale() == 2.**14  # halved from where the first fit left it, not from 2**16
     learn.rm_cb(poison)
@@ -236,29 +236,82 @@ def test_scaler_counts_skipped_steps_and_survives_fits(always_scaler):
     assert mp.skipped_steps == 2 and mp.scaler.get_scale() == 2.**14
     assert not hasattr(learn, 'scaler')
 
+def test_skipped_steps_are_reported_at_the_end_of_each_fit(always_scaler):
+    mp = MixedPrecision()
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[mp, PoisonCB(1)])
+    for n in (1, 2):
+        with pytest.warns(UserWarning, match=r"MixedPrecision: 1 step\(s\) skipped for inf/NaN gradients in this fit") as ws:
+            learn.fit(1, valid=False)
+        assert len([w for w in ws if 'skipped' in str(w.message)]) == 1 and mp.skipped_steps == n
+
+class NaNLossCB(Callback):
+    "Make the loss of training batch 1 NaN."
+    def after_loss(self, learn):
+        if learn.training and learn.iter == 1: learn.loss = learn.loss*math.nan
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16', 'fp16'])
+def test_a_nan_loss_raises_in_every_precision(precision, monkeypatch):
+    if precision == 'bf16': monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
+    if precision == 'fp16': give_scaler(monkeypatch)
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[MixedPrecision(), NaNLossCB()])
+    with warnings.catch_warnings(), pytest.raises(FloatingPointError, match='the loss is nan at epoch 0, batch 1'):
+        warnings.simplefilter('ignore')
+        learn.fit(1)
+    assert torch.isfinite(flat_weights(learn.model)).all()
+
+def test_skips_are_counted_without_waiting_for_the_device(always_scaler, monkeypatch):
+    "No get_scale() (a GPU sync) per step: the skips are counted in a tensor, read when asked."
+    calls = []
+    get_scale = torch.amp.GradScaler.get_scale
+    monkeypatch.setattr(torch.amp.GradScaler, 'get_scale', lambda self: calls.append(1) or get_scale(self))
+    mp = MixedPrecision()
+    fit(mp, PoisonCB(1), valid=False)
+    assert calls == [] and mp.skipped_steps == 1
+
+class InterruptCB(Callback):
+    "Ctrl-C between GradClipCB's unscale_ (order 1) and the scaler's step, at training batch 1."
+    order = 2
+    def after_backward(self, learn):
+        if learn.iter == 1: raise KeyboardInterrupt()
+
+def test_an_interrupt_between_unscale_and_step_leaves_a_clean_scaler(always_scaler):
+    mp, clip = MixedPrecision(init_scale=2.**10), GradClipCB(1.0)
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[mp, clip])
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=InterruptCB())
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=InterruptCB())
+    assert mp.scaler.get_scale() == 2.**10 and mp.scaler.state_dict()['_growth_tracker'] == 2  # kept
+    learn.fit(1)  # no "unscale_() has already been called"
+    assert mp.scaler.state_dict()['_growth_tracker'] == 6 and mp.skipped_steps == 0
+
 @needs_cuda
 def test_cuda_fp16_skips_and_counts():
-    class HugeCB(Callback):
-        def before_batch(self, learn):
-            if learn.training and learn.iter == 1: learn.batch = (learn.batch[0]*1e6, learn.batch[1])
     mp, ws = MixedPrecision(), WeightsCB()
-    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[mp, ws, HugeCB()])
-    learn.model.cuda()
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[DeviceCB('cuda'), mp, ws, PoisonCB(1)])
     learn.fit(1, valid=False)
     assert mp.amp_dtype == torch.float16 and mp.use_scaler
-    assert mp.skipped_steps >= 1
+    n, scale = mp.skipped_steps, mp.scaler.get_scale()
+    assert n >= 1 and scale <= 2.**15
     assert torch.equal(ws.ws[1], ws.ws[0])
-    scaler = mp.scaler
     learn.fit(1, valid=False)
-    assert mp.scaler is scaler and mp.skipped_steps >= 2
+    assert mp.skipped_steps >= n + 1 and mp.scaler.get_scale() <= scale/2  # on from where the first fit left it
 
 @needs_cuda
 def test_cuda_bf16_has_no_scaler():
     if not torch.cuda.is_bf16_supported(): pytest.skip('GPU without bf16')
     mp = MixedPrecision(dtype='bf16')
-    learn = Learner(model().cuda(), dls(), F.cross_entropy, lr=0.1, cbs=[mp])
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[DeviceCB('cuda'), mp])
     learn.fit(1)
     assert mp.amp_dtype == torch.bfloat16 and mp.scaler is None
+
+def test_bf16_on_a_gpu_needs_compute_capability_8_of_the_models_gpu(monkeypatch):
+    "is_bf16_supported() counts emulation and looks at the current GPU: the check asks the model's GPU instead."
+    asked = []
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: asked.append(d) or (7, 5))
+    with pytest.raises(ValueError, match=r"cuda:1 has no native bf16 \(it needs compute capability 8.0\)"):
+        accel._precision('bf16', torch.device('cuda', 1), 'MixedPrecision', 'use auto')
+    assert asked == [torch.device('cuda', 1)]
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (8, 0))
+    assert accel._precision('bf16', torch.device('cuda', 0), 'MixedPrecision', 'use auto') == 'bf16'
 
 # ---------------------------------------------------------------- GradAccumCB, GradClipCB, and combinations
 
@@ -588,6 +641,78 @@ def test_a_users_script_with_fashion_dls_trains_each_process_on_its_share(tmp_pa
         assert h['accuracy'] == pytest.approx(ref['accuracy'], abs=5e-3), (h, ref)  # a few flipped argmaxes at most
     assert r0['diff'] < r0['moved']/100, (r0['diff'], r0['moved'])
     assert r0['diff4'] < r0['moved4']/100, (r0['diff4'], r0['moved4'])
+
+# ---------------------------------------------------------------- EMACB with the training-step callbacks
+
+def test_ema_averages_once_per_optimizer_step_and_not_a_skipped_one(always_scaler):
+    ema, ws = EMACB(0.5, warmup=False), WeightsCB()
+    learn = fit(MixedPrecision(), GradAccumCB(4), ema, ws, PoisonCB(7), d=dls(128, bs=16), valid=False)  # 2 groups
+    assert ema.ema_model.n_averaged.item() == 2  # not 8: one update per optimizer step
+    assert torch.equal(ws.ws[7], ws.ws[3])  # the second step was skipped...
+    torch.testing.assert_close(flat_weights(ema.ema_model.module), ws.ws[3])  # ...and left the average alone
+
+def test_ema_follows_accelerate_and_averages_the_unwrapped_model(fresh_accelerate):
+    assert EMACB.order > AccelerateCB.order  # after AccelerateCB has prepared (under DDP: wrapped) the model
+    ema = EMACB(0.5, warmup=False)
+    learn = fit(AccelerateCB(mixed_precision='no', gradient_accumulation_steps=4), ema, d=dls(128, bs=16), valid=False)
+    assert ema._src is accel.extract_model_from_parallel(learn.model) and ema.ema_model.n_averaged.item() == 2
+
+# ---------------------------------------------------------------- AccelerateCB: state, devices, weighting
+
+def test_accelerate_saves_and_loads_its_scaler_and_skips(fresh_accelerate):
+    cb = AccelerateCB(mixed_precision='no')
+    assert cb.state_dict() == dict(scaler=None, skipped_steps=0)
+    cb.acc.scaler = torch.amp.GradScaler('cpu', init_scale=2.**10)  # what fp16 on a GPU has
+    cb.skipped_steps = 3
+    sd = cb.state_dict()
+    cb2 = AccelerateCB(mixed_precision='no')
+    cb2.acc.scaler = torch.amp.GradScaler('cpu')
+    cb2.load_state_dict(sd)
+    assert cb2.acc.scaler.get_scale() == 2.**10 and cb2.skipped_steps == 3
+
+def test_accelerate_keeps_the_gpu_index(fresh_accelerate, monkeypatch):
+    "`device='cuda:1'` trains on cuda:1: accelerate's own 'cuda' is the current GPU."
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    assert AccelerateCB(mixed_precision='no', device='cuda:1').acc.device == torch.device('cuda', 1)
+
+def test_accelerate_refuses_a_devicecb_on_another_gpu(fresh_accelerate, monkeypatch):
+    "DeviceCB('cuda') is the current GPU, cuda:0, not the cuda:1 AccelerateCB trains on."
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.setattr(DeviceCB, 'before_fit', lambda self, learn: setattr(self, 'dev', torch.device('cuda')))
+    cb = AccelerateCB(mixed_precision='no', device='cuda:1')
+    with pytest.raises(ValueError, match='DeviceCB puts the model on cuda, AccelerateCB on cuda:1; remove DeviceCB'):
+        Learner(model(), dls(), F.cross_entropy, cbs=[DeviceCB('cuda'), cb]).fit(1)
+
+def test_accelerate_weights_a_short_last_group_by_its_size(fresh_accelerate):
+    "6 batches with 4 to a group: groups of 4 and 2, each a mean, as GradAccumCB makes them."
+    learn = fit(AccelerateCB(mixed_precision='no', gradient_accumulation_steps=4), d=dls(48, bs=8), valid=False)
+    own = fit(TrainCB(), GradAccumCB(4), d=dls(48, bs=8), valid=False)
+    torch.testing.assert_close(flat_weights(learn.model), flat_weights(own.model), rtol=1e-5, atol=1e-7)
+
+def test_accelerate_counts_the_items_of_nested_batches(fresh_accelerate, monkeypatch):
+    "A DDPM batch ((xt, t), eps) has bs items, not 2: the shares are weighted by that."
+    monkeypatch.setattr(Accelerator, 'num_processes', property(lambda self: 2))
+    x, y = data()
+    class Nested:
+        def __len__(self): return 4
+        def __iter__(self): return (((x[i:i+16], torch.zeros(16)), y[i:i+16]) for i in range(0, 64, 16))
+    seen = []
+    class NsCB(Callback):
+        order = AccelerateCB.order + 1
+        def after_predict(self, learn): seen.append(cb.ns.tolist())
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model()
+        def forward(self, inp): return self.body(inp[0])
+    cb = AccelerateCB(mixed_precision='no')
+    monkeypatch.setattr(cb, '_loaders', lambda dls: dls)  # the loaders as they are: one process's share
+    Learner(TwoInputs(), DataLoaders(Nested(), Nested()), F.cross_entropy, cbs=[cb, NsCB()]).fit(1)
+    assert seen[0] == [16.]
 
 # ---------------------------------------------------------------- MultDL
 

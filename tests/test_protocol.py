@@ -156,7 +156,8 @@ STACKS = {
 }
 
 POINTS = ([(p, o) for p in EVENTS if p.startswith('before_') for o in (-100, 200)] +   # cleanups depend on who was set up
-          [(p, 0) for p in EVENTS if not p.startswith('before_')] + [(p, None) for p in STEPS])
+          [(p, 0) for p in EVENTS if not p.startswith('before_')] + [(p, None) for p in STEPS] +
+          [('after_backward', 2)])  # after GradClipCB's unscale_, before the GradScaler's step
 
 @pytest.fixture(autouse=True)
 def quiet():
