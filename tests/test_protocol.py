@@ -283,6 +283,26 @@ def test_a_failing_cleanup_during_a_cancel_is_raised_not_swallowed():
     learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy, cbs=[TrainCB()])
     with pytest.raises(KeyError, match='cleanup broke'): learn.fit(1, cbs=[SingleBatchCB(), FailingBatchCleanup()])
 
+LR_FIND_POINTS = [(None, None), ('after_loss', 0), ('after_backward', 2), ('step', None), ('cleanup_fit', 0)]
+
+@pytest.mark.parametrize('point,order', LR_FIND_POINTS, ids=[f'{p}@{o}' for p, o in LR_FIND_POINTS])
+def test_lr_find_around_a_mixed_precision_fit_leaves_every_callback_as_it_was(point, order, tmp_path):
+    "lr_find, finishing or failing anywhere, gives back the GradScaler's scale and growth count and every other state."
+    faults = Faults(point if order is None else None)
+    learn, _ = STACKS['mixed_precision'].make(faults, tmp_path)
+    learn.fit(1)
+    states = lambda: {type(cb).__name__: repr(cb.state_dict()) for cb in learn.cbs if hasattr(cb, 'state_dict')}
+    before = states()
+    assert 'ScaledMP' in before
+    extra = [Arm(faults, 1, True)] + ([] if point is None or order is None else [injector(point, order, 1, True)])
+    for cb in extra: learn.add_cb(cb)
+    try: learn.lr_find(plot=False)
+    except Injected: pass
+    for cb in extra: learn.rm_cb(cb)
+    assert faults.where is None and all(getattr(cb, 'fired', True) for cb in extra), 'the fault must have fired'
+    assert states() == before
+    learn.fit(1)  # and the Learner still trains
+
 @pytest.mark.skipif(not hasattr(Exception, 'add_note'), reason='notes need Python 3.11; 3.10 gets a warning instead')
 def test_restoring_state_after_lr_find_fails_cannot_hide_its_error():
     learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy, cbs=[TrainCB(), injector('after_loss', 0, 1, True)])
