@@ -22,29 +22,28 @@ def default_device():
     if torch.cuda.is_available(): return torch.device('cuda')
     return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
 
-# %% ../nbs/03_conv.ipynb #cd95bef4
 _all_ = ['def_device']
 
-def __getattr__(name):  # the course's `def_device`, decided on each access rather than frozen at import
+def __getattr__(name):  # the course's `def_device`, decided on each access, not frozen at import
     if name == 'def_device': return default_device().type
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # %% ../nbs/03_conv.ipynb #99a3616c
 def pick_threads(requested=None, default=None, env=None, load=None, cores=None):
-    "(torch threads or None for torch's own, notice or None): `requested`, else fewer when the machine is busy."
+    "(threads or None for torch's own, notice or None): `requested`, else fewer on a busy machine."
     if requested is not None: return requested, None
-    if (os.environ if env is None else env).get('OMP_NUM_THREADS'): return None, None  # the user chose; torch read it
+    if (os.environ if env is None else env).get('OMP_NUM_THREADS'): return None, None  # torch read the user's choice
     try: load = os.getloadavg()[0] if load is None else load
-    except (OSError, AttributeError): return None, None  # no load average on this system
+    except (OSError, AttributeError): return None, None  # no load average here
     if cores is None: cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    free = max(1, cores - int(load + 0.5))  # cores not already running something else
+    free = max(1, cores - int(load + 0.5))
     if default is None or free >= default: return None, None
-    return free, (f"miniai: this machine is busy (load average {load:.1f} on {cores} cores): training with {free} "
-                  f"torch thread{'s'*(free > 1)} instead of {default}; --threads N to choose")
+    return free, (f"miniai: busy machine (load average {load:.1f} on {cores} cores): using {free} torch "
+                  f"thread{'s'*(free > 1)}, not {default}; --threads N to choose")
 
 # %% ../nbs/03_conv.ipynb #6ad88315
 def map_tensors(f, x):
-    "Apply `f` to every tensor in `x`, through dicts, tuples and lists, keeping their types."
+    "Apply `f` to every tensor in `x`, through dicts, tuples and lists."
     if isinstance(x, torch.Tensor): return f(x)
     if isinstance(x, Mapping): return type(x)({k: map_tensors(f, v) for k, v in x.items()})
     if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(map_tensors(f, o) for o in x))
@@ -61,36 +60,36 @@ def _cpu(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 def to_cpu(x):
-    "Every tensor in `x` detached, on the CPU, and fp16/bf16 as float32 so they print and plot."
+    "Every tensor in `x` detached, on the CPU, fp16/bf16 as float32 (to print and plot)."
     return map_tensors(_cpu, x)
 
 def collate_device(b):
-    "PyTorch's default collate, then the batch to `default_device()`."
+    "PyTorch's default collate, then `to_device`."
     return to_device(default_collate(b))
 
 # %% ../nbs/03_conv.ipynb #65e33570
 def model_device(model):
-    "The device of `model`'s first parameter (or buffer); the CPU for a model with neither."
+    "The device of `model`'s first parameter (or buffer), else the CPU."
     t = next(model.parameters(), None)
     if t is None: t = next(model.buffers(), None)
     return torch.device('cpu') if t is None else t.device
 
 def model_dtype(model):
-    "The dtype of `model`'s first parameter; float32 for a model without any."
+    "The dtype of `model`'s first parameter, else float32."
     p = next(model.parameters(), None)
     return torch.float32 if p is None else p.dtype
 
 def module_modes(model):
-    "Every module in `model` with its train/eval flag, for `restore_modes`."
+    "Every module in `model` with its `training` flag."
     return [(m, m.training) for m in model.modules()]
 
 def restore_modes(modes):
-    "Put every module listed by `module_modes` back in its own mode."
+    "Put back the modes `module_modes` listed."
     for m, training in modes: m.training = training
 
 @contextmanager
 def model_mode(model, training=False):
-    "Set `model.train(training)` inside the `with`; afterwards restore every submodule's own mode."
+    "`model.train(training)` inside the `with`; then every submodule's own mode again."
     modes = module_modes(model)
     model.train(training)
     try: yield model
@@ -98,10 +97,10 @@ def model_mode(model, training=False):
 
 # %% ../nbs/03_conv.ipynb #f2ddd81c
 def conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):
-    "A `ks`×`ks` conv from `ni` to `nf` channels with padding `ks//2`, then optional `norm(nf)` and `act()`."
-    if act is True: act = nn.ReLU  # the course's first `conv` took act=True/False for "ReLU or nothing"
+    "A `ks`×`ks` conv from `ni` to `nf` channels, padding `ks//2`, then optional `norm(nf)` and `act()`."
+    if act is True: act = nn.ReLU  # the course's first `conv` took act=True/False
     if ks % 2 == 0: raise ValueError(f"conv: ks={ks} is even; use an odd ks (e.g. 3), so padding ks//2 centres it")
-    if bias is None: bias = norm is None  # a norm layer's shift makes the conv's bias redundant
+    if bias is None: bias = norm is None  # a norm layer's shift makes the bias redundant
     layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=bias)]
     if norm: layers.append(norm(nf))
     if act: layers.append(act())

@@ -35,15 +35,15 @@ DATA_SOURCES = ('auto', 'hub', 'sample')
 SAMPLE_TEST_SIZE = 1000  # the last images of the bundled sample form its 'test' split
 
 class HubUnreachableError(ConnectionError):
-    "The Hub can't be reached and Fashion-MNIST isn't in the local HF cache."
+    "The Hub can't be reached and Fashion-MNIST isn't in the HF cache."
 
 # %% ../nbs/02_datasets.ipynb #64cd9e1e
 def sample_path():
-    "Path of the Fashion-MNIST sample bundled with miniai."  # `miniai.__file__` also exists in the notebook
+    "Path of the Fashion-MNIST sample bundled with miniai."
     return Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
 
 def _sample_arrays():
-    "The bundled sample: {'train': (x, y), 'test': (x, y)}, x uint8 (N,28,28), y int64."
+    "The sample as {'train': (x, y), 'test': (x, y)}."
     path = sample_path()
     if not path.exists(): raise FileNotFoundError(f"The bundled sample {path} is missing; reinstall miniai")
     with np.load(path) as npz: x, y = npz['images'], npz['labels'].astype(np.int64)
@@ -52,18 +52,15 @@ def _sample_arrays():
 
 # %% ../nbs/02_datasets.ipynb #bc2909e7
 def _offline_env():
-    "True when HF_DATASETS_OFFLINE (or else HF_HUB_OFFLINE) asks for offline mode."
     flag = os.environ.get('HF_DATASETS_OFFLINE')  # `datasets` lets this one override HF_HUB_OFFLINE
     if flag is None: flag = os.environ.get('HF_HUB_OFFLINE', '')
     return flag.strip().upper() in {'1', 'ON', 'YES', 'TRUE'}
 
 def _hub_address():
-    "Host and port of the Hub (HF_ENDPOINT if set)."
     url = urlparse(os.environ.get('HF_ENDPOINT') or 'https://huggingface.co')
     return url.hostname, url.port or (443 if url.scheme == 'https' else 80)
 
 def _hub_reachable(timeout=2.0):
-    "True if a TCP connection to the Hub opens within `timeout` seconds."
     opened = []
     def probe():
         try:
@@ -75,13 +72,13 @@ def _hub_reachable(timeout=2.0):
 
 # %% ../nbs/02_datasets.ipynb #586ba680
 def _datasets_cache():
-    "The `datasets` cache folder, honouring HF_DATASETS_CACHE set after import."
+    "The `datasets` cache folder, even if HF_DATASETS_CACHE was set after import."
     import datasets.config
     return Path(os.environ.get('HF_DATASETS_CACHE') or datasets.config.HF_DATASETS_CACHE).expanduser()
 
 @contextmanager
 def _hf_offline():
-    "`datasets` and `huggingface_hub` offline (cache only, no retries) and quiet for the duration."
+    "`datasets` and `huggingface_hub` offline (no retries) and quiet."
     import datasets, datasets.config, huggingface_hub.constants  # both read their offline flag once, at import
     old = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
     datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
@@ -92,7 +89,7 @@ def _hf_offline():
         datasets.logging.set_verbosity(verbosity)
 
 def _load_cached():
-    "Fashion-MNIST from the local `datasets` cache, without the network; None if it isn't there."
+    "Fashion-MNIST from the `datasets` cache, or None."
     from datasets import load_dataset
     cache = _datasets_cache()
     if not any((cache/FMNIST_HUB_ID.replace('/', '___')).glob('*/*/*')): return None
@@ -101,7 +98,7 @@ def _load_cached():
     except (OSError, ValueError): return None  # a partial or foreign cache: treat as absent
 
 def _from_hub(strict):
-    "(DatasetDict, where from) from the HF cache or Hub, else (None, why not) unless `strict`."
+    "(DatasetDict, where from) from the HF cache or Hub, else (None, why not) or raise if `strict`."
     dd = _load_cached()
     if dd is not None: return dd, 'the local Hugging Face cache'
     cause = None
@@ -112,18 +109,18 @@ def _from_hub(strict):
         try: return load_dataset(FMNIST_HUB_ID, cache_dir=str(_datasets_cache())), 'the Hugging Face Hub'
         except ConnectionError as e: why, cause = f'Hub download failed ({e})', e
     if strict:
-        raise HubUnreachableError(f"We are offline ({why}) and Fashion-MNIST isn't in the local HF cache; "
-                                  "use source='sample' or MINIAI_DATA=sample for the bundled sample") from cause
+        raise HubUnreachableError(f"We are offline ({why}) and Fashion-MNIST isn't in the HF cache; "
+                                  "use source='sample' or MINIAI_DATA=sample") from cause
     return None, why
 
 # %% ../nbs/02_datasets.ipynb #3767962e
 def _fmnist_features():
-    "The Hub's Fashion-MNIST columns: a PIL image and a ClassLabel of the 10 classes."
+    "The Hub's Fashion-MNIST columns: a PIL image and a ClassLabel."
     from datasets import ClassLabel, Features, Image
     return Features({'image': Image(), 'label': ClassLabel(names=FASHION_CLASSES)})
 
 def _pgm_bytes(im):
-    "A greyscale uint8 image (H,W) as PGM file bytes: a header, then the raw pixels."
+    "A uint8 (H,W) image as PGM file bytes: a header, then the raw pixels."
     return b'P5 %d %d 255\n' % im.shape[::-1] + im.tobytes()
 
 def _sample_dd():
@@ -138,14 +135,14 @@ def _sample_size():
     with np.load(sample_path()) as npz: return len(npz['labels'])
 
 def _check_source(source):
-    "The data source to use: `source`, else $MINIAI_DATA, else 'auto'."
+    "`source`, else $MINIAI_DATA, else 'auto'."
     if source is None: return check_choice(os.environ.get('MINIAI_DATA', 'auto'), 'MINIAI_DATA', DATA_SOURCES)
     return check_choice(source, 'source', DATA_SOURCES)
 
-def _notice(msg): print(f'miniai: {msg}', file=sys.stderr)  # the one line 'auto' prints to say what it picked
+def _notice(msg): print(f'miniai: {msg}', file=sys.stderr)  # 'auto' says what it picked
 
 def _pick_hub(source):
-    "For `source` (checked): a Hub/cache DatasetDict, or None for the sample; 'auto' says which."
+    "A Hub/cache DatasetDict for `source`, or None for the sample."
     if source == 'sample': return None
     dd, where = _from_hub(strict=source == 'hub')
     if source == 'auto':
@@ -153,7 +150,6 @@ def _pick_hub(source):
         else: _notice(f'using Fashion-MNIST from {where}')
     return dd
 
-# %% ../nbs/02_datasets.ipynb #706a8c73
 def load_fashion_mnist(source=None):
     "Fashion-MNIST as a `DatasetDict` ('train', 'test'; 'image', 'label') from 'auto', 'hub' or 'sample'."
     dd = _pick_hub(_check_source(source))
@@ -161,7 +157,7 @@ def load_fashion_mnist(source=None):
 
 # %% ../nbs/02_datasets.ipynb #354aa157
 def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
-    "Show image `im` (tensor CHW/HW, numpy HWC/HW, or PIL) on `ax`, and return `ax`."
+    "Show `im` (tensor CHW/HW, numpy HWC/HW, or PIL) on `ax`; return `ax`."
     if isinstance(im, torch.Tensor):
         im = im.detach().cpu()
         if im.ndim == 3 and im.shape[0] in (1, 3, 4): im = im.permute(1, 2, 0)  # channels last, as matplotlib wants
@@ -185,7 +181,7 @@ def subplots(nrows=1, ncols=1, figsize=None, imsize=3, suptitle=None, **kwargs):
     return fig, axs
 
 def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kwargs):
-    "(fig, the first `n` axes as a flat array) of a grid of at least `n` cells."
+    "(fig, the first `n` axes, flat) of a grid of at least `n` cells."
     check_int(n, 'n', 1, 'get_grid')
     if nrows is None and ncols is None: nrows = int(math.sqrt(n))
     if nrows is None: nrows = math.ceil(n/ncols)
@@ -199,7 +195,7 @@ def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kw
     return fig, axs[:n]
 
 def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
-    "Show images `ims` in a grid, with optional `titles`; `kwargs` go to `get_grid`."
+    "Show `ims` in a grid, with optional `titles`; `kwargs` go to `get_grid`."
     ims = list(ims)
     titles = [] if titles is None else list(titles)
     if len(titles) > len(ims): raise ValueError(f'show_images: {len(titles)} titles for {len(ims)} images')
@@ -211,7 +207,7 @@ FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # of Fashion-MNIST's training pixels, sc
 
 # %% ../nbs/02_datasets.ipynb #226bfd2b
 def inplace(f):
-    "Make `f`, which changes a batch dict in place, also return it (as `with_transform` needs)."
+    "Make `f`, which changes a batch in place, return it (as `with_transform` needs)."
     @wraps(f)
     def _f(b):
         f(b)
@@ -220,7 +216,7 @@ def inplace(f):
 
 # %% ../nbs/02_datasets.ipynb #7376cf9f
 def collate_dict(ds):
-    "A collate function giving a tuple of batch tensors, one per column of `ds`."
+    "A collate function giving a tuple of tensors, one per column of `ds`."
     keys = list(ds.features)
     def _f(b):
         batch = default_collate(b)
@@ -229,7 +225,7 @@ def collate_dict(ds):
 
 # %% ../nbs/02_datasets.ipynb #dce9717c
 class DataLoaders:
-    "A training and a validation DataLoader (`.train`, `.valid`); all of them are in `.dls`."
+    "A training and a validation DataLoader (`.train`, `.valid`); all in `.dls`."
     def __init__(self, *dls):
         if len(dls) < 2: raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)}')
         self.dls = dls
@@ -237,7 +233,7 @@ class DataLoaders:
 
     @classmethod
     def from_dd(cls, dd, batch_size, as_tuple=True, **kwargs):
-        "DataLoaders from a `DatasetDict` ('train' first, shuffled); `as_tuple` collates to tuples, not dicts."
+        "DataLoaders from a `DatasetDict` ('train' first, shuffled); `as_tuple`: tuples, not dicts."
         if 'train' not in dd: raise ValueError(f"from_dd needs a 'train' split, got {list(dd)}")
         splits = ['train'] + [k for k in dd if k != 'train']
         return cls(*[DataLoader(dd[k], batch_size, shuffle=k == 'train',
@@ -246,19 +242,23 @@ class DataLoaders:
 
 # %% ../nbs/02_datasets.ipynb #be437589
 class TensorDL:
-    "Batches `(xb, yb)` cut straight from in-memory uint8 images `x` and labels `y`."
-    def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None):
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
+    "Batches `(xb, yb)` cut straight from in-memory uint8 images `x` and labels `y`, on their device."
+    def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None,
+                 pin_memory=None):
+        x = torch.as_tensor(x)
+        y = torch.as_tensor(y, device=x.device)
         if x.dtype != torch.uint8 or x.ndim not in (3, 4):
             raise TypeError(f'TensorDL wants uint8 pixels shaped (N,H,W) or (N,C,H,W), got {x.dtype} {tuple(x.shape)}; '
-                            'pass the 0-255 images, it scales them')
+                            'pass the 0-255 images')
         if len(x) != len(y): raise ValueError(f'TensorDL: x has {len(x)} images but y has {len(y)} labels')
         self.bs = self.batch_size = check_int(bs, 'bs', 1, 'TensorDL')
         if (mean is None) != (std is None): raise ValueError('TensorDL: pass both mean and std, or neither')
         self.x, self.y = x, y
         self.dataset = TensorDataset(x, y)  # the raw items, for code written for a DataLoader
         self.shuffle, self.drop_last, self.mean, self.std, self.flat = shuffle, drop_last, mean, std, flat
-        # One generator for the loader's life: a new order each epoch, the same sequence for the same seed
+        # pinned batches let DeviceCB(non_blocking=True) copy to the GPU while the host goes on
+        self.pin_memory = x.device.type == 'cpu' and torch.cuda.is_available() if pin_memory is None else pin_memory
+        # one generator for the loader's life: a new order each epoch, the same sequence for the same seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -266,33 +266,35 @@ class TensorDL:
         return n//self.bs if self.drop_last else math.ceil(n/self.bs)
 
     def order(self):
-        "The indices of one epoch: a fresh permutation if shuffling, else 0..N-1."
+        "One epoch's indices: a fresh permutation if shuffling, else 0..N-1."
         n = len(self.x)
         return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
 
     def get_batch(self, idx):
         "Images `idx` as normalised floats with a channel dim (or flat), and their labels."
+        idx = idx.to(self.x.device)
         xb = self.x.index_select(0, idx).float().div_(255)  # index_select copies whole rows: ~20x faster than x[idx]
         if self.mean is not None: xb = xb.sub_(self.mean).div_(self.std)
         if self.flat: xb = xb.view(len(idx), -1)
         elif xb.ndim == 3: xb = xb.unsqueeze(1)
-        return xb, self.y.index_select(0, idx)
+        b = xb, self.y.index_select(0, idx)
+        return tuple(o.pin_memory() for o in b) if self.pin_memory else b
 
     def __iter__(self):
         idxs = self.order()
         for i in range(len(self)): yield self.get_batch(idxs[i*self.bs:(i+1)*self.bs])
 
 # %% ../nbs/02_datasets.ipynb #6cb74538
-_hub_arrays = {}  # Hub data as arrays, so the slow PIL conversion happens once per process
+_hub_arrays = {}  # so the slow PIL conversion happens once per process
 
 def _dd_to_arrays(dd):
-    "A Fashion-MNIST DatasetDict as numpy arrays {'train': (x, y), 'valid': (x, y)}."
+    "A Fashion-MNIST DatasetDict as arrays {'train': (x, y), 'valid': (x, y)}."
     return {name: (np.stack([np.asarray(im, dtype=np.uint8) for im in dd[split]['image']]),
                    np.array(list(dd[split]['label']), dtype=np.int64))
             for name, split in (('train', 'train'), ('valid', 'test'))}
 
 def fashion_mnist_arrays(source=None):
-    "Fashion-MNIST from `source` as {'train': (x, y), 'valid': (x, y)}, uint8 images and int64 labels."
+    "Fashion-MNIST as {'train': (x, y), 'valid': (x, y)}: uint8 images, int64 labels."
     source = _check_source(source)
     if source != 'sample' and 'arrays' in _hub_arrays:
         if source == 'auto': _notice('using Fashion-MNIST already loaded from the Hub/cache')
@@ -303,10 +305,8 @@ def fashion_mnist_arrays(source=None):
             sample = _sample_arrays()
             arrays = {'train': sample['train'], 'valid': sample['test']}
         else: arrays = _hub_arrays.setdefault('arrays', _dd_to_arrays(dd))
-    # copies, so changing them in place can't alter what later calls get
-    return {k: (torch.tensor(x), torch.tensor(y)) for k, (x, y) in arrays.items()}
+    return {k: (torch.tensor(x), torch.tensor(y)) for k, (x, y) in arrays.items()}  # copies: later calls unharmed
 
-# %% ../nbs/02_datasets.ipynb #fe8b6c95
 def fashion_dls(bs=256, source=None, flat=False, normalize=True, seed=None):
     "Fast in-memory Fashion-MNIST `DataLoaders`: train shuffled (by `seed`), valid in order at 2*bs."
     arrays = fashion_mnist_arrays(source)

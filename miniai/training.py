@@ -16,42 +16,21 @@ from torch.utils.data import DataLoader as TorchDataLoader
 
 from .checks import check_int
 
-# %% ../nbs/01_training.ipynb #666acd72
-def logsumexp(x):
-    "`log(exp(x).sum(-1))` along the last dimension, without overflow"
-    m = x.max(dim=-1, keepdim=True).values
-    # a row whose max is ±inf would give inf - inf = nan; shifting it by 0 gives torch's answer
-    m = torch.where(m.isfinite(), m, torch.zeros_like(m))
-    return (m + (x - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
-
-# %% ../nbs/01_training.ipynb #0412608d
-def log_softmax(x):
-    "Log of the softmax of `x` along the last dimension, via `logsumexp`"
-    return x - logsumexp(x).unsqueeze(-1)
-
-# %% ../nbs/01_training.ipynb #c9f277fc
-def nll(inp, targ):
-    "Negative log likelihood: mean of `-inp[i, targ[i]]`, where `inp` holds log-probabilities"
-    if inp.ndim != 2 or targ.shape != inp.shape[:1]:
-        raise ValueError(f"nll: inp must be (N, C) and targ (N,), got {tuple(inp.shape)} and {tuple(targ.shape)}; "
-                         "pass class indices as targ")
-    return -inp[torch.arange(len(targ), device=inp.device), targ].mean()
-
 # %% ../nbs/01_training.ipynb #69d6c3fc
 def accuracy(out, yb):
-    "Fraction of rows of `out` whose highest score is at the target class in `yb`"
+    "Fraction of rows of `out` whose top score is the class in `yb`"
     if yb.shape != out.shape[:1]:
-        raise ValueError(f"accuracy: out must be (N, C) and yb (N,), got {tuple(out.shape)} and {tuple(yb.shape)}; "
+        raise ValueError(f"accuracy: out {tuple(out.shape)} needs yb {tuple(out.shape[:1])}, got {tuple(yb.shape)}; "
                          "pass class indices as yb")
     return (out.argmax(dim=1) == yb).float().mean()
 
 def report(loss, preds, yb):
-    "Print `loss` and the accuracy of `preds` against `yb`"
+    "Print `loss` and the accuracy of `preds`"
     print(f'loss {float(loss):.2f}, accuracy {float(accuracy(preds, yb)):.2f}')
 
 # %% ../nbs/01_training.ipynb #578dec09
 class Dataset:
-    "Pair inputs `x` with targets `y`: `ds[i]` is `(x[i], y[i])`"
+    "`ds[i]` is `(x[i], y[i])`"
     def __init__(self, x, y):
         if len(x) != len(y): raise ValueError(f"Dataset: len(x)={len(x)} but len(y)={len(y)}; they must match")
         self.x, self.y = x, y
@@ -60,16 +39,14 @@ class Dataset:
 
 # %% ../nbs/01_training.ipynb #0cbe5a4d
 class Sampler:
-    "Yield the indices of `ds`, in order or (with `shuffle`) in a new random order each epoch"
+    "The indices of `ds`, in order or (`shuffle`) in a new order each epoch"
     def __init__(self, ds, shuffle=False): self.n, self.shuffle = len(ds), shuffle
     def __len__(self): return self.n
-    def __iter__(self):
-        # a new order per epoch, from torch's global RNG, so torch.manual_seed fixes it
+    def __iter__(self):  # torch's global RNG, so torch.manual_seed fixes the order
         yield from torch.randperm(self.n).tolist() if self.shuffle else range(self.n)
 
-# %% ../nbs/01_training.ipynb #0c322fbd
 class BatchSampler:
-    "Group the indices from `sampler` into lists of `bs`; the last list is shorter unless `drop_last`"
+    "Lists of `bs` indices from `sampler`; the last one is shorter unless `drop_last`"
     def __init__(self, sampler, bs, drop_last=False):
         self.sampler, self.bs, self.drop_last = sampler, check_int(bs, 'bs', 1, 'BatchSampler'), drop_last
     def __len__(self):
@@ -83,15 +60,15 @@ class BatchSampler:
 
 # %% ../nbs/01_training.ipynb #744ce744
 def collate(b):
-    "Turn a list of `(x, y, ...)` items into a tuple of stacked tensors `(xs, ys, ...)`"
+    "A list of `(x, y, ...)` items as stacked tensors `(xs, ys, ...)`"
     return tuple(torch.stack(o) for o in zip(*b))
 
 class DataLoader:
     "Yield `collate_fn([ds[i] for i in b])` for each list of indices `b` from `batchs`"
     def __init__(self, ds, batchs, collate_fn=collate):
         if isinstance(batchs, int):
-            raise TypeError(f"DataLoader(ds, batchs) takes index lists, e.g. BatchSampler(Sampler(ds), bs), not "
-                            f"{batchs}; for a batch size use torch's DataLoader(ds, batch_size={batchs})")
+            raise TypeError(f"DataLoader(ds, batchs) takes index lists, not {batchs}; "
+                            f"for a batch size use torch's DataLoader(ds, batch_size={batchs})")
         self.ds, self.batchs, self.collate_fn = ds, batchs, collate_fn
     def __len__(self): return len(self.batchs)
     def __iter__(self):
@@ -99,7 +76,7 @@ class DataLoader:
 
 # %% ../nbs/01_training.ipynb #bd108707
 def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
-    "Train `model` for `epochs`, printing valid loss and accuracy after each; return the last pair"
+    "Train `model`, printing valid loss and accuracy each epoch; return the last pair"
     for epoch in range(check_int(epochs, 'epochs', 1, 'fit')):
         model.train()
         for xb, yb in train_dl:
@@ -109,7 +86,7 @@ def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
             opt.zero_grad()
         model.eval()
         with torch.no_grad():
-            # weight each batch mean by its size, so a short last batch counts right; sum on the device, sync once
+            # weighted by batch size, so a short last batch counts right; summed on the device, one sync
             tot_loss, tot_acc, count = 0., 0., 0
             for xb, yb in valid_dl:
                 pred = model(xb)
@@ -124,57 +101,55 @@ def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
 
 # %% ../nbs/01_training.ipynb #d8521e58
 def get_dls(train_ds, valid_ds, bs, **kwargs):
-    "PyTorch `DataLoader`s: shuffled training batches of `bs`, validation in order in batches of `bs*2`"
-    # validation needs no gradients, so twice the batch fits
+    "PyTorch `DataLoader`s: training shuffled, validation in order at `bs*2` (no gradients, so it fits)"
     return (TorchDataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
             TorchDataLoader(valid_ds, batch_size=bs*2, **kwargs))
 
 # %% ../nbs/01_training.ipynb #1bfce4c4
 def annealer(f):
-    "Decorator: turn `f(start, end, pos)` into `f(start, end)` that returns a function of `pos`"
+    "Decorator: `f(start, end, pos)` becomes `f(start, end)`, a function of `pos`"
     @wraps(f)
     def _inner(start, end): return partial(f, start, end)
-    # Keep f's name and docstring, but let `inspect.signature` show the real `(start, end)`
-    del _inner.__wrapped__
+    del _inner.__wrapped__  # so `inspect.signature` shows `(start, end)`
     return _inner
 
 @annealer
 def sched_lin(start, end, pos):
-    "Straight line from `start` (pos=0) to `end` (pos=1)"
+    "Straight line from `start` to `end`"
     return start + pos * (end - start)
 
 @annealer
 def sched_cos(start, end, pos):
-    "Half a cosine wave from `start` to `end`: flat at both ends, steepest in the middle"
+    "Half a cosine wave from `start` to `end`"
     return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
 @annealer
 def sched_no(start, end, pos):
-    "Stay at `start` whatever `pos` is"
+    "Always `start`"
     return start
 
 # %% ../nbs/01_training.ipynb #bf4984a2
 def _exp_at(start, end, pos): return start * (end / start) ** pos
 
 def sched_exp(start, end):
-    "Exponential from `start` to `end`: equal ratios for equal steps of `pos`"
+    "Exponential from `start` to `end`: equal ratios for equal steps"
     if not start * end > 0:
         raise ValueError(f"sched_exp: start={start} and end={end} must be nonzero, of the same sign; "
-                         "use sched_lin or sched_cos to reach 0")
+                         "to reach 0 use sched_lin")
     return partial(_exp_at, start, end)
 
 # %% ../nbs/01_training.ipynb #016db45c
 def combine_scheds(pcts, scheds):
-    "A schedule that runs `scheds[i]` over the fraction `pcts[i]` of training, one after another"
+    "Run `scheds[i]` over the fraction `pcts[i]` of training, in turn"
     pcts, scheds = list(pcts), list(scheds)
     if len(pcts) != len(scheds) or not pcts:
         raise ValueError(f"combine_scheds: got {len(pcts)} pcts and {len(scheds)} scheds; give one pct per sched")
     if any(p < 0 for p in pcts) or not math.isclose(sum(pcts), 1.):
         raise ValueError(f"combine_scheds: pcts must be >= 0 and sum to 1, got {pcts}; e.g. [0.3, 0.7]")
-    # a 0% piece never runs (e.g. no warm-up); dropping it avoids dividing by 0
+    # a 0% piece never runs (e.g. no warm-up): drop it, not divide by 0
     pcts, scheds = zip(*[(p, s) for p, s in zip(pcts, scheds) if p > 0])
     starts = list(accumulate(pcts, initial=0.))[:-1]
-    # the last piece ends at exactly 1, so pos=1 gives scheds[-1](1) whatever the rounding
+    # the last piece ends at exactly 1, whatever the rounding
     widths = [b - a for a, b in zip(starts, starts[1:] + [1.])]
     def _inner(pos):
         i = min(max(bisect_right(starts, pos) - 1, 0), len(scheds) - 1)
