@@ -19,38 +19,36 @@ import torch
 from torch import nn
 
 from .checks import check_float, check_int
-from .datasets import get_grid, show_image
+from .datasets import get_grid
 from .learner import Callback
 
 # %% ../nbs/06_activations.ipynb #7702558c
 def set_seed(seed, deterministic=False):
-    "Seed Python, NumPy and PyTorch (CPU and GPUs); `deterministic` also picks deterministic kernels."
+    "Seed Python, NumPy and PyTorch; `deterministic` also picks deterministic kernels."
     check_float(check_int(seed, 'seed', 0, 'set_seed'), 'seed', '[0, 4294967296)', 'set_seed')  # NumPy's limit, 2**32
     if deterministic:
-        # cuBLAS repeats its matmuls only with a fixed workspace, read when its first handle is made
+        # cuBLAS repeats its matmuls only with a fixed workspace, read at its first handle
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
-    if deterministic: torch.backends.cudnn.benchmark = False  # benchmarking may pick a different algorithm each run
+    if deterministic: torch.backends.cudnn.benchmark = False  # it may pick another algorithm each run
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds the CPU generator and every CUDA device's
+    torch.manual_seed(seed)  # the CPU's and every GPU's generator
 
 # %% ../nbs/06_activations.ipynb #53989e08
 class Hook:
-    "Call `f(hook, module, inp, outp)` after every forward pass of `m`; a `with` block removes it on exit."
+    "Call `f(hook, module, inp, outp)` after each forward pass of `m`; removed at the end of a `with`."
     def __init__(self, m, f):
         if not isinstance(m, nn.Module): raise TypeError(f"Hook needs an nn.Module, got {type(m).__name__}")
-        self.hook = m.register_forward_hook(partial(f, self))  # PyTorch's handle; `.hook.remove()` also works
-    def remove(self):
-        "Take the hook off its module (safe to call more than once)."
-        self.hook.remove()
+        self.hook = m.register_forward_hook(partial(f, self))
+    def remove(self): self.hook.remove()
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
 
 # %% ../nbs/06_activations.ipynb #da43025b
 class Hooks(list):
-    "A `Hook` calling `f` on each module in `ms`; a `with` block removes them all on exit."
+    "A `Hook` calling `f` on each module in `ms`; removed at the end of a `with`."
     def __init__(self, ms, f):
         super().__init__()
         if isinstance(ms, nn.Module) and not hasattr(ms, '__iter__'):
@@ -61,7 +59,6 @@ class Hooks(list):
             self.remove()
             raise
     def remove(self):
-        "Take every hook off its module."
         for h in self: h.remove()
     def __delitem__(self, i):
         for h in (self[i] if isinstance(i, slice) else [self[i]]): h.remove()
@@ -79,19 +76,16 @@ def append_stats(hook, mod, inp, outp):
                         "hook other modules (mod_filter or mods)")
     if not hasattr(hook, 'stats'): hook.stats = ([], [], [])
     acts = outp.detach().float()
-    means, stds, hists = hook.stats
-    means.append(acts.mean())
-    stds.append(acts.std())
-    hists.append(acts.abs().clamp(max=HIST_MAX).histc(HIST_BINS, 0, HIST_MAX))
+    hist = acts.abs().clamp(max=HIST_MAX).histc(HIST_BINS, 0, HIST_MAX)
+    for s, v in zip(hook.stats, (acts.mean(), acts.std(), hist)): s.append(v)
 
 def _cpu_stats(hook):
-    "A hook's (means, stds, hists) as CPU tensors, one row per batch."
     if not hasattr(hook, 'stats'): raise ValueError("this hook has recorded nothing yet; run the model (or fit) first")
     return tuple(s if isinstance(s, torch.Tensor) else torch.stack(s).cpu() for s in hook.stats)
 
 # %% ../nbs/06_activations.ipynb #dc2614dd
 class HooksCallback(Callback):
-    "Hook `hookfunc` onto `mods` (or modules passing `mod_filter`) for each `fit`."
+    "Hook `hookfunc` onto `mods` (or modules passing `mod_filter`) during `fit`."
     def __init__(self, hookfunc, mod_filter=fc.noop, on_train=True, on_valid=False, mods=None):
         if not callable(hookfunc):
             raise TypeError(f"HooksCallback needs a function f(hook, mod, inp, outp), got {hookfunc!r}")
@@ -101,8 +95,8 @@ class HooksCallback(Callback):
     def before_fit(self, learn):
         mods = self.mods if self.mods is not None else [m for m in learn.model.modules() if self.mod_filter(m)]
         if not mods:
-            warnings.warn(f"{type(self).__name__} found no modules to hook, so this fit records nothing; check "
-                          "mod_filter (e.g. fc.risinstance(nn.ReLU)) or pass mods=[...]", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} found no modules to hook; check mod_filter "
+                          "(e.g. fc.risinstance(nn.ReLU)) or pass mods=[...]", stacklevel=2)
         self._learn = learn
         self.hooks = Hooks(mods, self._hookfunc)
 
@@ -115,17 +109,16 @@ class HooksCallback(Callback):
 
 # %% ../nbs/06_activations.ipynb #7db47401
 def get_hist(h):
-    "Hook `h`'s histograms as a (bins, batches) image of log(1+count), small |activations| in row 0."
+    "Hook `h`'s histograms as a (bins, batches) image of log(1+count)."
     return _cpu_stats(h)[2].t().float().log1p()
 
 def get_min(h):
-    "Per batch, the fraction of hook `h`'s activations in the lowest histogram bin (near zero)."
+    "Per batch, the fraction of hook `h`'s activations near zero."
     hists = _cpu_stats(h)[2].float()
     return hists[:, 0]/hists.sum(1).clamp(min=1)
 
-# %% ../nbs/06_activations.ipynb #b85419e1
 class ActivationStats(HooksCallback):
-    "`HooksCallback` recording the mean, std and histogram of each hooked module's output."
+    "`HooksCallback` recording the mean, std and histogram of each module's output."
     def __init__(self, mod_filter=fc.noop, on_train=True, on_valid=False, mods=None):
         super().__init__(append_stats, mod_filter, on_train, on_valid, mods)
         self._fitted = False
@@ -152,30 +145,28 @@ class ActivationStats(HooksCallback):
         return axs
 
     def color_dim(self, figsize=(11, 5)):
-        "Per layer, a histogram of |activations| per batch (batches left to right, small values at the bottom)."
+        "Per layer, a histogram of |activations| per batch."
         def draw(ax, h):
             hist = get_hist(h)
             ax.imshow(hist, origin='lower', aspect='auto', cmap='viridis', extent=(0, hist.shape[1], 0, HIST_MAX))
         return self._per_layer(figsize, '|activation|', draw)
 
     def dead_chart(self, figsize=(11, 5)):
-        "Per layer, the fraction of activations near zero (lowest histogram bin), batch by batch."
+        "Per layer, the fraction of activations near zero, batch by batch."
         def draw(ax, h): ax.plot(get_min(h)); ax.set_ylim(0, 1.05)
         return self._per_layer(figsize, 'fraction near 0', draw)
 
     def plot_stats(self, figsize=(10, 4)):
-        "The mean (left) and std (right) of each layer's activations, batch by batch."
+        "The mean and std of each layer's activations, batch by batch."
         hooks = self._recorded()
-        fig, axs = plt.subplots(1, 2, figsize=figsize, layout='constrained')
+        _, axs = plt.subplots(1, 2, figsize=figsize, layout='constrained')
         for i, h in enumerate(hooks):
-            means, stds, _ = _cpu_stats(h)
-            axs[0].plot(means, label=f'layer {i}')
-            axs[1].plot(stds, label=f'layer {i}')
-        axs[0].set_title('means'); axs[1].set_title('stds')
-        for ax, nm in zip(axs, ('mean', 'std')): ax.set_xlabel('batch'); ax.set_ylabel(f'{nm} of activations')
+            for ax, s in zip(axs, _cpu_stats(h)): ax.plot(s, label=f'layer {i}')
+        for ax, nm in zip(axs, ('mean', 'std')):
+            ax.set_title(f'{nm}s'); ax.set_xlabel('batch'); ax.set_ylabel(f'{nm} of activations')
         axs[1].legend()
         return axs
 
     def layer_stds(self):
-        "The std of each layer's activations per batch, as a (layers, batches) tensor."
+        "The std of each layer's activations per batch: (layers, batches)."
         return torch.stack([_cpu_stats(h)[1] for h in self._recorded()])

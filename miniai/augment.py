@@ -51,7 +51,7 @@ class Dropout2d(Dropout):
 
 # %% ../nbs/10_augment.ipynb #fb1760c6
 def tfm_batch(b, tfm_x=fc.noop, tfm_y=fc.noop):
-    "Apply `tfm_x` to the inputs and `tfm_y` to the targets of batch `b` = `(xb, yb, ...)`."
+    "Apply `tfm_x` to the inputs and `tfm_y` to the targets of batch `(xb, yb, ...)`."
     xb, yb, *rest = b
     return (tfm_x(xb), tfm_y(yb), *rest)
 
@@ -68,15 +68,13 @@ def _pick(x, rows, cols):
     return x[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[:, None, None],
              rows, cols]
 
-
-
 # %% ../nbs/10_augment.ipynb #c0bf1f37
 def hflip(x):
-    "Mirror every image in `x` left to right."
+    "Mirror the images left to right."
     return x.flip(-1)
 
 def rand_flip(x, p=0.5):
-    "Mirror each image of batch `x` left to right with probability `p`."
+    "Mirror each image left to right with probability `p`."
     _check_images(x, 'rand_flip')
     check_float(p, 'p', '[0, 1]', 'rand_flip')
     flip = torch.rand(len(x), device=x.device) < p
@@ -92,7 +90,7 @@ class RandFlip(nn.Module):
 
 # %% ../nbs/10_augment.ipynb #c1a79505
 def rand_crop(x, pad=4):
-    "Pad each image by `pad` pixels of its darkest value, then crop back to H×W at a random offset."
+    "Pad each image by `pad` pixels of its darkest value, then crop H×W at a random offset."
     _check_images(x, 'rand_crop')
     check_int(pad, 'pad', 0, 'rand_crop')
     if pad == 0: return x
@@ -101,8 +99,8 @@ def rand_crop(x, pad=4):
     padded = x.amin(dim=(2, 3), keepdim=True).expand(n, c, h + 2*pad, w + 2*pad).clone()
     padded[:, :, pad:pad + h, pad:pad + w] = x
     dy, dx = torch.randint(0, 2*pad + 1, (2, n), device=dev)
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]   # (N, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]   # (N, 1, 1, W)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (N, 1, 1, W)
     return _pick(padded, rows, cols)
 
 class RandCrop(nn.Module):
@@ -119,25 +117,25 @@ def _check_rects(pct, max_num, where):
     check_int(max_num, 'max_num (the most rectangles per image)', 1, where)
 
 def _rect_size(h, w, pct):
-    s = math.sqrt(pct)  # sides of a rectangle shaped like the image, covering about `pct` of it
+    s = math.sqrt(pct)  # a rectangle shaped like the image, covering about `pct` of it
     return max(1, round(s*h)), max(1, round(s*w))
 
 def _rand_corners(n, m, h, w, rh, rw, device):
     return torch.randint(0, h - rh + 1, (n, m), device=device), torch.randint(0, w - rw + 1, (n, m), device=device)
 
 def _rand_counts(n, max_num, device):
-    # (n, max_num) bool: the first 1 to max_num rectangles of each item are used
+    # (n, max_num) bool: each item uses its first 1 to max_num rectangles
     return torch.arange(max_num, device=device) < torch.randint(1, max_num + 1, (n, 1), device=device)
 
 def _rect_masks(h, w, rh, rw, top, left):
-    "(N, M, H, W) bool: True inside each rectangle with top-left corners `top`, `left` (each (N, M))."
+    "(N, M, H, W) bool: True inside each rectangle with corners `top`, `left` (each (N, M))."
     r, c = torch.arange(h, device=top.device), torch.arange(w, device=top.device)
-    in_rows = (r >= top[..., None]) & (r < top[..., None] + rh)          # (N, M, H)
-    in_cols = (c >= left[..., None]) & (c < left[..., None] + rw)        # (N, M, W)
+    in_rows = (r >= top[..., None]) & (r < top[..., None] + rh)  # (N, M, H)
+    in_cols = (c >= left[..., None]) & (c < left[..., None] + rw)  # (N, M, W)
     return in_rows[..., :, None] & in_cols[..., None, :]
 
 def rand_erase(x, pct=0.2, max_num=4):
-    "Replace 1 to `max_num` rectangles of about `pct` of each image by noise with the batch's mean and std."
+    "Replace 1 to `max_num` rectangles of about `pct` of each image by noise like the batch."
     _check_images(x, 'rand_erase', floating=True)
     _check_rects(pct, max_num, 'rand_erase')
     n, _, h, w = x.shape
@@ -159,14 +157,14 @@ class RandErase(nn.Module):
 
 # %% ../nbs/10_augment.ipynb #f0349c60
 def rand_copy(x, pct=0.2, max_num=4):
-    "Copy 1 to `max_num` rectangles of about `pct` of each image from random places in the same image."
+    "Copy 1 to `max_num` rectangles of about `pct` of each image from elsewhere in it."
     _check_images(x, 'rand_copy')
     _check_rects(pct, max_num, 'rand_copy')
     n, _, h, w = x.shape
     dev = x.device
     rh, rw = _rect_size(h, w, pct)
-    top, left = _rand_corners(n, max_num, h, w, rh, rw, dev)            # where each patch goes
-    src_top, src_left = _rand_corners(n, max_num, h, w, rh, rw, dev)    # where it comes from
+    top, left = _rand_corners(n, max_num, h, w, rh, rw, dev)  # where each patch goes
+    src_top, src_left = _rand_corners(n, max_num, h, w, rh, rw, dev)  # where it comes from
     inside = _rect_masks(h, w, rh, rw, top, left) & _rand_counts(n, max_num, dev)[..., None, None]  # (N, M, H, W)
     r, col = torch.arange(h, device=dev)[:, None], torch.arange(w, device=dev)[None, :]
     rows, cols = r.expand(n, h, w), col.expand(n, h, w)
@@ -186,47 +184,45 @@ class RandCopy(nn.Module):
 
 # %% ../nbs/10_augment.ipynb #cb90d0a8
 def augment_cb(*tfms):
-    "A `BatchTransformCB` applying `tfms` in order to the inputs of training batches only."
+    "A `BatchTransformCB` applying `tfms` in turn to the inputs of training batches."
     for t in tfms:
         if not callable(t): raise TypeError(f"augment_cb: {t!r} is not a transform; pass functions of the images")
     return BatchTransformCB(partial(tfm_batch, tfm_x=nn.Sequential(*tfms)), on_train=True, on_val=False)
 
 # %% ../nbs/10_augment.ipynb #355576be
 class _StopBeforePredict(Callback):
-    "Cancel the fit once the other `before_batch` callbacks have run on the first batch."
     order = 1000
     def before_batch(self, learn): raise CancelFitException()
 
 @contextmanager
 def _unchanged(learn):
-    "Run `fit` for a look: a throwaway optimizer, and every module's train/eval mode put back."
+    "Run `fit` for a look: a throwaway optimizer, and every module's mode put back."
     opt = learn.opt
-    learn.opt = None   # fit makes a fresh one, so schedulers in before_fit don't change the real one
+    learn.opt = None  # fit makes a fresh one, so schedulers don't change the real one
     try:
         with model_mode(learn.model, learn.model.training): yield
     finally: learn.opt = opt
 
 def show_image_batch(learn, max_n=9, cbs=None, train=True, **kwargs):
-    "Show up to `max_n` inputs of a training (or validation) batch after the `before_batch` callbacks."
+    "Show up to `max_n` inputs of a training (or validation) batch as the model gets them."
     with _unchanged(learn):
         learn.fit(1, train=train, valid=not train, cbs=[_StopBeforePredict(), *fc.L(cbs)])
     xb = to_cpu(learn.batch[0][:max_n])
     show_images(xb, **kwargs)
     return xb
 
-fc.patch_to(Learner)(show_image_batch)   # also `learn.show_image_batch(...)`
+fc.patch_to(Learner)(show_image_batch)
 _all_ = ['summary']
 
 # %% ../nbs/10_augment.ipynb #ae7b5b8b
 def _cat(xs):
-    "One tensor from per-batch tensors (a tuple of them from tuples); None if there were none."
     if not xs: return None
     if isinstance(xs[0], torch.Tensor): return torch.cat(xs)
     if isinstance(xs[0], (tuple, list)): return type(xs[0])(_cat(list(o)) for o in zip(*xs))
     return xs
 
 class CapturePreds(Callback):
-    "Collect every batch's preds, targets and (if `inps`) inputs on the CPU, in `all_preds`, `all_targs`, `all_inps`."
+    "Collect preds, targets and (if `inps`) inputs on the CPU: `all_preds`, `all_targs`, `all_inps`."
     def __init__(self, inps=True): self.inps = inps
     def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
     def after_batch(self, learn):
@@ -243,11 +239,11 @@ def capture_preds(learn, cbs=None, inps=False):
     with _unchanged(learn): learn.fit(1, train=False, cbs=[cp, *fc.L(cbs)])
     return (cp.all_preds, cp.all_targs, cp.all_inps) if inps else (cp.all_preds, cp.all_targs)
 
-fc.patch_to(Learner)(capture_preds)   # also `learn.capture_preds(...)`
+fc.patch_to(Learner)(capture_preds)
 
 # %% ../nbs/10_augment.ipynb #93f23032
 def tta(learn, tfms=(hflip,), cbs=None):
-    "`(probs, targs)`: softmax averaged over the valid set as is and under each of `tfms`; changes nothing."
+    "`(probs, targs)`: softmax on the valid set, averaged over as-is and each of `tfms`."
     preds, targs = capture_preds(learn, cbs=cbs)
     probs = preds.float().softmax(-1)
     for tfm in tfms:
@@ -255,10 +251,11 @@ def tta(learn, tfms=(hflip,), cbs=None):
         probs += capture_preds(learn, cbs=[tfm_cb, *fc.L(cbs)])[0].float().softmax(-1)
     return probs/(len(tfms) + 1), targs
 
-fc.patch_to(Learner)(tta)   # also `learn.tta(...)`
+fc.patch_to(Learner)(tta)
 
 # %% ../nbs/10_augment.ipynb #8d4475a0
-DROPOUT_TYPES = (Dropout, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+DROPOUT_TYPES = (Dropout, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 nn.FeatureAlphaDropout)
 
 def _dropouts(model): return [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
 
@@ -276,19 +273,13 @@ class TTD_CB(Callback):
 # %% ../nbs/10_augment.ipynb #78f3e519
 MCDropout = namedtuple('MCDropout', 'probs spread targs')
 
-def _check_mc(model, n):
-    check_int(n, 'n (the number of passes)', 2, 'mc_dropout_predict')
-    if not _dropouts(model): raise ValueError("mc_dropout_predict: the model has no dropout layer; add one")
-
 def _mc_summary(all_probs, targs):
-    "`MCDropout` from (n, N, classes) probabilities: their mean, and the std of its top class over passes."
     probs = all_probs.mean(0)
     top = probs.argmax(-1)
     spread = all_probs.gather(-1, top[None, :, None].expand(len(all_probs), -1, 1))[..., 0].std(0)
     return MCDropout(probs, spread, targs)
 
 def _model_passes(model, dl, n):
-    "(n, N, classes) softmax of `model` on `dl` with dropout on, and the targets (or None)."
     dev, probs, targs = model_device(model), [], []
     with model_mode(model, training=False), torch.no_grad():
         for m in _dropouts(model): m.train()
@@ -299,17 +290,16 @@ def _model_passes(model, dl, n):
     return torch.cat(probs, 1), (torch.cat(targs) if targs else None)
 
 def mc_dropout_predict(learn_or_model, dl=None, n=10):
-    "Monte-Carlo dropout: `MCDropout(probs, spread, targs)` over `n` passes with dropout on."
-    if isinstance(learn_or_model, Learner):
-        learn = learn_or_model
-        _check_mc(learn.model, n)
-        if dl is not None:
-            raise ValueError("mc_dropout_predict: a Learner uses its valid set; pass learn.model with dl")
-        runs = [capture_preds(learn, cbs=TTD_CB()) for _ in range(n)]
-        return _mc_summary(torch.stack([p.float().softmax(-1) for p, _ in runs]), runs[0][1])
-    model = learn_or_model
+    "Monte-Carlo dropout: `MCDropout(probs, spread, targs)` over `n` passes."
+    is_learn = isinstance(learn_or_model, Learner)
+    model = learn_or_model.model if is_learn else learn_or_model
     if not isinstance(model, nn.Module):
         raise TypeError(f"mc_dropout_predict needs a Learner or an nn.Module, got {type(model).__name__}")
-    _check_mc(model, n)
+    check_int(n, 'n (the number of passes)', 2, 'mc_dropout_predict')
+    if not _dropouts(model): raise ValueError("mc_dropout_predict: the model has no dropout layer; add one")
+    if is_learn:
+        if dl is not None: raise ValueError("mc_dropout_predict: a Learner uses its valid set; pass learn.model with dl")
+        runs = [capture_preds(learn_or_model, cbs=TTD_CB()) for _ in range(n)]
+        return _mc_summary(torch.stack([p.float().softmax(-1) for p, _ in runs]), runs[0][1])
     if dl is None: raise ValueError("mc_dropout_predict: with a bare model, pass dl= (a DataLoader of (xb, yb))")
     return _mc_summary(*_model_passes(model, dl, n))

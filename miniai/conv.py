@@ -97,7 +97,7 @@ def model_mode(model, training=False):
 
 # %% ../nbs/03_conv.ipynb #f2ddd81c
 def conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):
-    "A `ks`×`ks` conv from `ni` to `nf` channels, padding `ks//2`, then optional `norm(nf)` and `act()`."
+    "A `ks`×`ks` conv from `ni` to `nf` channels, then optional `norm(nf)` and `act()`."
     if act is True: act = nn.ReLU  # the course's first `conv` took act=True/False
     if ks % 2 == 0: raise ValueError(f"conv: ks={ks} is even; use an odd ks (e.g. 3), so padding ks//2 centres it")
     if bias is None: bias = norm is None  # a norm layer's shift makes the bias redundant

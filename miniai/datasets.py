@@ -43,7 +43,6 @@ def sample_path():
     return Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
 
 def _sample_arrays():
-    "The sample as {'train': (x, y), 'test': (x, y)}."
     path = sample_path()
     if not path.exists(): raise FileNotFoundError(f"The bundled sample {path} is missing; reinstall miniai")
     with np.load(path) as npz: x, y = npz['images'], npz['labels'].astype(np.int64)
@@ -66,20 +65,19 @@ def _hub_reachable(timeout=2.0):
         try:
             with socket.create_connection(_hub_address(), timeout=timeout): opened.append(True)
         except OSError: pass
-    t = threading.Thread(target=probe, daemon=True)  # a stuck DNS lookup ignores the socket timeout, not `join`'s
+    t = threading.Thread(target=probe, daemon=True)  # a stuck DNS lookup ignores the socket's timeout
     t.start(); t.join(timeout)
     return bool(opened)
 
 # %% ../nbs/02_datasets.ipynb #586ba680
 def _datasets_cache():
-    "The `datasets` cache folder, even if HF_DATASETS_CACHE was set after import."
+    # HF_DATASETS_CACHE may have been set after `datasets` was imported
     import datasets.config
     return Path(os.environ.get('HF_DATASETS_CACHE') or datasets.config.HF_DATASETS_CACHE).expanduser()
 
 @contextmanager
 def _hf_offline():
-    "`datasets` and `huggingface_hub` offline (no retries) and quiet."
-    import datasets, datasets.config, huggingface_hub.constants  # both read their offline flag once, at import
+    import datasets, datasets.config, huggingface_hub.constants  # both read the flag once, at import
     old = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
     datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     datasets.logging.set_verbosity_error()
@@ -89,16 +87,15 @@ def _hf_offline():
         datasets.logging.set_verbosity(verbosity)
 
 def _load_cached():
-    "Fashion-MNIST from the `datasets` cache, or None."
     from datasets import load_dataset
     cache = _datasets_cache()
     if not any((cache/FMNIST_HUB_ID.replace('/', '___')).glob('*/*/*')): return None
     try:
         with _hf_offline(): return load_dataset(FMNIST_HUB_ID, cache_dir=str(cache))
-    except (OSError, ValueError): return None  # a partial or foreign cache: treat as absent
+    except (OSError, ValueError): return None  # a partial or foreign cache
 
 def _from_hub(strict):
-    "(DatasetDict, where from) from the HF cache or Hub, else (None, why not) or raise if `strict`."
+    "(DatasetDict, where from) from the HF cache or Hub, else (None, why not)."
     dd = _load_cached()
     if dd is not None: return dd, 'the local Hugging Face cache'
     cause = None
@@ -115,16 +112,14 @@ def _from_hub(strict):
 
 # %% ../nbs/02_datasets.ipynb #3767962e
 def _fmnist_features():
-    "The Hub's Fashion-MNIST columns: a PIL image and a ClassLabel."
     from datasets import ClassLabel, Features, Image
     return Features({'image': Image(), 'label': ClassLabel(names=FASHION_CLASSES)})
 
 def _pgm_bytes(im):
-    "A uint8 (H,W) image as PGM file bytes: a header, then the raw pixels."
     return b'P5 %d %d 255\n' % im.shape[::-1] + im.tobytes()
 
 def _sample_dd():
-    "The bundled sample as a DatasetDict shaped like the Hub's Fashion-MNIST."
+    "The bundled sample as a DatasetDict like the Hub's."
     from datasets import Dataset, DatasetDict
     feats = _fmnist_features()
     return DatasetDict({split: Dataset.from_dict({'image': [{'bytes': _pgm_bytes(im), 'path': None} for im in x],
@@ -135,14 +130,12 @@ def _sample_size():
     with np.load(sample_path()) as npz: return len(npz['labels'])
 
 def _check_source(source):
-    "`source`, else $MINIAI_DATA, else 'auto'."
     if source is None: return check_choice(os.environ.get('MINIAI_DATA', 'auto'), 'MINIAI_DATA', DATA_SOURCES)
     return check_choice(source, 'source', DATA_SOURCES)
 
 def _notice(msg): print(f'miniai: {msg}', file=sys.stderr)  # 'auto' says what it picked
 
 def _pick_hub(source):
-    "A Hub/cache DatasetDict for `source`, or None for the sample."
     if source == 'sample': return None
     dd, where = _from_hub(strict=source == 'hub')
     if source == 'auto':
@@ -151,7 +144,7 @@ def _pick_hub(source):
     return dd
 
 def load_fashion_mnist(source=None):
-    "Fashion-MNIST as a `DatasetDict` ('train', 'test'; 'image', 'label') from 'auto', 'hub' or 'sample'."
+    "Fashion-MNIST as a `DatasetDict` ('train', 'test') from 'auto', 'hub' or 'sample'."
     dd = _pick_hub(_check_source(source))
     return _sample_dd() if dd is None else dd
 
@@ -174,14 +167,14 @@ def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
 
 # %% ../nbs/02_datasets.ipynb #b2c3b9dd
 def subplots(nrows=1, ncols=1, figsize=None, imsize=3, suptitle=None, **kwargs):
-    "`plt.subplots` with `imsize` inches per cell unless `figsize` is given."
+    "`plt.subplots` with `imsize` inches per cell."
     if figsize is None: figsize = (ncols*imsize, nrows*imsize)
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize, **kwargs)
     if suptitle is not None: fig.suptitle(suptitle)
     return fig, axs
 
 def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kwargs):
-    "(fig, the first `n` axes, flat) of a grid of at least `n` cells."
+    "(fig, the first `n` axes) of a grid of at least `n` cells."
     check_int(n, 'n', 1, 'get_grid')
     if nrows is None and ncols is None: nrows = int(math.sqrt(n))
     if nrows is None: nrows = math.ceil(n/ncols)
@@ -195,7 +188,7 @@ def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kw
     return fig, axs[:n]
 
 def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
-    "Show `ims` in a grid, with optional `titles`; `kwargs` go to `get_grid`."
+    "Show `ims` in a grid, with optional `titles`."
     ims = list(ims)
     titles = [] if titles is None else list(titles)
     if len(titles) > len(ims): raise ValueError(f'show_images: {len(titles)} titles for {len(ims)} images')
@@ -216,7 +209,7 @@ def inplace(f):
 
 # %% ../nbs/02_datasets.ipynb #7376cf9f
 def collate_dict(ds):
-    "A collate function giving a tuple of tensors, one per column of `ds`."
+    "Collate to a tuple of tensors, one per column of `ds`."
     keys = list(ds.features)
     def _f(b):
         batch = default_collate(b)
@@ -225,7 +218,7 @@ def collate_dict(ds):
 
 # %% ../nbs/02_datasets.ipynb #dce9717c
 class DataLoaders:
-    "A training and a validation DataLoader (`.train`, `.valid`); all in `.dls`."
+    "A training and a validation DataLoader (`.train`, `.valid`)."
     def __init__(self, *dls):
         if len(dls) < 2: raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)}')
         self.dls = dls
@@ -233,7 +226,7 @@ class DataLoaders:
 
     @classmethod
     def from_dd(cls, dd, batch_size, as_tuple=True, **kwargs):
-        "DataLoaders from a `DatasetDict` ('train' first, shuffled); `as_tuple`: tuples, not dicts."
+        "DataLoaders from a `DatasetDict`, 'train' first and shuffled; `as_tuple`: tuples, not dicts."
         if 'train' not in dd: raise ValueError(f"from_dd needs a 'train' split, got {list(dd)}")
         splits = ['train'] + [k for k in dd if k != 'train']
         return cls(*[DataLoader(dd[k], batch_size, shuffle=k == 'train',
@@ -242,7 +235,7 @@ class DataLoaders:
 
 # %% ../nbs/02_datasets.ipynb #be437589
 class TensorDL:
-    "Batches `(xb, yb)` cut straight from in-memory uint8 images `x` and labels `y`, on their device."
+    "Batches `(xb, yb)` cut straight from uint8 images `x` and labels `y`, on their device."
     def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None,
                  pin_memory=None):
         x = torch.as_tensor(x)
@@ -288,7 +281,6 @@ class TensorDL:
 _hub_arrays = {}  # so the slow PIL conversion happens once per process
 
 def _dd_to_arrays(dd):
-    "A Fashion-MNIST DatasetDict as arrays {'train': (x, y), 'valid': (x, y)}."
     return {name: (np.stack([np.asarray(im, dtype=np.uint8) for im in dd[split]['image']]),
                    np.array(list(dd[split]['label']), dtype=np.int64))
             for name, split in (('train', 'train'), ('valid', 'test'))}

@@ -26,15 +26,13 @@ from .conv import conv, model_device, to_device
 from .learner import Callback, DeviceCB
 
 # %% ../nbs/07_init.ipynb #66884d3b
-_INIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 def init_weights(m, leaky=0.):
-    "Kaiming-normal init of a conv or linear layer `m`'s weights, for a (leaky) ReLU with slope `leaky`."
-    if isinstance(m, _INIT_TYPES): nn.init.kaiming_normal_(m.weight, a=leaky)
+    "Kaiming-normal init of a conv or linear layer, for a (leaky) ReLU."
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)): nn.init.kaiming_normal_(m.weight, a=leaky)
 
 # %% ../nbs/07_init.ipynb #f89c8db3
 class GeneralRelu(nn.Module):
-    "A ReLU with optional negative slope `leak`, shift down by `sub`, and ceiling `maxv`."
+    "A ReLU with optional leak, shift down by `sub`, and ceiling `maxv`."
     def __init__(self, leak=None, sub=None, maxv=None):
         super().__init__()
         for nm, v in (('leak', leak), ('sub', sub), ('maxv', maxv)):
@@ -50,12 +48,11 @@ class GeneralRelu(nn.Module):
     def extra_repr(self): return f'leak={self.leak}, sub={self.sub}, maxv={self.maxv}'
 
 # %% ../nbs/07_init.ipynb #4e8e9c59
-def _name(f):
-    "A readable name for a function, a `partial` of one, or a module."
+def _name(f):  # of a function, a `partial` of one, or a module
     return getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', None) or type(f).__name__
 
 def plot_func(f, start=-5., end=5., steps=100, ax=None, title=None):
-    "Plot `f` on `steps` points from `start` to `end`, with axes through 0; returns the axes."
+    "Plot `f` from `start` to `end`, with axes through 0; return the axes."
     x = torch.linspace(start, end, steps)
     if ax is None: _, ax = plt.subplots(figsize=(5, 3))
     with torch.no_grad(): ax.plot(x, f(x))
@@ -65,12 +62,11 @@ def plot_func(f, start=-5., end=5., steps=100, ax=None, title=None):
     ax.set_title(_name(f) if title is None else title)
     return ax
 
-# %% ../nbs/07_init.ipynb #ebd2b8f5
-_all_ = ['conv']
-
 # %% ../nbs/07_init.ipynb #8ef12279
+_all_ = ['conv']  # as the course's init module does
+
 def get_model(act=nn.ReLU, nfs=None, norm=None):
-    "The course's CNN for 1×28×28 images: stride-2 `conv`s of widths `nfs` down to 1×1, then 10 logits."
+    "The course's CNN for 1×28×28 images: stride-2 `conv`s of widths `nfs`, then 10 logits."
     nfs = tuple(nfs or (1, 8, 16, 32, 64))
     if len(nfs) < 5:
         raise ValueError(f"get_model: nfs={nfs} needs at least input channels and 4 widths, e.g. (1, 8, 16, 32, 64)")
@@ -79,7 +75,7 @@ def get_model(act=nn.ReLU, nfs=None, norm=None):
 
 # %% ../nbs/07_init.ipynb #79e18a72
 class BatchTransformCB(Callback):
-    "Replace each training and/or validation batch by `tfm(batch)` in `before_batch`, after `DeviceCB`."
+    "Replace training and/or validation batches by `tfm(batch)`, after `DeviceCB`."
     order = DeviceCB.order + 1
     def __init__(self, tfm, on_train=True, on_val=True):
         if not callable(tfm): raise TypeError(f"BatchTransformCB needs a function of the batch, got {tfm!r}")
@@ -92,21 +88,17 @@ class BatchTransformCB(Callback):
 # %% ../nbs/07_init.ipynb #6a5fe0f7
 LSUVResult = namedtuple('LSUVResult', 'iters mean std converged')
 
-def _lsuv_stats(hook, mod, inp, outp):
-    hook.mean, hook.std = outp.mean().item(), outp.std().item()
+def _lsuv_stats(hook, mod, inp, outp): hook.mean, hook.std = outp.mean().item(), outp.std().item()
 
-def _check_lsuv(model, m, m_in, tol, max_iters):
+def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
+    "Scale and shift `m_in` until `m`'s output on `model(xb)` has mean 0 and std 1."
     for nm, o in (('model', model), ('m', m), ('m_in', m_in)):
         if not isinstance(o, nn.Module): raise TypeError(f"lsuv_init: {nm} must be a module, got {type(o).__name__}")
     if not isinstance(getattr(m_in, 'weight', None), torch.Tensor):
         raise TypeError(f"lsuv_init: m_in ({type(m_in).__name__}) has no weight; pass the layer feeding m")
     check_float(tol, 'tol', '(0, inf)', 'lsuv_init')
     check_int(max_iters, 'max_iters', 1, 'lsuv_init')
-
-def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
-    "Rescale `m_in`'s weight and shift its bias until `m`'s output on `model(xb)` has mean 0 and std 1."
-    _check_lsuv(model, m, m_in, tol, max_iters)
-    xb = to_device(xb, model_device(model))   # the course passes xb on the GPU, whatever device the model is on
+    xb = to_device(xb, model_device(model))  # the course passes xb on the GPU, wherever the model is
     bias = getattr(m_in, 'bias', None)
     with Hook(m, _lsuv_stats) as h, torch.no_grad():
         for i in range(max_iters + 1):
@@ -117,36 +109,36 @@ def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
             if i == max_iters or not (math.isfinite(std) and std > 0): break
             if bias is not None: bias -= mean
             m_in.weight /= std
-    why = f'after {i} iterations' if i == max_iters else 'because its std is 0 or not finite'
+    why = f'after {i} iterations' if i == max_iters else 'as its std is 0 or not finite'
     warnings.warn(f"lsuv_init: stopped {why} at mean={mean:.4g}, std={std:.4g}; {type(m).__name__} may not reach "
-                  "mean 0 (e.g. a plain ReLU, or m_in has no bias)")
+                  "mean 0 (a plain ReLU, or no bias in m_in)")
     return LSUVResult(i, mean, std, False)
 
 # %% ../nbs/07_init.ipynb #80ac08a0
 def clean_tb():
-    "Forget the last uncaught exception (`sys.last_traceback`...), clearing its frames first."
+    "Forget the last uncaught exception, clearing its frames."
     tb = getattr(sys, 'last_traceback', None)
-    if tb is not None: traceback.clear_frames(tb)   # frames still running are skipped
+    if tb is not None: traceback.clear_frames(tb)
     for nm in ('last_type', 'last_value', 'last_traceback', 'last_exc'):
         if hasattr(sys, nm): delattr(sys, nm)
 
 def clean_ipython_hist():
-    "Drop IPython's references to earlier outputs (`Out`, `_`, `_N`...) and inputs (`_iN`)."
-    ipy = sys.modules.get('IPython')   # if IPython was never imported, this is not an IPython session
+    "Drop IPython's references to earlier outputs and inputs (`Out`, `_N`, `_iN`...)."
+    ipy = sys.modules.get('IPython')  # never imported: not an IPython session
     ip = ipy.get_ipython() if ipy is not None else None
     if ip is None: return
     for ns in (ip.user_ns, getattr(ip, 'user_ns_hidden', {})):
-        for k in [k for k in ns if re.fullmatch(r'_i?\d+', k)]: del ns[k]  # numbered history: _1, _i1, ...
+        for k in [k for k in ns if re.fullmatch(r'_i?\d+', k)]: del ns[k]
         for k in ('_', '__', '___', '_i', '_ii', '_iii'):
             if k in ns: ns[k] = ''
     hm, dh = getattr(ip, 'history_manager', None), getattr(ip, 'displayhook', None)
-    if hm is not None: hm.output_hist.clear()                  # this dict is `Out` (and `_oh`)
-    if dh is not None: dh._, dh.__, dh.___ = '', '', ''        # the displayhook's own copies of the last three
+    if hm is not None: hm.output_hist.clear()  # this dict is `Out`
+    if dh is not None: dh._, dh.__, dh.___ = '', '', ''  # the displayhook's own copies
     last = getattr(ip, 'last_execution_result', None)
-    if last is not None: last.result = None                    # the previous cell's output value
+    if last is not None: last.result = None
 
 def clean_mem():
-    "Free what old outputs and the last traceback hold, collect garbage, and empty the CUDA cache."
+    "Free what old outputs and the last traceback hold, and empty the CUDA cache."
     clean_tb()
     clean_ipython_hist()
     gc.collect()

@@ -23,7 +23,6 @@ act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
 
 # %% ../nbs/09_resnet.ipynb #73342cca
 def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3):
-    "The residual path: conv `ni`→`nf` with `act`, then conv `nf`→`nf` with `stride` and no act."
     return nn.Sequential(conv(ni, nf, ks=ks, stride=1, act=act, norm=norm),
                          conv(nf, nf, ks=ks, stride=stride, act=None, norm=norm))
 
@@ -42,7 +41,7 @@ class ResBlock(nn.Module):
 
 # %% ../nbs/09_resnet.ipynb #5b27c1a2
 def fmnist_resnet(act=act_gr, nfs=(8, 16, 32, 64, 128, 256), norm=nn.BatchNorm2d):
-    "A ResNet for 1×28×28 images: a ResBlock to `nfs[0]`, then a stride-2 one per width, then 10 logits."
+    "A ResNet for 1×28×28 images: a ResBlock per width in `nfs`, then 10 logits."
     nfs = tuple(nfs)
     if not nfs: raise ValueError("fmnist_resnet: nfs needs at least one width, e.g. (8, 16, 32, 64)")
     for nf in nfs: check_int(nf, 'every width in nfs', 1, 'fmnist_resnet')
@@ -54,7 +53,7 @@ def fmnist_resnet(act=act_gr, nfs=(8, 16, 32, 64, 128, 256), norm=nn.BatchNorm2d
 
 # %% ../nbs/09_resnet.ipynb #75bb540f
 def _macs(m, inp, out):
-    "Multiply-adds of conv or linear layer `m` in one call, for the whole batch (0 for other layers)."
+    "Multiply-adds of conv or linear layer `m` in one call."
     if isinstance(m, nn.modules.conv._ConvNd):
         k = math.prod(m.kernel_size)
         if m.transposed: return inp[0].numel() * (m.out_channels // m.groups) * k
@@ -62,11 +61,10 @@ def _macs(m, inp, out):
     if isinstance(m, nn.Linear): return out.numel() * m.in_features
     return 0
 
-def _shapes(x): return map_tensors(lambda t: tuple(t.shape), x)  # the same structure, with shapes for tensors
+def _shapes(x): return map_tensors(lambda t: tuple(t.shape), x)
 
-# %% ../nbs/09_resnet.ipynb #6612c2d9
 class ModelSummary:
-    "What `Learner.summary` found: `rows` (a dict per module), and `params`, `mflops` totals."
+    "What `Learner.summary` found: `rows` (a dict per module), `params`, `mflops`."
     def __init__(self, rows, params, mflops): self.rows, self.params, self.mflops = rows, params, mflops
 
     def __str__(self):
@@ -81,9 +79,7 @@ class ModelSummary:
 
     def __repr__(self): return f'ModelSummary({self.params:,} params, {self.mflops:.3f} MFLOPS)'
 
-# %% ../nbs/09_resnet.ipynb #a081cac2
 def _summary_inputs(learn, xb):
-    "`xb` as a tuple, or the first `n_inp` items of the first batch of `learn.dls.valid`."
     if xb is None:
         dl = getattr(learn.dls, 'valid', None)
         if dl is None: raise TypeError(f"summary: {type(learn.dls).__name__} has no .valid; pass xb=a batch of inputs")
@@ -95,9 +91,8 @@ def _summary_inputs(learn, xb):
         raise TypeError(f"summary needs tensor inputs, got {type(xb).__name__}; pass xb=a tensor or a tuple of tensors")
     return xs
 
-# %% ../nbs/09_resnet.ipynb #4db1145d
 def summary(learn, xb=None, show=True):
-    "A `ModelSummary` of each top-level module from one eval-mode forward pass (printed if `show`)."
+    "A `ModelSummary` of each top-level module from one eval-mode forward pass."
     model = learn.model
     xs = to_device(_summary_inputs(learn, xb), model_device(model))
     children = [c for _, c in model.named_children()] or [model]
@@ -112,19 +107,16 @@ def summary(learn, xb=None, show=True):
         if rows[i]['input'] == '-': rows[i].update(input=_shapes(inp[0] if len(inp) == 1 else inp), output=_shapes(out))
     def add_macs(i, m, inp, out): macs[i] += _macs(m, inp, out)
 
-    handles = []
+    hooks = [c.register_forward_hook(partial(record, i)) for i, c in enumerate(children)]
+    hooks += [m.register_forward_hook(partial(add_macs, i)) for m, i in owner.items()]
     try:
-        for i, c in enumerate(children): handles.append(c.register_forward_hook(partial(record, i)))
-        for m, i in owner.items():
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-                handles.append(m.register_forward_hook(partial(add_macs, i)))
         with model_mode(model, training=False), torch.no_grad(): model(*xs)
     finally:
-        for h in handles: h.remove()
+        for h in hooks: h.remove()
     n = len(xs[0])
     for r, mac in zip(rows, macs): r['mflops'] = mac/n/1e6
     res = ModelSummary(rows, sum(p.numel() for p in model.parameters()), sum(macs)/n/1e6)
     if show: print(res)
     return res
 
-fc.patch_to(Learner)(summary)   # also `learn.summary(...)`
+fc.patch_to(Learner)(summary)  # also `learn.summary(...)`

@@ -17,28 +17,26 @@ from .learner import Callback
 
 # %% ../nbs/08_sgd.ipynb #9dde753a
 def _save_hypers(opt):
-    "A copy of every param group's settings but 'params'."
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != 'params'}
             for g in opt.param_groups]
 
 def _restore_hypers(opt, saved):
-    "Put back what `_save_hypers` saved, dropping keys added since (e.g. a scheduler's 'initial_lr')."
+    "Put back what `_save_hypers` saved, dropping keys added since (e.g. 'initial_lr')."
     for g, s in zip(opt.param_groups, saved):
         for k in [k for k in g if k != 'params' and k not in s]: del g[k]
         for k, v in s.items():
-            # a tensor lr (capturable optimizers) is updated in place, so whoever holds it sees the change
+            # a tensor lr (capturable optimizers) is changed in place, so whoever holds it sees it
             if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor): g[k].copy_(v)
             else: g[k] = v
 
 class _KeepsHypers(Callback):
-    "Snapshot the optimizer's settings before fit and put them back after it, however it ends."
+    "Snapshot the optimizer's settings before fit and restore them after it, however it ends."
     _saved = None
     def before_fit(self, learn): self._saved = _save_hypers(learn.opt)
     def cleanup_fit(self, learn):
         if self._saved is not None: _restore_hypers(learn.opt, self._saved)
         self._saved = None
 
-# %% ../nbs/08_sgd.ipynb #812d01bf
 class BaseSchedCB(_KeepsHypers):
     "Make a scheduler with `sched(learn.opt)` before fit; subclasses choose when it steps."
     def __init__(self, sched):
@@ -52,19 +50,18 @@ class BaseSchedCB(_KeepsHypers):
         self.schedo = self.sched(learn.opt)
         if not callable(getattr(self.schedo, 'step', None)):
             raise TypeError(f"{type(self).__name__}: sched(opt) gave a {type(self.schedo).__name__} with no step(); "
-                            "make it return a torch LR scheduler")
+                            "return a torch LR scheduler")
         self.made('schedo')  # a checkpoint loaded before this fit
 
     def _step(self, learn):
         if learn.training: self.schedo.step()
 
-    # checkpoints keep the scheduler's position, so a resumed fit carries on with the schedule
+    # checkpoints keep the scheduler's position, so a resumed fit carries on
     def state_dict(self): return self.state_of('schedo')
     def load_state_dict(self, sd): self.load_or_keep('schedo', sd)
 
-# %% ../nbs/08_sgd.ipynb #680dfc19
 class BatchSchedCB(BaseSchedCB):
-    "Step the scheduler after every optimizer step (so `total_steps = n_epochs*len(dls.train)`)."
+    "Step the scheduler after every optimizer step (`total_steps = n_epochs*len(dls.train)`)."
     def before_fit(self, learn):
         super().before_fit(learn)
         if isinstance(self.schedo, ReduceLROnPlateau):
@@ -72,18 +69,17 @@ class BatchSchedCB(BaseSchedCB):
 
     def after_step(self, learn):
         try: self._step(learn)
-        except ValueError as e:  # OneCycleLR and friends refuse to step past total_steps
+        except ValueError as e:  # OneCycleLR won't step past total_steps
             n = getattr(learn, 'n_epochs', 1)*len(learn.dls.train)
             raise ValueError(f"{e}; BatchSchedCB steps once per batch, so this fit needs total_steps={n}") from e
 
-# %% ../nbs/08_sgd.ipynb #f34626fe
 def one_cycle(lr, epochs, dl, **kwargs):
     "A `BatchSchedCB` running torch's `OneCycleLR` up to `lr` over `epochs` passes of `dl`."
     return BatchSchedCB(partial(OneCycleLR, max_lr=lr, total_steps=max(1, epochs*len(dl)), **kwargs))
 
 # %% ../nbs/08_sgd.ipynb #4cc22c02
 class EpochSchedCB(BaseSchedCB):
-    "Step the scheduler after each training epoch (`ReduceLROnPlateau`: each valid epoch, on its mean loss)."
+    "Step the scheduler after each training epoch (`ReduceLROnPlateau`: after validation, on its loss)."
     def before_epoch(self, learn): self._tot, self._n = 0., 0
 
     def after_batch(self, learn):
@@ -97,7 +93,7 @@ class EpochSchedCB(BaseSchedCB):
 
 # %% ../nbs/08_sgd.ipynb #b599c06e
 class HasLearnCB(Callback):
-    "`self.learn` is the `Learner` during each fit, and `None` once it ends, however it ends."
+    "`self.learn` is the `Learner` during each fit, `None` after it."
     learn = None
     def before_fit(self, learn): self.learn = learn
     def cleanup_fit(self, learn): self.learn = None
@@ -109,15 +105,14 @@ def _lr(g): return g['lr']
 def _beta1(g): return g['betas'][0]  # Adam's momentum
 def _mom(g): return g['betas'][0] if 'betas' in g else g['momentum']  # Adam's beta1, or SGD's momentum
 
-# %% ../nbs/08_sgd.ipynb #1efbda58
 class _Group(dict):
-    "A param group that is also its own `.pg`, for the course's functions that read `cb.pg['lr']`."
+    "A param group that is its own `.pg`, for the course's `cb.pg['lr']`."
     @property
     def pg(self): return self
 
 class RecorderCB(Callback):
     "After each optimizer step, record `f(param_group)` for each `name=f`, e.g. `RecorderCB(lr=_lr)`."
-    order = -1  # before the schedulers step in after_step: records are what the step used
+    order = -1  # before the schedulers step: records are what the step used
     def __init__(self, **d):
         if not d: raise ValueError("RecorderCB needs at least one name=function, e.g. RecorderCB(lr=_lr)")
         for k, f in d.items():
@@ -135,7 +130,7 @@ class RecorderCB(Callback):
             self.recs[k].append(v.item() if isinstance(v, torch.Tensor) else v)
 
     def plot(self, axs=None):
-        "One plot per recorded value, against the optimizer step."
+        "One plot per recorded value, by step."
         if axs is None:
             _, axs = plt.subplots(1, len(self.recs), figsize=(4*len(self.recs), 3), squeeze=False, layout='constrained')
             axs = axs[0]
@@ -146,7 +141,6 @@ class RecorderCB(Callback):
 
 # %% ../nbs/08_sgd.ipynb #6b7e4112
 def _check_pname(opt, pname):
-    "ValueError unless every param group of `opt` has the setting `pname` ('mom': momentum or betas)."
     for g in opt.param_groups:
         if (('betas' in g or 'momentum' in g) if pname == 'mom' else pname in g): continue
         keys = sorted(k for k in g if k != 'params')
@@ -154,16 +148,14 @@ def _check_pname(opt, pname):
         raise ValueError(f"ParamSchedCB: {type(opt).__name__} has no {pname!r}, only {keys}{hint}")
 
 def _set_hyper(g, pname, v):
-    "Set `pname` of param group `g` to `v`; 'mom' is `momentum`, or `betas[0]` where there are betas."
     if pname == 'mom':
         if 'betas' in g: g['betas'] = (v, *g['betas'][1:])
         else: g['momentum'] = v
     elif isinstance(g[pname], torch.Tensor): g[pname].fill_(v)
     else: g[pname] = v
 
-# %% ../nbs/08_sgd.ipynb #e7d5140d
 class ParamSchedCB(_KeepsHypers):
-    "Before each training batch, set `pname` ('lr', 'mom', ...) of all param groups to `sched_func(pos)`."
+    "Before each training batch, set `pname` ('lr', 'mom', ...) to `sched_func(pos)`."
     def __init__(self, pname, sched_func):
         if not isinstance(pname, str): raise TypeError(f"ParamSchedCB needs a setting name like 'lr', got {pname!r}")
         if not callable(sched_func):
