@@ -582,7 +582,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                             'miniai.sgd._KeepsHypers.before_fit': ('sgd.html#_keepshypers.before_fit', 'miniai/sgd.py'),
                             'miniai.sgd._KeepsHypers.cleanup_fit': ('sgd.html#_keepshypers.cleanup_fit', 'miniai/sgd.py'),
                             'miniai.sgd._beta1': ('sgd.html#_beta1', 'miniai/sgd.py'),
-                            'miniai.sgd._check_pname': ('sgd.html#_check_pname', 'miniai/sgd.py'),
                             'miniai.sgd._lr': ('sgd.html#_lr', 'miniai/sgd.py'),
                             'miniai.sgd._mom': ('sgd.html#_mom', 'miniai/sgd.py'),
                             'miniai.sgd._set_hyper': ('sgd.html#_set_hyper', 'miniai/sgd.py'),

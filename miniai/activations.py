@@ -27,7 +27,7 @@ def set_seed(seed, deterministic=False):
     "Seed Python, NumPy and PyTorch; `deterministic` also picks deterministic kernels."
     check_float(check_int(seed, 'seed', 0, 'set_seed'), 'seed', '[0, 4294967296)', 'set_seed')  # NumPy's limit
     if deterministic:
-        # cuBLAS repeats its matmuls only with a fixed workspace, read at its first handle
+        # cuBLAS is deterministic only with a fixed workspace
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
@@ -80,7 +80,7 @@ def append_stats(hook, mod, inp, outp):
     for s, v in zip(hook.stats, (acts.mean(), acts.std(), hist)): s.append(v)
 
 def _cpu_stats(hook):
-    if not hasattr(hook, 'stats'): raise ValueError("this hook has recorded nothing yet; run the model (or fit) first")
+    if not hasattr(hook, 'stats'): raise ValueError("this hook has recorded nothing; run the model (or fit) first")
     return tuple(s if isinstance(s, torch.Tensor) else torch.stack(s).cpu() for s in hook.stats)
 
 # %% ../nbs/06_activations.ipynb #dc2614dd
@@ -137,7 +137,7 @@ class ActivationStats(HooksCallback):
         _, axs = get_grid(len(hooks), figsize=figsize, layout='constrained')
         for i, (ax, h) in enumerate(zip(axs, hooks)):
             draw(ax, h)
-            ax.set_title(f'layer {i}'); ax.set_xlabel('batch'); ax.set_ylabel(ylabel)
+            ax.set(title=f'layer {i}', xlabel='batch', ylabel=ylabel)
         return axs
 
     def color_dim(self, figsize=(11, 5)):
@@ -159,7 +159,7 @@ class ActivationStats(HooksCallback):
         for i, h in enumerate(hooks):
             for ax, s in zip(axs, _cpu_stats(h)): ax.plot(s, label=f'layer {i}')
         for ax, nm in zip(axs, ('mean', 'std')):
-            ax.set_title(f'{nm}s'); ax.set_xlabel('batch'); ax.set_ylabel(f'{nm} of activations')
+            ax.set(title=f'{nm}s', xlabel='batch', ylabel=f'{nm} of activations')
         axs[1].legend()
         return axs
 

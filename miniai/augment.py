@@ -26,7 +26,7 @@ from .resnet import summary
 
 # %% ../nbs/10_augment.ipynb #a48727be
 class Dropout(nn.Module):
-    "Zero each activation with probability `p` while training, scaling the rest by `1/(1-p)`."
+    "Zero each activation with probability `p` while training, scaling the rest up."
     def __init__(self, p=0.5):
         super().__init__()
         self.p = check_float(p, 'p', '[0, 1)', type(self).__name__)
@@ -88,7 +88,7 @@ class RandFlip(nn.Module):
 
 # %% ../nbs/10_augment.ipynb #c1a79505
 def rand_crop(x, pad=4):
-    "Pad each image by `pad` pixels of its darkest value, then crop H×W at a random offset."
+    "Pad each image with its darkest value, then crop H×W at a random offset."
     _check_images(x, 'rand_crop')
     check_int(pad, 'pad', 0, 'rand_crop')
     if pad == 0: return x
@@ -115,14 +115,14 @@ def _check_rects(pct, max_num, where):
     check_int(max_num, 'max_num (the most rectangles per image)', 1, where)
 
 def _rect_size(h, w, pct):
-    s = math.sqrt(pct)  # a rectangle shaped like the image, covering about `pct` of it
+    s = math.sqrt(pct)  # shaped like the image, about `pct` of its area
     return max(1, round(s*h)), max(1, round(s*w))
 
 def _rects(x, pct, max_num, shift=False):
-    "(N, M, H, W) masks of each image's 1 to `max_num` random rectangles; with `shift`, moves from other places."
+    "(N, M, H, W) masks of 1 to `max_num` random rectangles per image (and, with `shift`, moves to them)."
     n, _, h, w = x.shape
     (rh, rw), dev = _rect_size(h, w, pct), x.device
-    sizes = ((h, rh), (w, rw))*(2 if shift else 1)  # corners of where each one goes (and comes from)
+    sizes = ((h, rh), (w, rw))*(2 if shift else 1)  # where each goes (and comes from)
     top, left, *src = [torch.randint(0, k - s + 1, (n, max_num, 1), device=dev) for k, s in sizes]
     used = torch.arange(max_num, device=dev) < torch.randint(1, max_num + 1, (n, 1), device=dev)  # first 1 to M
     r, c = torch.arange(h, device=dev), torch.arange(w, device=dev)
@@ -131,14 +131,14 @@ def _rects(x, pct, max_num, shift=False):
     return (masks, src[0] - top, src[1] - left) if shift else masks
 
 def rand_erase(x, pct=0.2, max_num=4):
-    "Replace 1 to `max_num` rectangles of about `pct` of each image by noise like the batch."
+    "Replace 1 to `max_num` rectangles of about `pct` of each image by noise."
     _check_images(x, 'rand_erase', floating=True)
     _check_rects(pct, max_num, 'rand_erase')
     mask = _rects(x, pct, max_num).any(1, keepdim=True)
     noise = (torch.randn_like(x)*x.std() + x.mean()).clamp(x.min(), x.max())
     return torch.where(mask, noise, x)
 
-class _RandRects(nn.Module):  # the module forms of rand_erase and rand_copy
+class _RandRects(nn.Module):  # module forms of rand_erase and rand_copy
     def __init__(self, pct=0.2, max_num=4):
         super().__init__()
         _check_rects(pct, max_num, type(self).__name__)
@@ -168,14 +168,13 @@ class RandCopy(_RandRects):
     "Module form of `rand_copy`."
     tfm = staticmethod(rand_copy)
 
-# %% ../nbs/10_augment.ipynb #cb90d0a8
+# %% ../nbs/10_augment.ipynb #355576be
 def augment_cb(*tfms):
     "A `BatchTransformCB` applying `tfms` in turn to the inputs of training batches."
     for t in tfms:
-        if not callable(t): raise TypeError(f"augment_cb: {t!r} is not a transform; pass functions of the images")
-    return BatchTransformCB(partial(tfm_batch, tfm_x=nn.Sequential(*tfms)), on_train=True, on_val=False)
+        if not callable(t): raise TypeError(f"augment_cb: {t!r} is not a transform; pass functions of images")
+    return BatchTransformCB(partial(tfm_batch, tfm_x=nn.Sequential(*tfms)), on_val=False)
 
-# %% ../nbs/10_augment.ipynb #355576be
 class _StopBeforePredict(Callback):
     order = 1000
     def before_batch(self, learn): raise CancelFitException()
@@ -184,7 +183,7 @@ class _StopBeforePredict(Callback):
 def _unchanged(learn):
     "Run `fit` for a look: a throwaway optimizer, and every module's mode put back."
     opt = learn.opt
-    learn.opt = None  # fit makes a fresh one, so schedulers don't change the real one
+    learn.opt = None  # fit makes a throwaway one for schedulers to change
     try:
         with model_mode(learn.model, learn.model.training): yield
     finally: learn.opt = opt
@@ -200,7 +199,7 @@ def show_image_batch(learn, max_n=9, cbs=None, train=True, **kwargs):
 fc.patch_to(Learner)(show_image_batch)
 _all_ = ['summary']
 
-# %% ../nbs/10_augment.ipynb #ae7b5b8b
+# %% ../nbs/10_augment.ipynb #93f23032
 def _cat(xs):
     if not xs: return None
     if isinstance(xs[0], torch.Tensor): return torch.cat(xs)
@@ -208,7 +207,7 @@ def _cat(xs):
     return xs
 
 class CapturePreds(Callback):
-    "Collect preds, targets and (if `inps`) inputs on the CPU: `all_preds`, `all_targs`, `all_inps`."
+    "Collect preds, targets and (if `inps`) inputs on the CPU in `all_preds`, `all_targs`, `all_inps`."
     def __init__(self, inps=True): self.inps = inps
     def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
     def after_batch(self, learn):
@@ -217,31 +216,29 @@ class CapturePreds(Callback):
         if len(b) > n_inp: self.all_targs.append(to_cpu(b[n_inp]))
         if self.inps: self.all_inps.append(to_cpu(b[0] if n_inp == 1 else tuple(b[:n_inp])))
     def after_fit(self, learn):
-        self.all_preds, self.all_targs, self.all_inps = _cat(self.all_preds), _cat(self.all_targs), _cat(self.all_inps)
+        self.all_preds, self.all_targs, self.all_inps = map(_cat, (self.all_preds, self.all_targs, self.all_inps))
 
 def capture_preds(learn, cbs=None, inps=False):
-    "`(preds, targs)` (and `inps` if asked) of one validation epoch, on the CPU; changes nothing."
+    "`(preds, targs)` (and `inps` if asked) of one validation epoch, on the CPU."
     cp = CapturePreds(inps=inps)
     with _unchanged(learn): learn.fit(1, train=False, cbs=[cp, *fc.L(cbs)])
     return (cp.all_preds, cp.all_targs, cp.all_inps) if inps else (cp.all_preds, cp.all_targs)
 
 fc.patch_to(Learner)(capture_preds)
 
-# %% ../nbs/10_augment.ipynb #93f23032
 def tta(learn, tfms=(hflip,), cbs=None):
     "`(probs, targs)`: softmax on the valid set, averaged over as-is and each of `tfms`."
     preds, targs = capture_preds(learn, cbs=cbs)
     probs = preds.float().softmax(-1)
     for tfm in tfms:
-        tfm_cb = BatchTransformCB(partial(tfm_batch, tfm_x=tfm), on_train=False, on_val=True)
+        tfm_cb = BatchTransformCB(partial(tfm_batch, tfm_x=tfm), on_train=False)
         probs += capture_preds(learn, cbs=[tfm_cb, *fc.L(cbs)])[0].float().softmax(-1)
     return probs/(len(tfms) + 1), targs
 
 fc.patch_to(Learner)(tta)
 
 # %% ../nbs/10_augment.ipynb #78f3e519
-DROPOUT_TYPES = (Dropout, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                 nn.FeatureAlphaDropout)
+DROPOUT_TYPES = (Dropout, nn.modules.dropout._DropoutNd)  # ours, and all of torch's
 
 def _dropouts(model): return [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
 
@@ -286,5 +283,5 @@ def mc_dropout_predict(learn_or_model, dl=None, n=10):
         if dl is not None: raise ValueError("mc_dropout_predict: a Learner uses its valid set; for dl pass learn.model")
         runs = [capture_preds(learn_or_model, cbs=TTD_CB()) for _ in range(n)]
         return _mc_summary(torch.stack([p.float().softmax(-1) for p, _ in runs]), runs[0][1])
-    if dl is None: raise ValueError("mc_dropout_predict: with a bare model, pass dl= (a DataLoader of (xb, yb))")
+    if dl is None: raise ValueError("mc_dropout_predict: with a bare model, pass dl= (a DataLoader)")
     return _mc_summary(*_model_passes(model, dl, n))

@@ -17,14 +17,14 @@ from torch.utils.data import default_collate
 
 # %% ../nbs/03_conv.ipynb #3c3a3f7a
 def default_device():
-    "The device to train on, decided now: `$MINIAI_DEVICE`, else cuda, else mps, else cpu."
+    "The device to train on: `$MINIAI_DEVICE`, else cuda, else mps, else cpu."
     if dev := os.environ.get('MINIAI_DEVICE'): return torch.device(dev)
     if torch.cuda.is_available(): return torch.device('cuda')
     return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
 
 _all_ = ['def_device']
 
-def __getattr__(name):  # the course's `def_device`, decided on each access, not frozen at import
+def __getattr__(name):  # the course's `def_device`, decided on each access
     if name == 'def_device': return default_device().type
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -60,7 +60,7 @@ def _cpu(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 def to_cpu(x):
-    "Every tensor in `x` detached, on the CPU, fp16/bf16 as float32 (to print and plot)."
+    "Every tensor in `x` detached, on the CPU, with fp16/bf16 as float32."
     return map_tensors(_cpu, x)
 
 def collate_device(b):
@@ -99,7 +99,7 @@ def model_mode(model, training=False):
 def conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):
     "A `ks`×`ks` conv from `ni` to `nf` channels, then optional `norm(nf)` and `act()`."
     if act is True: act = nn.ReLU  # the course's first `conv` took act=True/False
-    if ks % 2 == 0: raise ValueError(f"conv: ks={ks} is even; use an odd ks (e.g. 3), so padding ks//2 centres it")
+    if ks % 2 == 0: raise ValueError(f"conv: ks={ks} is even; use an odd ks (e.g. 3) so the padding centres it")
     if bias is None: bias = norm is None  # a norm layer's shift makes the bias redundant
     layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=bias)]
     if norm: layers.append(norm(nf))

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 import miniai
 from .checks import check_choice, check_int
 
-# %% ../nbs/02_datasets.ipynb #a8f39ef0
+# %% ../nbs/02_datasets.ipynb #64cd9e1e
 FASHION_CLASSES = ['T - shirt / top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']  # the Hub's, in label order
 FMNIST_HUB_ID = 'zalando-datasets/fashion_mnist'
@@ -37,7 +37,6 @@ SAMPLE_TEST_SIZE = 1000  # the sample's last images are its 'test' split
 class HubUnreachableError(ConnectionError):
     "The Hub can't be reached and Fashion-MNIST isn't in the HF cache."
 
-# %% ../nbs/02_datasets.ipynb #64cd9e1e
 def sample_path():
     "Path of the Fashion-MNIST sample bundled with miniai."
     return Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
@@ -131,7 +130,7 @@ def _check_source(source):
     if source is None: return check_choice(os.environ.get('MINIAI_DATA', 'auto'), 'MINIAI_DATA', DATA_SOURCES)
     return check_choice(source, 'source', DATA_SOURCES)
 
-def _notice(msg): print(f'miniai: {msg}', file=sys.stderr)  # 'auto' says what it picked
+def _notice(msg): print(f'miniai: {msg}', file=sys.stderr)
 
 def _pick_hub(source):
     if source == 'sample': return None
@@ -158,11 +157,10 @@ def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
     if ax is None: _, ax = plt.subplots(figsize=figsize)
     ax.imshow(im, **kwargs)
     if title is not None: ax.set_title(title)
-    ax.set_xticks([]); ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     if noframe: ax.axis('off')
     return ax
 
-# %% ../nbs/02_datasets.ipynb #b2c3b9dd
 def subplots(nrows=1, ncols=1, figsize=None, imsize=3, suptitle=None, **kwargs):
     "`plt.subplots` with `imsize` inches per cell."
     if figsize is None: figsize = (ncols*imsize, nrows*imsize)
@@ -177,7 +175,7 @@ def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kw
     if nrows is None: nrows = math.ceil(n/ncols)
     if ncols is None: ncols = math.ceil(n/nrows)
     if nrows*ncols < n:
-        raise ValueError(f'A {nrows}x{ncols} grid has fewer than n={n} cells; pass larger nrows/ncols, or only one')
+        raise ValueError(f'A {nrows}x{ncols} grid has fewer than n={n} cells; pass larger nrows/ncols, or one')
     fig, axs = subplots(nrows, ncols, **kwargs)
     axs = np.atleast_1d(axs).ravel()
     for ax in axs[n:]: ax.set_axis_off()
@@ -193,9 +191,9 @@ def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
     for im, title, ax in zip_longest(ims, titles, axs): show_image(im, ax=ax, title=title)
 
 # %% ../nbs/02_datasets.ipynb #932d68a1
-FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # of Fashion-MNIST's training pixels, scaled to 0..1
+FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # of the training pixels, in 0..1
 
-# %% ../nbs/02_datasets.ipynb #226bfd2b
+# %% ../nbs/02_datasets.ipynb #46d7b381
 def inplace(f):
     "Make `f`, which changes a batch in place, return it (for `with_transform`)."
     @wraps(f)
@@ -204,7 +202,7 @@ def inplace(f):
         return b
     return _f
 
-# %% ../nbs/02_datasets.ipynb #7376cf9f
+# %% ../nbs/02_datasets.ipynb #dce9717c
 def collate_dict(ds):
     "Collate to a tuple of tensors, one per column of `ds`."
     keys = list(ds.features)
@@ -213,17 +211,15 @@ def collate_dict(ds):
         return tuple(batch[k] for k in keys)
     return _f
 
-# %% ../nbs/02_datasets.ipynb #dce9717c
 class DataLoaders:
     "A training and a validation DataLoader (`.train`, `.valid`)."
     def __init__(self, *dls):
         if len(dls) < 2: raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)}')
-        self.dls = dls
-        self.train, self.valid = dls[:2]
+        self.dls, (self.train, self.valid) = dls, dls[:2]
 
     @classmethod
     def from_dd(cls, dd, batch_size, as_tuple=True, **kwargs):
-        "DataLoaders from a `DatasetDict`, 'train' first and shuffled; `as_tuple`: tuples, not dicts."
+        "DataLoaders from a `DatasetDict`, 'train' first and shuffled; `as_tuple`: tuple batches."
         if 'train' not in dd: raise ValueError(f"from_dd needs a 'train' split, got {list(dd)}")
         splits = ['train'] + [k for k in dd if k != 'train']
         return cls(*[DataLoader(dd[k], batch_size, shuffle=k == 'train',
@@ -246,9 +242,9 @@ class TensorDL:
         self.x, self.y = x, y
         self.dataset = TensorDataset(x, y)  # as a DataLoader has
         self.shuffle, self.drop_last, self.mean, self.std, self.flat = shuffle, drop_last, mean, std, flat
-        # pinned, a batch can go to the GPU while the host goes on (DeviceCB(non_blocking=True))
+        # pinned batches copy to the GPU asynchronously (DeviceCB(non_blocking=True))
         self.pin_memory = x.device.type == 'cpu' and torch.cuda.is_available() if pin_memory is None else pin_memory
-        # one generator for the loader's life: a new order each epoch, the same ones for the same seed
+        # one generator for life: a new order each epoch, the same orders for the same seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -290,14 +286,12 @@ def fashion_mnist_arrays(source=None):
         arrays = _hub_arrays['arrays']
     else:
         dd = _pick_hub(source)
-        if dd is None:
-            sample = _sample_arrays()
-            arrays = {'train': sample['train'], 'valid': sample['test']}
+        if dd is None: arrays = dict(zip(('train', 'valid'), _sample_arrays().values()))
         else: arrays = _hub_arrays.setdefault('arrays', _dd_to_arrays(dd))
     return {k: (torch.tensor(x), torch.tensor(y)) for k, (x, y) in arrays.items()}  # copies
 
 def fashion_dls(bs=256, source=None, flat=False, normalize=True, seed=None):
-    "Fast in-memory Fashion-MNIST `DataLoaders`: train shuffled (by `seed`), valid in order at 2*bs."
+    "Fast in-memory Fashion-MNIST `DataLoaders`: train shuffled (by `seed`), valid at 2*bs."
     arrays = fashion_mnist_arrays(source)
     stats = dict(mean=FMNIST_MEAN, std=FMNIST_STD) if normalize else {}
     return DataLoaders(TensorDL(*arrays['train'], bs=bs, shuffle=True, flat=flat, seed=seed, **stats),

@@ -48,7 +48,7 @@ class GeneralRelu(nn.Module):
     def extra_repr(self): return f'leak={self.leak}, sub={self.sub}, maxv={self.maxv}'
 
 def _name(f):  # of a function, a `partial` of one, or a module
-    return getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', None) or type(f).__name__
+    return getattr(f, '__name__', None) or getattr(getattr(f, 'func', f), '__name__', type(f).__name__)
 
 def plot_func(f, start=-5., end=5., steps=100, ax=None, title=None):
     "Plot `f` from `start` to `end`, with axes through 0; return the axes."
@@ -57,8 +57,7 @@ def plot_func(f, start=-5., end=5., steps=100, ax=None, title=None):
     with torch.no_grad(): ax.plot(x, f(x))
     ax.grid(True, ls=':')
     ax.axhline(0, color='k', lw=0.8); ax.axvline(0, color='k', lw=0.8)
-    ax.set_xlabel('x'); ax.set_ylabel('f(x)')
-    ax.set_title(_name(f) if title is None else title)
+    ax.set(xlabel='x', ylabel='f(x)', title=_name(f) if title is None else title)
     return ax
 
 # %% ../nbs/07_init.ipynb #8ef12279
@@ -68,7 +67,7 @@ def get_model(act=nn.ReLU, nfs=None, norm=None):
     "The course's CNN for 1×28×28 images: stride-2 `conv`s of widths `nfs`, then 10 logits."
     nfs = tuple(nfs or (1, 8, 16, 32, 64))
     if len(nfs) < 5:
-        raise ValueError(f"get_model: nfs={nfs} needs at least input channels and 4 widths, e.g. (1, 8, 16, 32, 64)")
+        raise ValueError(f"get_model: nfs={nfs} needs input channels and 4 or more widths, e.g. (1, 8, 16, 32, 64)")
     layers = [conv(ni, nf, act=act, norm=norm) for ni, nf in zip(nfs, nfs[1:])]
     return nn.Sequential(*layers, conv(nfs[-1], 10, act=None, norm=None, bias=True), nn.Flatten())
 
@@ -81,7 +80,7 @@ class BatchTransformCB(Callback):
         self.tfm, self.on_train, self.on_val = tfm, on_train, on_val
 
     def before_batch(self, learn):
-        if (self.on_train and learn.training) or (self.on_val and not learn.training):
+        if self.on_train if learn.training else self.on_val:
             learn.batch = self.tfm(learn.batch)
 
 # %% ../nbs/07_init.ipynb #6a5fe0f7
@@ -97,7 +96,7 @@ def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
         raise TypeError(f"lsuv_init: m_in ({type(m_in).__name__}) has no weight; pass the layer feeding m")
     check_float(tol, 'tol', '(0, inf)', 'lsuv_init')
     check_int(max_iters, 'max_iters', 1, 'lsuv_init')
-    xb = to_device(xb, model_device(model))  # the course passes xb on the GPU, wherever the model is
+    xb = to_device(xb, model_device(model))  # the course passes xb on the GPU
     bias = getattr(m_in, 'bias', None)
     with Hook(m, _lsuv_stats) as h, torch.no_grad():
         for i in range(max_iters + 1):

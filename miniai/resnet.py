@@ -18,14 +18,13 @@ from .conv import conv, map_tensors, model_device, model_mode, to_device
 from .init import GeneralRelu
 from .learner import Learner
 
-# %% ../nbs/09_resnet.ipynb #e05f4a12
+# %% ../nbs/09_resnet.ipynb #bb23cd6d
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
 
 def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3):
     return nn.Sequential(conv(ni, nf, ks=ks, stride=1, act=act, norm=norm),
                          conv(nf, nf, ks=ks, stride=stride, act=None, norm=norm))
 
-# %% ../nbs/09_resnet.ipynb #bb23cd6d
 class ResBlock(nn.Module):
     "`act(convs(x) + idconv(pool(x)))`: two convs plus a shortcut."
     def __init__(self, ni, nf, stride=1, ks=3, act=act_gr, norm=None):
@@ -71,7 +70,7 @@ class ModelSummary:
         body = [[r['module'], str(r['input']), str(r['output']), f"{r['params']:,}", f"{r['mflops']:.3f}"]
                 for r in self.rows]
         total = ['Total', '', '', f'{self.params:,}', f'{self.mflops:.3f}']
-        ws = [max(len(row[i]) for row in [head, *body, total]) for i in range(len(head))]
+        ws = [max(map(len, col)) for col in zip(head, *body, total)]
         def fmt(row): return '  '.join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, ws)))
         rule = '  '.join('-'*w for w in ws)
         return '\n'.join(fmt(r).rstrip() for r in [head, rule, *body, rule, total])
@@ -82,23 +81,23 @@ def _summary_inputs(learn, xb):
     if xb is None:
         dl = getattr(learn.dls, 'valid', None)
         if dl is None: raise TypeError(f"summary: {type(learn.dls).__name__} has no .valid; pass xb=a batch of inputs")
-        with torch.random.fork_rng(devices=[]): xb = next(iter(dl), None)  # a DataLoader seeds from the global RNG
+        with torch.random.fork_rng(devices=[]): xb = next(iter(dl), None)  # a shuffled loader draws from the RNG
         if xb is None: raise ValueError("summary: learn.dls.valid yielded no batch; pass xb=a batch of inputs")
         if isinstance(xb, (tuple, list)): xb = xb[:getattr(learn, 'n_inp', 1)]
     xs = tuple(xb) if isinstance(xb, (tuple, list)) else (xb,)
     if not xs or not isinstance(xs[0], torch.Tensor):
-        raise TypeError(f"summary needs tensor inputs, got {type(xb).__name__}; pass xb=a tensor or a tuple of tensors")
+        raise TypeError(f"summary needs tensor inputs, got {type(xb).__name__}; pass xb=a tensor or tuple of tensors")
     return xs
 
 def summary(learn, xb=None, show=True):
-    "A `ModelSummary` of each top-level module from one eval-mode forward pass."
+    "A `ModelSummary` of each top-level module, from one eval-mode forward pass."
     model = learn.model
     xs = to_device(_summary_inputs(learn, xb), model_device(model))
     children = [c for _, c in model.named_children()] or [model]
     rows = [dict(module=type(c).__name__, input='-', output='-', params=sum(p.numel() for p in c.parameters()))
             for c in children]
     macs = [0]*len(children)
-    owner = {}  # each module counts towards the first top-level module that contains it
+    owner = {}  # a module counts for the first top-level one containing it
     for i, c in enumerate(children):
         for m in c.modules(): owner.setdefault(m, i)
 
@@ -118,4 +117,4 @@ def summary(learn, xb=None, show=True):
     if show: print(res)
     return res
 
-fc.patch_to(Learner)(summary)  # also `learn.summary(...)`
+fc.patch_to(Learner)(summary)

@@ -17,7 +17,7 @@ from .learner import Callback
 
 # %% ../nbs/08_sgd.ipynb #9dde753a
 class _KeepsHypers(Callback):
-    "Snapshot the optimizer's settings before fit and restore them after it, however it ends."
+    "Restore the optimizer's settings after fit, however it ends."
     _saved = None
     def before_fit(self, learn):
         self._saved = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != 'params'}
@@ -27,7 +27,7 @@ class _KeepsHypers(Callback):
         for g, s in zip(learn.opt.param_groups, self._saved) if self._saved else ():
             for k in [k for k in g if k != 'params' and k not in s]: del g[k]  # added since, e.g. 'initial_lr'
             for k, v in s.items():
-                # a tensor lr (capturable optimizers) is changed in place, so whoever holds it sees it
+                # a tensor lr (capturable optimizers) is changed in place, for whoever holds it
                 if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor): g[k].copy_(v)
                 else: g[k] = v
         self._saved = None
@@ -56,7 +56,7 @@ class BaseSchedCB(_KeepsHypers):
     def load_state_dict(self, sd): self.load_or_keep('schedo', sd)
 
 class BatchSchedCB(BaseSchedCB):
-    "Step the scheduler after every optimizer step (`total_steps = n_epochs*len(dls.train)`)."
+    "Step the scheduler after every optimizer step."
     def before_fit(self, learn):
         super().before_fit(learn)
         if isinstance(self.schedo, ReduceLROnPlateau):
@@ -73,7 +73,7 @@ def one_cycle(lr, epochs, dl, **kwargs):
     return BatchSchedCB(partial(OneCycleLR, max_lr=lr, total_steps=max(1, epochs*len(dl)), **kwargs))
 
 class EpochSchedCB(BaseSchedCB):
-    "Step the scheduler after each training epoch (`ReduceLROnPlateau`: after validation, on its loss)."
+    "Step the scheduler after each training epoch (`ReduceLROnPlateau`: on the validation loss)."
     def before_epoch(self, learn): self._tot, self._n = 0., 0
 
     def after_batch(self, learn):
@@ -85,19 +85,18 @@ class EpochSchedCB(BaseSchedCB):
         if not isinstance(self.schedo, ReduceLROnPlateau): self._step(learn)
         elif not learn.training and self._n: self.schedo.step(float(self._tot/self._n))
 
-# %% ../nbs/08_sgd.ipynb #b599c06e
+# %% ../nbs/08_sgd.ipynb #d117543f
 class HasLearnCB(Callback):
     "`self.learn` is the `Learner` during each fit, `None` after it."
     learn = None
     def before_fit(self, learn): self.learn = learn
     def cleanup_fit(self, learn): self.learn = None
 
-# %% ../nbs/08_sgd.ipynb #d117543f
 _all_ = ['_lr', '_mom', '_beta1']
 
 def _lr(g): return g['lr']
 def _beta1(g): return g['betas'][0]  # Adam's momentum
-def _mom(g): return g['betas'][0] if 'betas' in g else g['momentum']  # Adam's beta1, or SGD's momentum
+def _mom(g): return _beta1(g) if 'betas' in g else g['momentum']
 
 class _Group(dict):
     "A param group that is its own `.pg`, for the course's `cb.pg['lr']`."
@@ -105,7 +104,7 @@ class _Group(dict):
     def pg(self): return self
 
 class RecorderCB(Callback):
-    "After each optimizer step, record `f(param_group)` for each `name=f`, e.g. `RecorderCB(lr=_lr)`."
+    "Record `f(param_group)` for each `name=f` after each optimizer step, e.g. `RecorderCB(lr=_lr)`."
     order = -1  # before the schedulers step: records are what the step used
     def __init__(self, **d):
         if not d: raise ValueError("RecorderCB needs at least one name=function, e.g. RecorderCB(lr=_lr)")
@@ -130,17 +129,10 @@ class RecorderCB(Callback):
             axs = axs[0]
         for ax, (k, v) in zip(axs, self.recs.items()):
             ax.plot(v)
-            ax.set_title(k); ax.set_xlabel('step'); ax.set_ylabel(k)
+            ax.set(title=k, xlabel='step', ylabel=k)
         return axs
 
 # %% ../nbs/08_sgd.ipynb #6b7e4112
-def _check_pname(opt, pname):
-    for g in opt.param_groups:
-        if (('betas' in g or 'momentum' in g) if pname == 'mom' else pname in g): continue
-        keys = sorted(k for k in g if k != 'params')
-        hint = "; use 'mom' for momentum or Adam's beta1" if pname in ('momentum', 'betas', 'beta1') else ''
-        raise ValueError(f"ParamSchedCB: {type(opt).__name__} has no {pname!r}, only {keys}{hint}")
-
 def _set_hyper(g, pname, v):
     if pname == 'mom':
         if 'betas' in g: g['betas'] = (v, *g['betas'][1:])
@@ -158,7 +150,12 @@ class ParamSchedCB(_KeepsHypers):
         self.pname, self.sched_func = pname, sched_func
 
     def before_fit(self, learn):
-        _check_pname(learn.opt, self.pname)
+        pname, opt = self.pname, learn.opt
+        for g in opt.param_groups:
+            if (('betas' in g or 'momentum' in g) if pname == 'mom' else pname in g): continue
+            hint = "; use 'mom' for momentum or Adam's beta1" if pname in ('momentum', 'betas', 'beta1') else ''
+            keys = sorted(set(g) - {'params'})
+            raise ValueError(f"ParamSchedCB: {type(opt).__name__} has no {pname!r}, only {keys}{hint}")
         super().before_fit(learn)
         try: self.n_iter = len(learn.dls.train)
         except TypeError: raise TypeError("ParamSchedCB needs len(dls.train) to know where training is") from None

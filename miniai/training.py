@@ -63,7 +63,7 @@ def collate(b):
     return tuple(torch.stack(o) for o in zip(*b))
 
 class DataLoader:
-    "Yield `collate_fn([ds[i] for i in b])` for each list of indices `b` from `batchs`"
+    "`collate_fn([ds[i] for i in b])` for each index list `b` in `batchs`"
     def __init__(self, ds, batchs, collate_fn=collate):
         if isinstance(batchs, int):
             raise TypeError(f"DataLoader(ds, batchs) takes index lists, not {batchs}; "
@@ -97,7 +97,7 @@ def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
     return valid_loss, valid_acc
 
 def get_dls(train_ds, valid_ds, bs, **kwargs):
-    "PyTorch `DataLoader`s: training shuffled, validation in order at `bs*2` (no gradients, so it fits)"
+    "PyTorch `DataLoader`s: training shuffled, validation at `bs*2` (no gradients, so it fits)"
     return (TorchDataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
             TorchDataLoader(valid_ds, batch_size=bs*2, **kwargs))
 
@@ -141,7 +141,7 @@ def combine_scheds(pcts, scheds):
         raise ValueError(f"combine_scheds: got {len(pcts)} pcts and {len(scheds)} scheds; give one pct per sched")
     if any(p < 0 for p in pcts) or not math.isclose(sum(pcts), 1.):
         raise ValueError(f"combine_scheds: pcts must be >= 0 and sum to 1, got {pcts}; e.g. [0.3, 0.7]")
-    # a 0% piece never runs (e.g. no warm-up): drop it, not divide by 0
+    # a 0% piece (e.g. no warm-up) never runs: drop it
     pcts, scheds = zip(*[(p, s) for p, s in zip(pcts, scheds) if p > 0])
     starts = list(accumulate(pcts, initial=0.))[:-1]
     # the last piece ends at exactly 1, whatever the rounding
