@@ -199,7 +199,7 @@ def show_image_batch(learn, max_n=9, cbs=None, train=True, **kwargs):
 fc.patch_to(Learner)(show_image_batch)
 _all_ = ['summary']
 
-# %% ../nbs/10_augment.ipynb #93f23032
+# %% ../nbs/10_augment.ipynb #deb19bb6
 def _cat(xs):
     if not xs: return None
     if isinstance(xs[0], torch.Tensor): return torch.cat(xs)
@@ -226,6 +226,7 @@ def capture_preds(learn, cbs=None, inps=False):
 
 fc.patch_to(Learner)(capture_preds)
 
+# %% ../nbs/10_augment.ipynb #93f23032
 def tta(learn, tfms=(hflip,), cbs=None):
     "`(probs, targs)`: softmax on the valid set, averaged over as-is and each of `tfms`."
     preds, targs = capture_preds(learn, cbs=cbs)

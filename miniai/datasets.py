@@ -116,7 +116,6 @@ def _pgm_bytes(im):
     return b'P5 %d %d 255\n' % im.shape[::-1] + im.tobytes()
 
 def _sample_dd():
-    "The bundled sample as a DatasetDict like the Hub's."
     from datasets import Dataset, DatasetDict
     feats = _fmnist_features()
     return DatasetDict({split: Dataset.from_dict({'image': [{'bytes': _pgm_bytes(im), 'path': None} for im in x],

@@ -51,7 +51,6 @@ def fmnist_resnet(act=act_gr, nfs=(8, 16, 32, 64, 128, 256), norm=nn.BatchNorm2d
 
 # %% ../nbs/09_resnet.ipynb #75bb540f
 def _macs(m, inp, out):
-    "Multiply-adds of conv or linear layer `m` in one call."
     if isinstance(m, nn.modules.conv._ConvNd):
         k = math.prod(m.kernel_size)
         if m.transposed: return inp[0].numel() * (m.out_channels // m.groups) * k

@@ -85,13 +85,14 @@ class EpochSchedCB(BaseSchedCB):
         if not isinstance(self.schedo, ReduceLROnPlateau): self._step(learn)
         elif not learn.training and self._n: self.schedo.step(float(self._tot/self._n))
 
-# %% ../nbs/08_sgd.ipynb #d117543f
+# %% ../nbs/08_sgd.ipynb #d7b7245e
 class HasLearnCB(Callback):
     "`self.learn` is the `Learner` during each fit, `None` after it."
     learn = None
     def before_fit(self, learn): self.learn = learn
     def cleanup_fit(self, learn): self.learn = None
 
+# %% ../nbs/08_sgd.ipynb #d117543f
 _all_ = ['_lr', '_mom', '_beta1']
 
 def _lr(g): return g['lr']
