@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import miniai.datasets as mds
-from miniai.datasets import (FASHION_CLASSES, HubUnreachableError, fashion_dls, fashion_mnist_arrays,
+from miniai.datasets import (FASHION_CLASSES, HubUnreachableError, TensorDL, fashion_dls, fashion_mnist_arrays,
                              load_fashion_mnist, sample_path)
 
 CLOSED_PORT = 'http://127.0.0.1:9'  # nothing listens on the "discard" port: connections are refused at once
@@ -177,3 +178,41 @@ def test_hub_reads_cache_in_offline_mode(empty_hf, monkeypatch):
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     dd = load_fashion_mnist('hub')
     assert (dd['train'].num_rows, dd['test'].num_rows) == (8, 4)
+
+
+def strict_index_select(monkeypatch):
+    "Make index_select refuse an index on another device, as CUDA does (the CPU and 'meta' don't)."
+    real = torch.Tensor.index_select
+    def index_select(t, dim, idx):
+        if idx.device != t.device: raise RuntimeError(f'index on {idx.device}, data on {t.device}')
+        return real(t, dim, idx)
+    monkeypatch.setattr(torch.Tensor, 'index_select', index_select)
+
+
+def test_tensordl_indexes_on_the_data_device(monkeypatch):
+    "Data kept on an accelerator ('meta' stands in for cuda here) gets its indices there, shuffled or not."
+    strict_index_select(monkeypatch)
+    x, y = torch.zeros(10, 2, 2, dtype=torch.uint8, device='meta'), torch.arange(10)
+    for shuffle in (False, True):
+        batches = list(TensorDL(x, y, bs=4, shuffle=shuffle, seed=0))
+        assert [(xb.device.type, yb.device.type, len(yb)) for xb, yb in batches] == [('meta', 'meta', n) for n in (4, 4, 2)]
+
+
+def test_tensordl_pins_cpu_batches_when_cuda_is_there(monkeypatch):
+    "With CUDA, CPU batches come pinned, so DeviceCB(non_blocking=True) overlaps the copy; pin_memory=False opts out."
+    pinned = []
+    def pin_memory(t):
+        pinned.append(t.shape)
+        return t
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', pin_memory)
+    x, y = torch.zeros(5, 2, 2, dtype=torch.uint8), torch.arange(5)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    list(TensorDL(x, y, bs=4))
+    assert pinned == []    # no GPU: nothing to gain
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    list(TensorDL(x, y, bs=4))
+    assert pinned == [(4, 1, 2, 2), (4,), (1, 1, 2, 2), (1,)]
+    pinned.clear()
+    list(TensorDL(x, y, bs=4, pin_memory=False))
+    list(TensorDL(x.to('meta'), y, bs=4))    # data already on a device: nothing to pin
+    assert pinned == []
