@@ -84,34 +84,19 @@ def _add_fit_args(sub):
     f.add_argument('--threads', type=_positive(int), help='torch CPU threads (default: fewer when busy)')
     f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (automatic under accelerate launch)")
 
-def _launched_by_accelerate(env=None):
-    "True in a process started by `accelerate launch` or torchrun, from the variables they set."
-    env = os.environ if env is None else env
-    return 'ACCELERATE_MIXED_PRECISION' in env or 'LOCAL_RANK' in env or int(env.get('WORLD_SIZE') or 1) > 1
-
 def _run_fit(a):
     if a.resume and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
         raise CLIError(f"--out {a.out} with --resume: a resumed run carries on in its own folder; leave --out out")
     out, dev = a.resume or a.out or Path('miniai-run'), _check_device(a.device)
     _writable_dir(out)
     from miniai.recipe import fit_run
-    accel = None
-    if a.accelerate or _launched_by_accelerate():
-        from miniai.accel import AccelerateCB
-        precision = 'auto' if os.environ.get('ACCELERATE_MIXED_PRECISION') else 'no'  # 'auto': the launcher's choice
-        accel = AccelerateCB(mixed_precision=precision, cpu=dev.type == 'cpu')
-    try: fit_run(out, a.resume is not None, a.arch, a.norm, a.epochs, a.bs, a.lr, a.seed, a.data, dev, a.threads, accel)
+    try: fit_run(out, a.resume is not None, a.arch, a.norm, a.epochs, a.bs, a.lr, a.seed, a.data, dev, a.threads,
+                 a.accelerate or None)
     except KeyboardInterrupt as e:
         from miniai.checkpoint import ckpt_files
         if not ckpt_files(out/'checkpoints'):
             raise KeyboardInterrupt('miniai: interrupted before the first checkpoint; nothing was saved') from None
         raise KeyboardInterrupt(f"miniai: {e}\nminiai: resume with: miniai fit --resume {out}") from None
-    acc = accel.acc if accel else None
-    if acc is None or acc.is_main_process: print(f"saved model.pt, config.json and loss.png to {out}")
-    if acc is not None and acc.num_processes > 1:
-        acc.wait_for_everyone()
-        from accelerate import PartialState
-        PartialState().destroy_process_group()  # before exiting: otherwise gloo's threads can abort the shutdown
 
 # %% ../nbs/15_cli.ipynb #9836e145
 def _add_predict_args(sub):
@@ -172,9 +157,7 @@ def _add_ddpm_args(sub):
 def _run_ddpm(a):
     _writable_dir(a.out)
     _check_device(a.device)
-    from miniai.ddpm import ddim_timesteps
     from miniai.ddpm_run import run_ddpm
-    if a.sampler == 'ddim': ddim_timesteps(a.steps, a.ddim_steps)  # before training, not after
     out, s = run_ddpm(a.out, a.n, a.sampler, a.ddim_steps, a.eta, a.data, a.seed, epochs=a.epochs, bs=a.bs, lr=a.lr,
                       n_steps=a.steps, sched=a.sched, channels=a.channels, groups=min(8, *a.channels),
                       n_train=a.n_train, device=a.device)
@@ -201,13 +184,11 @@ def _run_sample(a):
     if out.suffix.lower() != '.png': raise CLIError(f"--out {out}: expected a file name ending in .png")
     _writable_dir(out.parent)
     dev = _check_device(a.device)
-    from miniai.ddpm import ddim_timesteps
     from miniai.ddpm_run import load_ddpm, save_samples
     unet, sched, cfg = load_ddpm(a.model, a.weights)
-    sampler, steps = a.sampler or cfg.get('sampler', 'ddim'), a.ddim_steps or cfg.get('ddim_steps', 50)
-    if sampler == 'ddim': ddim_timesteps(len(sched), steps)
-    save_samples(unet.to(dev), sched, a.n, sampler, steps, cfg.get('eta', 0.) if a.eta is None else a.eta, a.seed,
-                 grid=out, weights='EMA' if a.weights == 'ema' else 'raw', progress=True)
+    sampler, steps, eta = a.sampler or cfg.get('sampler', 'ddim'), a.ddim_steps or cfg.get('ddim_steps', 50), a.eta
+    save_samples(unet.to(dev), sched, a.n, sampler, steps, cfg.get('eta', 0.) if eta is None else eta, a.seed, grid=out,
+                 weights='EMA' if a.weights == 'ema' else 'raw', progress=True)
     print(f"saved a grid of {min(a.n, 64)} of {a.n} samples to {out}")
 
 # %% ../nbs/15_cli.ipynb #60ea2be6

@@ -21,8 +21,8 @@ from .accel import EMACB
 from .checks import check_choice, check_int
 from .conv import model_device, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays, get_grid, show_image
-from .ddpm import (NoiseSched, cosine_sched, ddim_sample, ddpm_unet, dl_ddpm, init_ddpm, linear_sched,
-                         min_snr_weights, sample)
+from .ddpm import (NoiseSched, cosine_sched, ddim_sample, ddim_timesteps, ddpm_unet, dl_ddpm, init_ddpm,
+                         linear_sched, min_snr_weights, sample)
 from .fid import ImageEval, ddpm_images, ddpm_pixels, load_fid_classifier
 from .learner import MetricsCB, ProgressCB
 from .recipe import default_epochs, load_run, read_config, save_run, std_learner
@@ -72,8 +72,8 @@ def short_run_warning(config):
     "A warning if a `train_ddpm` run had too few steps to expect clothes, else None."
     n = config['opt_steps']
     if n >= MIN_TRAIN_STEPS: return None
-    return (f"warning: only {n} optimizer steps of training; samples need about {MIN_TRAIN_STEPS:,}+ to look like "
-            f"clothes (the defaults take 1,680). Train longer (--epochs) on more images")
+    return (f"warning: only {n} optimizer steps of training; clothes need about {MIN_TRAIN_STEPS:,}+ "
+            "(the defaults take 1,680): train longer (--epochs) on more images")
 
 def score_samples(imgs, source=None, classifier=None):
     "FID and KID of `imgs` against the held-out images, and of as many real ones."
@@ -142,10 +142,11 @@ def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, eta=0., seed
         save_progression(traj, progression, n_frames=11, n_images=min(n, 4), title=f"{what}: x0's guess as t falls")
     return to_cpu(imgs)
 
-def run_ddpm(out, n=500, sampler='ddim', ddim_steps=50, eta=1., data=None, seed=42, **train_kw):
+def run_ddpm(out, n=500, sampler='ddim', ddim_steps=50, eta=1., data=None, seed=42, n_steps=1000, **train_kw):
     "`miniai ddpm`: train into folder `out`, sample `n` images, save and score them."
     start = time.time()
-    run = train_ddpm(source=data, seed=seed, **train_kw)
+    if check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'run_ddpm') == 'ddim': ddim_timesteps(n_steps, ddim_steps)
+    run = train_ddpm(source=data, seed=seed, n_steps=n_steps, **train_kw)
     if (warning := short_run_warning(run.config)): print(warning, flush=True)
     out = save_ddpm(run, out, data=data, sampler=sampler, ddim_steps=ddim_steps, eta=eta)
     model = run.model if run.ema_model is None else run.ema_model.module
