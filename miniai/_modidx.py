@@ -324,7 +324,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                              'miniai.ddpm.respace': ('ddpm.html#respace', 'miniai/ddpm.py'),
                              'miniai.ddpm.sample': ('ddpm.html#sample', 'miniai/ddpm.py')},
             'miniai.ddpm_run': { 'miniai.ddpm_run._make_sched': ('ddpm_run.html#_make_sched', 'miniai/ddpm_run.py'),
-                                 'miniai.ddpm_run._save_fig': ('ddpm_run.html#_save_fig', 'miniai/ddpm_run.py'),
                                  'miniai.ddpm_run._unet': ('ddpm_run.html#_unet', 'miniai/ddpm_run.py'),
                                  'miniai.ddpm_run.load_ddpm': ('ddpm_run.html#load_ddpm', 'miniai/ddpm_run.py'),
                                  'miniai.ddpm_run.run_ddpm': ('ddpm_run.html#run_ddpm', 'miniai/ddpm_run.py'),

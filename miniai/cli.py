@@ -24,8 +24,7 @@ USER_ERRORS = (CLIError, ValueError, FileNotFoundError, ConnectionError, Floatin
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise CLIError(f"{message} (see '{self.prog} --help')")
 
-def _positive(kind):
-    "An argparse type: a whole number >= 1 (`int`) or a number > 0 (`float`)."
+def _positive(kind):  # an argparse type: a whole number >= 1 or a float > 0
     def parse(s):
         try: return check_int(int(s), 'it', 1) if kind is int else check_float(float(s), 'it', '(0, inf)')
         except ValueError: raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {s!r}") from None
@@ -37,7 +36,7 @@ def _channels(s):
 
 # %% ../nbs/15_cli.ipynb #8729c0bc
 def _writable_dir(path, flag='--out'):
-    "Check, leaving no trace, that folder `path` can be made and written to; a CLIError naming `flag` if not."
+    "Check, leaving no trace, that folder `path` can be made and written to."
     path = Path(path)
     made = [p for p in (path, *path.parents) if not p.exists()]  # what this check creates, deepest first
     try:
@@ -55,7 +54,7 @@ def _writable_dir(path, flag='--out'):
     return path
 
 def _check_device(device=None):
-    "The torch device `device` (or `$MINIAI_DEVICE`) names, or a CLIError if this machine hasn't got it."
+    "The torch device `device` (or `$MINIAI_DEVICE`) names, if this machine has it."
     import torch
     from miniai.conv import default_device
     try: dev = torch.device(device) if device else default_device()
@@ -71,7 +70,7 @@ def _check_device(device=None):
 def _add_fit_args(sub):
     f = sub.add_parser('fit', allow_abbrev=False, help='train a Fashion-MNIST classifier',
                        description="Train miniai's recipe into --out, with a checkpoint every epoch and on Ctrl-C.")
-    f.add_argument('--arch', help="resnet (the recipe, default) or cnn (small, trains in seconds)")
+    f.add_argument('--arch', help="resnet (the recipe, default) or cnn (small, quick)")
     f.add_argument('--norm', help="batch (default) or layer (GroupNorm in --arch cnn)")
     f.add_argument('--epochs', type=_positive(int), help='default: 16 on the sample, 5 on the full data')
     f.add_argument('--bs', type=_positive(int), help='batch size (default: 128)')
@@ -82,7 +81,7 @@ def _add_fit_args(sub):
     f.add_argument('--resume', type=Path, metavar='DIR', help='carry on the interrupted run in DIR')
     f.add_argument('--device', help='torch device (default: the best there is)')
     f.add_argument('--threads', type=_positive(int), help='torch CPU threads (default: fewer when busy)')
-    f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (automatic under accelerate launch)")
+    f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (on under accelerate launch)")
 
 def _run_fit(a):
     if a.resume and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
@@ -114,12 +113,11 @@ def read_images(path):
     if not Path(path).exists(): raise CLIError(f"--images {path}: not found")
     try: d = np.load(path)
     except Exception as e: raise CLIError(f"{path} is not a readable .npz file ({type(e).__name__})") from None
-    if not hasattr(d, 'files'): raise CLIError(f"{path} holds one array; save it with np.savez(path, images=...)")
-    if 'images' not in d: raise CLIError(f"{path} has no 'images' array (it has {d.files}); save the images under it")
+    if 'images' not in getattr(d, 'files', ()): raise CLIError(f"{path} has no 'images': np.savez(path, images=...)")
     x, y = d['images'], d['labels'] if 'labels' in d else None
     if x.ndim != 3 or x.shape[1:] != (28, 28) or not len(x):
         raise CLIError(f"'images' in {path} has shape {x.shape}; expected N×28×28")
-    if x.dtype != np.uint8: raise CLIError(f"'images' in {path} has dtype {x.dtype}; expected uint8 pixels 0-255")
+    if x.dtype != np.uint8: raise CLIError(f"'images' in {path} are {x.dtype}; expected uint8 pixels 0-255")
     if y is not None and len(y) != len(x): raise CLIError(f"{path} has {len(x)} images but {len(y)} labels")
     return x, y
 

@@ -275,7 +275,8 @@ def _ddim_coefs(ab_t, ab_prev, eta):  # (x0_from_xt, x0_from_eps, sqrt(abar_prev
 def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, rederive=True):
     "One DDIM step from `t` to `t_prev` (-1: the end): `(x_prev, x0_hat)`; `noise` used if eta>0."
     _check_t(t, len(sched))
-    if not isinstance(t_prev, int) or not -1 <= t_prev < t: raise ValueError(f"t_prev must be an int in [-1, {t}): {t_prev!r}")
+    if not isinstance(t_prev, int) or not -1 <= t_prev < t:
+        raise ValueError(f"t_prev must be an int in [-1, {t}): {t_prev!r}")
     ab_t = sched._abar64[t].item()
     r_xt, r_eps, c0, ce, sig = _ddim_coefs(ab_t, sched._abar64[t_prev].item() if t_prev >= 0 else 1., eta)
     x0 = x_t*r_xt - eps_pred*r_eps

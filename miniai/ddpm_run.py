@@ -85,29 +85,23 @@ def score_samples(imgs, source=None, classifier=None):
                 real_fid=ie.fid(real), real_kid=ie.kid(real))
 
 # %% ../nbs/13a_ddpm_run.ipynb #107b62f3
-def _save_fig(fig, path):
-    path = Path(path)
+def save_grid(imgs, path, nrow=8, vrange=(-1., 1.), title=None, titles=()):
+    "Save images (N,C,H,W) in `vrange` as a PNG grid `nrow` wide, `title` above, `titles` over the first ones."
+    imgs, path = to_cpu(torch.as_tensor(imgs)), Path(path)
+    fig, axs = get_grid(len(imgs), ncols=min(nrow, len(imgs)), title=title, imsize=1, size=10)
+    for i, (im, ax) in enumerate(zip(imgs, axs)):
+        show_image(im, ax=ax, vmin=vrange[0], vmax=vrange[1], title=titles[i] if i < len(titles) else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches='tight', facecolor='white')
     plt.close(fig)
     return path
-
-def save_grid(imgs, path, nrow=8, vrange=(-1., 1.), title=None):
-    "Save images (N,C,H,W) in `vrange` as a PNG grid `nrow` wide, `title` above."
-    imgs = to_cpu(torch.as_tensor(imgs))
-    fig, axs = get_grid(len(imgs), ncols=min(nrow, len(imgs)), title=title, imsize=1, size=10)
-    for im, ax in zip(imgs, axs): show_image(im, ax=ax, vmin=vrange[0], vmax=vrange[1])
-    return _save_fig(fig, path)
 
 def save_progression(traj, path, n_frames=10, n_images=8, which='x0', title=None):
     "Save a `Traj` as a PNG: `n_images` rows of `n_frames` steps, each titled with its t."
     frames = getattr(traj, check_choice(which, 'which', ('x0', 'xt'), 'save_progression'))
     idx = torch.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().long().tolist()
     sel = frames[idx, :n_images].transpose(0, 1).flatten(0, 1).clamp(-1, 1)  # one row per image
-    fig, axs = get_grid(len(sel), ncols=len(idx), title=title, imsize=1, size=10)
-    for i, (im, ax) in enumerate(zip(sel, axs)):
-        show_image(im, ax=ax, vmin=-1, vmax=1, title=f't={traj.t[idx[i]]}' if i < len(idx) else None)
-    return _save_fig(fig, path)
+    return save_grid(sel, path, len(idx), title=title, titles=[f't={traj.t[i]}' for i in idx])
 
 # %% ../nbs/13a_ddpm_run.ipynb #4c5d5245
 def save_ddpm(run, path, **extra):

@@ -67,12 +67,10 @@ def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
     return std_learner(recipe_model(nfs, drop), dls, loss, epochs, lr, cbs, device, wd=wd, eps=eps, accel=accel)
 
-def fit_recipe(dls=None, epochs=16, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
-               bs=128, source=None, seed=None, device=None, cbs=None, progress=True):
-    "Train a Fashion-MNIST classifier with the recipe; returns the `Learner`."
+def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, **kwargs):
+    "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: `fashion_dls(bs, source)`); returns the `Learner`."
     if seed is not None: torch.manual_seed(seed)
-    if dls is None: dls = fashion_dls(bs=bs, source=source, seed=seed)
-    learn = recipe_learner(dls, epochs, lr, nfs, pad, drop, wd, eps, label_smoothing, device, cbs, progress)
+    learn = recipe_learner(dls or fashion_dls(bs=bs, source=source, seed=seed), epochs, **kwargs)
     learn.fit(epochs)
     return learn
 
