@@ -297,7 +297,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                              'miniai.ddpm.NoiseSched.ddpm_coefs': ('ddpm.html#noisesched.ddpm_coefs', 'miniai/ddpm.py'),
                              'miniai.ddpm.Traj': ('ddpm.html#traj', 'miniai/ddpm.py'),
                              'miniai.ddpm.UNet': ('ddpm.html#unet', 'miniai/ddpm.py'),
-                             'miniai.ddpm.UNet._check_images': ('ddpm.html#unet._check_images', 'miniai/ddpm.py'),
                              'miniai.ddpm.UNet.forward': ('ddpm.html#unet.forward', 'miniai/ddpm.py'),
                              'miniai.ddpm._abar_tensor': ('ddpm.html#_abar_tensor', 'miniai/ddpm.py'),
                              'miniai.ddpm._check_halvable': ('ddpm.html#_check_halvable', 'miniai/ddpm.py'),

@@ -50,7 +50,6 @@ class NoiseSched:
         if var not in self._coefs: self._coefs[var] = _ddpm_coefs(self._abar64, var)
         return self._coefs[var]
 
-# %% ../nbs/13_ddpm.ipynb #9d7815dc
 def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
     "The paper's schedule: `n_steps` betas evenly spaced from `beta_min` to `beta_max`."
     check_int(n_steps, 'n_steps', 1, where='linear_sched')
@@ -116,15 +115,12 @@ class UNet(UNet2DModel):
             if not (isinstance(x, (tuple, list)) and len(x) == 2):
                 raise TypeError(f"UNet takes (xt, t) as one pair or two arguments; got one {type(x).__name__}")
             x, t = x
-        self._check_images(x)
-        return super().forward(x, t).sample
-
-    def _check_images(self, x):
         c = self.config.in_channels
         if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W), got {tuple(x.shape)}: try x[:, None]")
         if x.shape[1] != c: raise ValueError(f"UNet takes {c}-channel images, got {tuple(x.shape)}; build it with "
                                              f"in_channels={x.shape[1]}")
         _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
+        return super().forward(x, t).sample
 
 def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_channels=1, size=32):
     "A `UNet` with `layers` plain resnet blocks per level, of widths `channels`, for `size`² images."
@@ -136,21 +132,17 @@ def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_ch
                 layers_per_block=layers, norm_num_groups=groups, down_block_types=('DownBlock2D',)*n,
                 up_block_types=('UpBlock2D',)*n, add_attention=attn)
 
-# %% ../nbs/13_ddpm.ipynb #d660e248
 def init_ddpm(model):
     "Zero each resnet block's `conv2` and the output conv; orthogonal downsampling convs."
-    n_res = 0
-    for m in model.modules():
-        if isinstance(m, ResnetBlock2D):
-            nn.init.zeros_(m.conv2.weight)
-            if m.conv2.bias is not None: nn.init.zeros_(m.conv2.bias)
-            n_res += 1
-        elif isinstance(m, Downsample2D) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
-            nn.init.orthogonal_(m.conv.weight)
-    if not n_res or not isinstance(getattr(model, 'conv_out', None), nn.Conv2d):
+    zero = [m.conv2 for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    if not zero or not isinstance(getattr(model, 'conv_out', None), nn.Conv2d):
         raise TypeError(f"init_ddpm expects a diffusers UNet2DModel; got {type(model).__name__}")
-    nn.init.zeros_(model.conv_out.weight)
-    if model.conv_out.bias is not None: nn.init.zeros_(model.conv_out.bias)
+    for c in zero + [model.conv_out]:
+        nn.init.zeros_(c.weight)
+        if c.bias is not None: nn.init.zeros_(c.bias)
+    for m in model.modules():
+        if isinstance(m, Downsample2D) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
+            nn.init.orthogonal_(m.conv.weight)
     return model
 
 # %% ../nbs/13_ddpm.ipynb #19f0746e

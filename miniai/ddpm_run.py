@@ -122,14 +122,12 @@ def load_ddpm(path, weights='ema'):
 def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, eta=0., seed=0, grid=None, progression=None,
                  weights='EMA', progress=False):
     "Sample `n` images with 'ddim' or 'ddpm'; save a `grid` and a `progression` PNG."
-    check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'save_samples'); check_int(n, 'n', 1, 'save_samples')
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
-    steps = ddim_steps if sampler == 'ddim' else len(sched)
-    kw = dict(generator=gen, return_traj=progression is not None, traj_every=max(1, steps//10), progress=progress)
-    if sampler == 'ddim': out = ddim_sample(model, (n, 1, 32, 32), sched, ddim_steps, eta=eta, **kw)
-    else: out = sample(model, (n, 1, 32, 32), sched, **kw)
-    imgs, traj = out if progression is not None else (out, None)
-    what = (f"DDIM η={eta:g}, {steps} steps" if sampler == 'ddim' else f"DDPM, {steps} steps") + f", {weights} weights"
+    ddim = check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'save_samples') == 'ddim'
+    steps, shape = ddim_steps if ddim else len(sched), (check_int(n, 'n', 1, 'save_samples'), 1, 32, 32)
+    kw = dict(generator=torch.Generator(device=model_device(model)).manual_seed(seed), return_traj=True,
+              traj_every=max(1, steps//10), progress=progress)
+    imgs, traj = ddim_sample(model, shape, sched, steps, eta=eta, **kw) if ddim else sample(model, shape, sched, **kw)
+    what = (f"DDIM η={eta:g}" if ddim else "DDPM") + f", {steps} steps, {weights} weights"
     if grid is not None:
         save_grid(imgs[:64], grid, nrow=min(8, math.ceil(math.sqrt(min(n, 64)))), title=f"{what}: {min(n, 64)} of {n}")
     if progression is not None:

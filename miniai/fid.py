@@ -48,7 +48,6 @@ def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
     "A small classifier of 32×32 images; its pooled penultimate layer gives FID features."
     return cnn_classifier(nfs, first_ks=3, pool=True, n_classes=n_classes, in_channels=in_channels)
 
-# %% ../nbs/12_fid.ipynb #9c2f6cd0
 def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, device=None, seed=None):
     "Train `fid_classifier` on Fashion-MNIST; returns `(model, valid accuracy)`."
     check_int(bs, 'bs', 1, where='train_fid_classifier')
@@ -128,7 +127,6 @@ class _FeatsCB(Callback):
         self.feats.append(learn.preds.detach().flatten(1))  # stays on the device: one copy to the CPU at the end
     def get_loss(self, learn): learn.loss = learn.preds.new_zeros(())
 
-# %% ../nbs/12_fid.ipynb #ee222df6
 class ImageEval:
     "FID/KID of images against real ones, on features `model(x)` (a classifier without its head)."
     def __init__(self, model, dls, cbs=None, bs=512):

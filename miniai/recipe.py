@@ -58,7 +58,6 @@ def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n
     return Learner(model, dls, loss_func, lr=lr, cbs=step + [one_cycle(lr, epochs, dls.train)] + list(fc.L(cbs)),
                    opt_func=partial(optim.AdamW, eps=eps, weight_decay=wd))
 
-# %% ../nbs/11_recipe.ipynb #751fd208
 def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
                    device=None, cbs=None, progress=True, accel=None):
     "The recipe's `Learner`, for `learn.fit(epochs)`."
@@ -226,7 +225,7 @@ def load_classifier(path):
     "`(model, config)` of the classifier `fit_run` trained in folder `path`."
     path = Path(path)
     if not (path/'model.pt').exists() and ckpt_files(path/'checkpoints'):
-        raise FileNotFoundError(f"{path/'model.pt'} not found: carry on the run with 'miniai fit --resume {path}'")
+        raise FileNotFoundError(f"{path/'model.pt'} not found: unfinished; carry on with 'miniai fit --resume {path}'")
     return load_run(path, _build_classifier)
 
 def classify(model, cfg, x, bs=512, tta=None, device=None):
