@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import miniai
 
+from .augment import capture_preds
 from .checks import check_int
 from .conv import model_device, model_dtype, model_mode, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays
-from .augment import capture_preds
 from .learner import Callback, DeviceCB, Learner
 from .recipe import cnn_classifier, std_learner
 
