@@ -70,10 +70,9 @@ MIN_TRAIN_STEPS = 1000  # fewer optimizer steps than this have given blobs and s
 
 def short_run_warning(config):
     "A warning if a `train_ddpm` run had too few steps to expect clothes, else None."
-    n = config['opt_steps']
-    if n >= MIN_TRAIN_STEPS: return None
-    return (f"warning: only {n} optimizer steps of training; clothes need about {MIN_TRAIN_STEPS:,}+ "
-            "(the defaults take 1,680): train longer (--epochs) on more images")
+    if (n := config['opt_steps']) < MIN_TRAIN_STEPS:
+        return (f"warning: only {n} optimizer steps of training; clothes need about {MIN_TRAIN_STEPS:,}+ (the defaults "
+                "take 1,680): train longer (--epochs) on more images")
 
 def score_samples(imgs, source=None, classifier=None):
     "FID and KID of `imgs` against the held-out images, and of as many real ones."

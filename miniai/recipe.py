@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext, redirect_stderr
+from contextlib import redirect_stderr
 from functools import partial
 from io import StringIO
 from pathlib import Path
@@ -179,7 +179,7 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
     n_proc, is_main = (acc.num_processes, acc.is_main_process) if acc else (1, True)
     if n_proc > 1 and resume: raise ValueError("--resume runs in one process: multi-process runs keep no checkpoints")
     torch.manual_seed(cfg['seed'])
-    with nullcontext() if is_main else redirect_stderr(StringIO()):  # the data's notice once, from the main process
+    with redirect_stderr(sys.stderr if is_main else StringIO()):  # the data's notice once, from the main process
         dls = fashion_dls(bs=cfg['bs'], source=cfg['data'], seed=cfg['seed'])
     n, notice = pick_threads(threads, torch.get_num_threads())  # after the data: a mistake before is the only line
     if n is not None: torch.set_num_threads(n)
