@@ -15,23 +15,23 @@ own overhead; `--cpu-bf16` adds a row with `MixedPrecision(dtype='bf16')`, bf16 
 fallback exists.
 """
 import argparse
+import math
 import re
 import statistics
 import sys
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import optim
 
 from _common import machine
 from miniai.accel import AccelerateCB, MixedPrecision, cpu_has_bf16
 from miniai.datasets import DataLoaders
 from miniai.ddpm import ddpm_unet, init_ddpm
-from miniai.learner import DeviceCB, Learner, TrainCB
+from miniai.learner import DeviceCB, TrainCB
+from miniai.recipe import std_learner
 
 SECTION = '## mixed_precision'
 FULL = dict(bs=128, size=32, channels='32,64,128,128', layers=2, steps=10, repeats=5)  # the course's UNet and batch
@@ -78,12 +78,14 @@ def make_batches(a, dev, n):
 def sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
-def make_learner(a, dev, train_cb, batches):
+def make_learner(a, dev, train_cb, timed):
+    "miniai's standard Learner (`std_learner`: AdamW, one-cycle) with `train_cb` as its training step."
     torch.manual_seed(0)
     model = init_ddpm(ddpm_unet(a.channels, a.layers, groups=min(8, min(a.channels)), size=a.size))
-    dls = DataLoaders(batches, batches[:1])  # plain lists of batches: nothing to load
-    cbs = [train_cb] if isinstance(train_cb, AccelerateCB) else [DeviceCB(dev), train_cb]
-    return Learner(model, dls, F.mse_loss, lr=1e-3, cbs=cbs, opt_func=partial(optim.Adam, eps=1e-5))
+    dls = DataLoaders(timed, timed[:1])  # plain lists of batches: nothing to load
+    epochs = math.ceil(a.warmup/a.steps)  # each fit plans its own one-cycle over epochs*len(timed) steps: enough for all
+    cbs = [] if isinstance(train_cb, AccelerateCB) else [DeviceCB(dev)]
+    return std_learner(model, dls, F.mse_loss, epochs, lr=1e-3, cbs=cbs, n_inp=2, wd=0., accel=train_cb)
 
 def methods(a, dev):
     "(name, precision label, training callback) for each method to time."
@@ -113,7 +115,8 @@ def run(a):
     warm, timed = make_batches(a, dev, a.warmup), make_batches(a, dev, a.steps)
     rows = []
     for name, prec, cb in methods(a, dev):
-        learn = make_learner(a, dev, cb, warm)
+        learn = make_learner(a, dev, cb, timed)
+        learn.dls = DataLoaders(warm, warm[:1])
         fit_steps(learn, dev)  # first fit: accelerate's prepare, cuDNN autotuning, allocator warm-up
         learn.dls = DataLoaders(timed, timed[:1])  # AccelerateCB prepares once per Learner, so this is kept as is
         if prec is None: prec = 'fp32 (fallback)' if cb.amp_dtype is None else str(cb.amp_dtype).replace('torch.', '')
@@ -130,7 +133,8 @@ def table(a, dev, rows, secs):
     lines = [f'### {dev.type}', '',
              f'Machine: {machine(dev)} | native bf16: {cpu_has_bf16()}.', '',
              f'Model: diffusers UNet2DModel via `ddpm_unet(channels={a.channels}, layers={a.layers})`, {a.size}×{a.size} '
-             f'1-channel images, batch size {a.bs}, Adam; median of {a.repeats} repeats of {a.steps} steps after '
+             f'1-channel images, batch size {a.bs}, `std_learner` (AdamW, one-cycle); '
+             f'median of {a.repeats} repeats of {a.steps} steps after '
              f'{a.warmup} warm-up steps. Ratio: time per step / fp32 time per step (lower is faster).', '',
              '| method | precision | ms/step | ratio vs fp32 |', '|---|---|---:|---:|']
     lines += [f"| {r['name']} | {r['prec']} | {r['ms']:.1f} | {r['ratio']:.2f} |" for r in rows]

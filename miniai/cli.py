@@ -24,8 +24,7 @@ USER_ERRORS = (CLIError, ValueError, FileNotFoundError, ConnectionError, Floatin
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise CLIError(f"{message} (see '{self.prog} --help')")
 
-def _positive(kind):
-    "An argparse type: a whole number >= 1 (`int`) or a number > 0 (`float`)."
+def _positive(kind):  # an argparse type: a whole number >= 1 or a float > 0
     def parse(s):
         try: return check_int(int(s), 'it', 1) if kind is int else check_float(float(s), 'it', '(0, inf)')
         except ValueError: raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {s!r}") from None
@@ -37,7 +36,7 @@ def _channels(s):
 
 # %% ../nbs/15_cli.ipynb #8729c0bc
 def _writable_dir(path, flag='--out'):
-    "Check, leaving no trace, that folder `path` can be made and written to; a CLIError naming `flag` if not."
+    "Check, leaving no trace, that folder `path` can be made and written to."
     path = Path(path)
     made = [p for p in (path, *path.parents) if not p.exists()]  # what this check creates, deepest first
     try:
@@ -55,7 +54,7 @@ def _writable_dir(path, flag='--out'):
     return path
 
 def _check_device(device=None):
-    "The torch device `device` (or `$MINIAI_DEVICE`) names, or a CLIError if this machine hasn't got it."
+    "The torch device `device` (or `$MINIAI_DEVICE`) names, if this machine has it."
     import torch
     from miniai.conv import default_device
     try: dev = torch.device(device) if device else default_device()
@@ -71,7 +70,7 @@ def _check_device(device=None):
 def _add_fit_args(sub):
     f = sub.add_parser('fit', allow_abbrev=False, help='train a Fashion-MNIST classifier',
                        description="Train miniai's recipe into --out, with a checkpoint every epoch and on Ctrl-C.")
-    f.add_argument('--arch', help="resnet (the recipe, default) or cnn (small, trains in seconds)")
+    f.add_argument('--arch', help="resnet (the recipe, default) or cnn (small, quick)")
     f.add_argument('--norm', help="batch (default) or layer (GroupNorm in --arch cnn)")
     f.add_argument('--epochs', type=_positive(int), help='default: 16 on the sample, 5 on the full data')
     f.add_argument('--bs', type=_positive(int), help='batch size (default: 128)')
@@ -82,12 +81,7 @@ def _add_fit_args(sub):
     f.add_argument('--resume', type=Path, metavar='DIR', help='carry on the interrupted run in DIR')
     f.add_argument('--device', help='torch device (default: the best there is)')
     f.add_argument('--threads', type=_positive(int), help='torch CPU threads (default: fewer when busy)')
-    f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (automatic under accelerate launch)")
-
-def _launched_by_accelerate(env=None):
-    "True in a process started by `accelerate launch` or torchrun, from the variables they set."
-    env = os.environ if env is None else env
-    return 'ACCELERATE_MIXED_PRECISION' in env or 'LOCAL_RANK' in env or int(env.get('WORLD_SIZE') or 1) > 1
+    f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (on under accelerate launch)")
 
 def _run_fit(a):
     if a.resume and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
@@ -95,23 +89,13 @@ def _run_fit(a):
     out, dev = a.resume or a.out or Path('miniai-run'), _check_device(a.device)
     _writable_dir(out)
     from miniai.recipe import fit_run
-    accel = None
-    if a.accelerate or _launched_by_accelerate():
-        from miniai.accel import AccelerateCB
-        precision = 'auto' if os.environ.get('ACCELERATE_MIXED_PRECISION') else 'no'  # 'auto': the launcher's choice
-        accel = AccelerateCB(mixed_precision=precision, cpu=dev.type == 'cpu')
-    try: fit_run(out, a.resume is not None, a.arch, a.norm, a.epochs, a.bs, a.lr, a.seed, a.data, dev, a.threads, accel)
+    try: fit_run(out, a.resume is not None, a.arch, a.norm, a.epochs, a.bs, a.lr, a.seed, a.data, dev, a.threads,
+                 a.accelerate or None)
     except KeyboardInterrupt as e:
         from miniai.checkpoint import ckpt_files
         if not ckpt_files(out/'checkpoints'):
             raise KeyboardInterrupt('miniai: interrupted before the first checkpoint; nothing was saved') from None
         raise KeyboardInterrupt(f"miniai: {e}\nminiai: resume with: miniai fit --resume {out}") from None
-    acc = accel.acc if accel else None
-    if acc is None or acc.is_main_process: print(f"saved model.pt, config.json and loss.png to {out}")
-    if acc is not None and acc.num_processes > 1:
-        acc.wait_for_everyone()
-        from accelerate import PartialState
-        PartialState().destroy_process_group()  # before exiting: otherwise gloo's threads can abort the shutdown
 
 # %% ../nbs/15_cli.ipynb #9836e145
 def _add_predict_args(sub):
@@ -129,12 +113,11 @@ def read_images(path):
     if not Path(path).exists(): raise CLIError(f"--images {path}: not found")
     try: d = np.load(path)
     except Exception as e: raise CLIError(f"{path} is not a readable .npz file ({type(e).__name__})") from None
-    if not hasattr(d, 'files'): raise CLIError(f"{path} holds one array; save it with np.savez(path, images=...)")
-    if 'images' not in d: raise CLIError(f"{path} has no 'images' array (it has {d.files}); save the images under it")
+    if 'images' not in getattr(d, 'files', ()): raise CLIError(f"{path} has no 'images': np.savez(path, images=...)")
     x, y = d['images'], d['labels'] if 'labels' in d else None
     if x.ndim != 3 or x.shape[1:] != (28, 28) or not len(x):
         raise CLIError(f"'images' in {path} has shape {x.shape}; expected N×28×28")
-    if x.dtype != np.uint8: raise CLIError(f"'images' in {path} has dtype {x.dtype}; expected uint8 pixels 0-255")
+    if x.dtype != np.uint8: raise CLIError(f"'images' in {path} are {x.dtype}; expected uint8 pixels 0-255")
     if y is not None and len(y) != len(x): raise CLIError(f"{path} has {len(x)} images but {len(y)} labels")
     return x, y
 
@@ -172,9 +155,7 @@ def _add_ddpm_args(sub):
 def _run_ddpm(a):
     _writable_dir(a.out)
     _check_device(a.device)
-    from miniai.ddpm import ddim_timesteps
     from miniai.ddpm_run import run_ddpm
-    if a.sampler == 'ddim': ddim_timesteps(a.steps, a.ddim_steps)  # before training, not after
     out, s = run_ddpm(a.out, a.n, a.sampler, a.ddim_steps, a.eta, a.data, a.seed, epochs=a.epochs, bs=a.bs, lr=a.lr,
                       n_steps=a.steps, sched=a.sched, channels=a.channels, groups=min(8, *a.channels),
                       n_train=a.n_train, device=a.device)
@@ -201,13 +182,11 @@ def _run_sample(a):
     if out.suffix.lower() != '.png': raise CLIError(f"--out {out}: expected a file name ending in .png")
     _writable_dir(out.parent)
     dev = _check_device(a.device)
-    from miniai.ddpm import ddim_timesteps
     from miniai.ddpm_run import load_ddpm, save_samples
     unet, sched, cfg = load_ddpm(a.model, a.weights)
-    sampler, steps = a.sampler or cfg.get('sampler', 'ddim'), a.ddim_steps or cfg.get('ddim_steps', 50)
-    if sampler == 'ddim': ddim_timesteps(len(sched), steps)
-    save_samples(unet.to(dev), sched, a.n, sampler, steps, cfg.get('eta', 0.) if a.eta is None else a.eta, a.seed,
-                 grid=out, weights='EMA' if a.weights == 'ema' else 'raw', progress=True)
+    sampler, steps, eta = a.sampler or cfg.get('sampler', 'ddim'), a.ddim_steps or cfg.get('ddim_steps', 50), a.eta
+    save_samples(unet.to(dev), sched, a.n, sampler, steps, cfg.get('eta', 0.) if eta is None else eta, a.seed, grid=out,
+                 weights='EMA' if a.weights == 'ema' else 'raw', progress=True)
     print(f"saved a grid of {min(a.n, 64)} of {a.n} samples to {out}")
 
 # %% ../nbs/15_cli.ipynb #60ea2be6

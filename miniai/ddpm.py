@@ -33,18 +33,16 @@ class NoiseSched:
     "A noise schedule: `beta`, `alpha`=1-beta, `abar`=cumprod(alpha), `sigma`=sqrt(beta)."
     def __init__(self, beta):
         beta = torch.as_tensor(beta, dtype=torch.float64).cpu()
-        if beta.ndim != 1 or len(beta) == 0:
-            raise ValueError(f"NoiseSched needs a 1-D sequence of betas; got shape {tuple(beta.shape)}")
+        if beta.ndim != 1 or not len(beta): raise ValueError(f"NoiseSched needs 1-D betas, got {tuple(beta.shape)}")
         if not ((beta > 0) & (beta < 1)).all():
-            raise ValueError(f"betas must be in (0, 1); got {beta.min().item():.3g} to {beta.max().item():.3g}")
+            raise ValueError(f"betas must be in (0, 1), got {beta.min():.3g}..{beta.max():.3g}")
         abar = torch.cumprod(1 - beta, 0)  # in float64: 1000 products lose precision in float32
         self.n_steps, self._abar64, self._beta64 = len(beta), abar, beta
         self.beta, self.alpha, self.abar, self.sigma = (v.float() for v in (beta, 1 - beta, abar, beta.sqrt()))
         self._coefs = {}
 
     def __len__(self): return self.n_steps
-    def __repr__(self):
-        return f"NoiseSched({self.n_steps} steps, beta {self.beta[0]:.3g}..{self.beta[-1]:.3g})"
+    def __repr__(self): return f"NoiseSched({self.n_steps} steps, beta {self.beta[0]:.3g}..{self.beta[-1]:.3g})"
 
     def ddpm_coefs(self, var='small'):
         "Per-step coefficients of `ddpm_step` as floats, computed once in float64."
@@ -52,7 +50,6 @@ class NoiseSched:
         if var not in self._coefs: self._coefs[var] = _ddpm_coefs(self._abar64, var)
         return self._coefs[var]
 
-# %% ../nbs/13_ddpm.ipynb #9d7815dc
 def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
     "The paper's schedule: `n_steps` betas evenly spaced from `beta_min` to `beta_max`."
     check_int(n_steps, 'n_steps', 1, where='linear_sched')
@@ -78,19 +75,10 @@ def respace(sched, n_steps):
 
 # %% ../nbs/13_ddpm.ipynb #01cfafbe
 def _abar_tensor(abar):
-    "The abar tensor from a `NoiseSched` or a 1-D tensor."
     if isinstance(abar, NoiseSched): return abar.abar
     if not isinstance(abar, torch.Tensor) or abar.ndim != 1:
         raise TypeError(f"abar must be a NoiseSched or a 1-D tensor like sched.abar; got {type(abar).__name__}")
     return abar
-
-def _random_t(n, n_steps, weights, device, generator):
-    "`n` random steps in [0, n_steps): uniform, or with probabilities proportional to `weights`."
-    if weights is None: return torch.randint(0, n_steps, (n,), device=device, generator=generator)
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
-    if weights.shape != (n_steps,):
-        raise ValueError(f"weights needs one weight per step, ({n_steps},); got {tuple(weights.shape)}")
-    return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
     "Noise `x0` to random steps t: returns `((xt, t), eps)`, or `(xt, t, eps)` with `flat=True`."
@@ -98,7 +86,11 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 1:
         raise TypeError(f"x0 must be a floating-point batch; got {type(x0).__name__} {getattr(x0, 'dtype', '')}")
     n, dev = len(x0), x0.device
-    if t is None: t = _random_t(n, len(abar), weights, dev, generator)
+    if t is None and weights is None: t = torch.randint(0, len(abar), (n,), device=dev, generator=generator)
+    elif t is None:
+        w = torch.as_tensor(weights, dtype=torch.float32, device=dev)
+        if w.shape != abar.shape: raise ValueError(f"weights needs one per step, {len(abar)}; got {tuple(w.shape)}")
+        t = torch.multinomial(w, n, replacement=True, generator=generator)
     else:
         t = torch.as_tensor(t, dtype=torch.long, device=dev)
         if t.ndim == 0: t = t.expand(n).clone()
@@ -111,11 +103,10 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
     return (xt, t, eps) if flat else ((xt, t), eps)
 
 # %% ../nbs/13_ddpm.ipynb #bcb30d79
-def _check_halvable(h, w, n_levels):
-    "Each UNet level but the last halves H and W, and the way up must meet the skips."
+def _check_halvable(h, w, n_levels):  # each level but the last halves H and W; the way up must meet the skips
     k = 2**(n_levels - 1)
-    if h % k or w % k: raise ValueError(f"a {n_levels}-level UNet needs H and W multiples of {k}; got {h}×{w}. Pad "
-                                        "them (F.pad(x, (2, 2, 2, 2)) makes 28×28 32×32) or use fewer levels")
+    if h % k or w % k: raise ValueError(f"a {n_levels}-level UNet needs H and W multiples of {k}, got {h}×{w}: pad "
+                                        "them (F.pad) or use fewer levels")
 
 class UNet(UNet2DModel):
     "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning a tensor."
@@ -124,43 +115,34 @@ class UNet(UNet2DModel):
             if not (isinstance(x, (tuple, list)) and len(x) == 2):
                 raise TypeError(f"UNet takes (xt, t) as one pair or two arguments; got one {type(x).__name__}")
             x, t = x
-        self._check_images(x)
-        return super().forward(x, t).sample
-
-    def _check_images(self, x):
-        "Fail early, naming the fix, on images this UNet can't take."
         c = self.config.in_channels
-        if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W); got {tuple(x.shape)}. Add a channel dim: "
-                                         "x[:, None]")
-        if x.shape[1] != c: raise ValueError(f"UNet was built for {c}-channel images, got {tuple(x.shape)}; build it "
-                                             f"with in_channels={x.shape[1]}")
+        if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W), got {tuple(x.shape)}: try x[:, None]")
+        if x.shape[1] != c: raise ValueError(f"UNet takes {c}-channel images, got {tuple(x.shape)}; build it with "
+                                             f"in_channels={x.shape[1]}")
         _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
+        return super().forward(x, t).sample
 
 def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_channels=1, size=32):
     "A `UNet` with `layers` plain resnet blocks per level, of widths `channels`, for `size`² images."
     if bad := [c for c in channels if c % groups]:
-        raise ValueError(f"GroupNorm's groups={groups} doesn't divide {bad}; choose groups that divides every width")
+        raise ValueError(f"GroupNorm's groups={groups} doesn't divide {bad}; pick groups that divides every width")
     n = len(channels)
     _check_halvable(size, size, n)
     return UNet(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
                 layers_per_block=layers, norm_num_groups=groups, down_block_types=('DownBlock2D',)*n,
                 up_block_types=('UpBlock2D',)*n, add_attention=attn)
 
-# %% ../nbs/13_ddpm.ipynb #d660e248
 def init_ddpm(model):
     "Zero each resnet block's `conv2` and the output conv; orthogonal downsampling convs."
-    n_res = 0
-    for m in model.modules():
-        if isinstance(m, ResnetBlock2D):
-            nn.init.zeros_(m.conv2.weight)
-            if m.conv2.bias is not None: nn.init.zeros_(m.conv2.bias)
-            n_res += 1
-        elif isinstance(m, Downsample2D) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
-            nn.init.orthogonal_(m.conv.weight)
-    if not n_res or not isinstance(getattr(model, 'conv_out', None), nn.Conv2d):
+    zero = [m.conv2 for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    if not zero or not isinstance(getattr(model, 'conv_out', None), nn.Conv2d):
         raise TypeError(f"init_ddpm expects a diffusers UNet2DModel; got {type(model).__name__}")
-    nn.init.zeros_(model.conv_out.weight)
-    if model.conv_out.bias is not None: nn.init.zeros_(model.conv_out.bias)
+    for c in zero + [model.conv_out]:
+        nn.init.zeros_(c.weight)
+        if c.bias is not None: nn.init.zeros_(c.bias)
+    for m in model.modules():
+        if isinstance(m, Downsample2D) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
+            nn.init.orthogonal_(m.conv.weight)
     return model
 
 # %% ../nbs/13_ddpm.ipynb #19f0746e
@@ -183,8 +165,7 @@ class DDPMCB(Callback):
         return sample(model, shape, self.sched, **kwargs)
 
 # %% ../nbs/13_ddpm.ipynb #fd1c5b88
-def _ddpm_coefs(abar, var):
-    "Rows (x0_from_xt, x0_from_eps, c0, ct, sigma) per step, from float64 `abar`."
+def _ddpm_coefs(abar, var):  # rows (x0_from_xt, x0_from_eps, c0, ct, sigma) per step
     ab_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     beta = 1 - abar/ab_prev
     c0 = ab_prev.sqrt()*beta/(1 - abar)
@@ -193,9 +174,8 @@ def _ddpm_coefs(abar, var):
     sig[0] = 0.  # the last step adds no noise
     return list(zip(*[v.tolist() for v in (1/abar.sqrt(), (1/abar - 1).sqrt(), c0, ct, sig)]))
 
-def _check_t(t, n_steps, nm='t'):
-    if not isinstance(t, int) or not 0 <= t < n_steps:
-        raise ValueError(f"{nm} must be an int step in [0, {n_steps}), got {t!r}")
+def _check_t(t, n_steps):
+    if not isinstance(t, int) or not 0 <= t < n_steps: raise ValueError(f"t must be an int in [0, {n_steps}): {t!r}")
 
 def ddpm_step(x_t, eps_pred, t, sched, noise=None, clip=True, var='small'):
     "One DDPM step from `x_t` at step `t` given `eps_pred`: `(x_prev, x0_hat)`; adds `noise`·σ."
@@ -214,18 +194,7 @@ class Traj(NamedTuple):
     xt: torch.Tensor
     x0: torch.Tensor
 
-def _check_sched(sched, where):
-    if not isinstance(sched, NoiseSched):
-        raise TypeError(f"{where} takes a NoiseSched (e.g. ddpm_cb.sched), got {type(sched).__name__}. The course's "
-                        "sample(model, sz, alpha, alphabar, sigma, n_steps) is ddpm_cb.sample(model, sz) here")
-
-def _check_generator(generator, device):
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"the generator is on {generator.device}, the model on {device}: use "
-                         f"torch.Generator(device='{device.type}')")
-
-def _inner_module(model):
-    "The module inside wrappers: `.module` (`AveragedModel`, DDP) or `_orig_mod` (`torch.compile`)."
+def _inner_module(model):  # through `.module` (`AveragedModel`, DDP) and `_orig_mod` (`torch.compile`)
     for _ in range(4):
         inner = getattr(model, 'module', None)
         if not isinstance(inner, nn.Module): inner = getattr(model, '_orig_mod', None)
@@ -233,31 +202,14 @@ def _inner_module(model):
         model = inner
     return model
 
-def _takes_pair(model, default):
-    "Whether `model.forward` takes one input, `model((xt, t))`; `default` if it can't tell."
+def _takes_pair(model, default):  # does `model.forward` take one input, `model((xt, t))`?
     try: params = list(inspect.signature(_inner_module(model).forward).parameters.values())
     except (TypeError, ValueError): return default
     if any(p.kind == p.VAR_POSITIONAL for p in params): return default
     n_pos = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
     return n_pos == 1 if n_pos else default
 
-def _eps_fn(model, pair_input):
-    "`(xt, t) -> predicted noise`, calling `model` with a pair or two arguments."
-    def eps(x, t):
-        out = model((x, t)) if pair_input else model(x, t)
-        return out.sample if hasattr(out, 'sample') else out
-    return eps
-
-def _setup(model, shape, sched, generator, pair_input, where):
-    "A sampler's checks; then its noise predictor, a function drawing noise of `shape`, and the device."
-    _check_sched(sched, where)
-    dev, dtype = model_device(model), model_dtype(model)
-    _check_generator(generator, dev)
-    eps_fn = _eps_fn(model, _takes_pair(model, default=False) if pair_input is None else pair_input)
-    return eps_fn, lambda: torch.randn(shape, generator=generator, device=dev, dtype=dtype), dev
-
-def _progress(steps, on, what):
-    "Iterate over `steps`; if `on`, show a bar or print a line with the time left every ~10%."
+def _progress(steps, on, what):  # a bar, or where none can redraw, a line with the time left every ~10%
     if not on: yield from steps; return
     if IN_NOTEBOOK or sys.stdout.isatty(): yield from progress_bar(steps, total=len(steps)); return
     n, t0 = len(steps), time.perf_counter()
@@ -268,26 +220,38 @@ def _progress(steps, on, what):
             secs = time.perf_counter() - t0
             print(f"{what}: step {i + 1}/{n}, {secs:.0f}s, about {secs/(i + 1)*(n - i - 1):.0f}s left", flush=True)
 
-class _Recorder:
-    "Collect (t, xt, x0) every `every` steps (and at the last), on the device until `traj()`."
-    def __init__(self, on, every): self.on, self.every, self.ts, self.xts, self.x0s = on, max(1, int(every)), [], [], []
-    def add(self, i, n, t, xt, x0):
-        if self.on and (i % self.every == 0 or i == n - 1): self.ts.append(t); self.xts.append(xt); self.x0s.append(x0)
-    def traj(self): return Traj(self.ts, to_cpu(torch.stack(self.xts)), to_cpu(torch.stack(self.x0s)))
+def _check_sched(sched, where):
+    if not isinstance(sched, NoiseSched): raise TypeError(f"{where} takes a NoiseSched, got {type(sched).__name__}; "
+                                                          "the course's sample(...) is ddpm_cb.sample(model, sz)")
 
 @torch.no_grad()
+def _walk(model, shape, sched, ts, step, generator, return_traj, traj_every, pair_input, progress, what):
+    "Both samplers: from noise, `x, x0 = step(x, eps, t, t_prev, randn)` for each `(t, t_prev)` in `ts`."
+    dev, dtype = model_device(model), model_dtype(model)
+    if generator is not None and generator.device.type != dev.type:
+        raise ValueError(f"the generator is on {generator.device}, the model on {dev}: use "
+                         f"torch.Generator(device='{dev.type}')")
+    pair = _takes_pair(model, default=False) if pair_input is None else pair_input
+    randn = lambda: torch.randn(shape, generator=generator, device=dev, dtype=dtype)
+    x, all_t, rec, every = randn(), torch.arange(len(sched), device=dev), [], max(1, int(traj_every))
+    with model_mode(model, False):
+        for i, (t, t_prev) in enumerate(_progress(ts, progress, what)):
+            tb = all_t[t].expand(len(x))
+            eps = model((x, tb)) if pair else model(x, tb)
+            x_prev, x0 = step(x, getattr(eps, 'sample', eps), t, t_prev, randn)
+            if return_traj and (i % every == 0 or i == len(ts) - 1): rec.append((t, x, x0))
+            x = x_prev
+    if not return_traj: return x
+    t, xt, x0 = zip(*rec)
+    return x, Traj(list(t), to_cpu(torch.stack(xt)), to_cpu(torch.stack(x0)))
+
 def sample(model, shape, sched, generator=None, return_traj=False, clip=True, var='small', traj_every=1,
            pair_input=None, progress=False):
     "DDPM sampling (Algorithm 2) over all steps: the images, or `(images, Traj)`."
-    eps_fn, randn, dev = _setup(model, shape, sched, generator, pair_input, 'sample')
-    x, steps, rec = randn(), torch.arange(len(sched), device=dev), _Recorder(return_traj, traj_every)
-    with model_mode(model, False):
-        for i, t in enumerate(_progress(range(len(sched) - 1, -1, -1), progress, f'DDPM, {len(sched)} steps')):
-            eps = eps_fn(x, steps[t].expand(len(x)))
-            x_prev, x0 = ddpm_step(x, eps, t, sched, randn() if t > 0 else None, clip=clip, var=var)
-            rec.add(i, len(sched), t, x, x0)
-            x = x_prev
-    return (x, rec.traj()) if return_traj else x
+    _check_sched(sched, 'sample')
+    step = lambda x, eps, t, _, randn: ddpm_step(x, eps, t, sched, randn() if t > 0 else None, clip, var)
+    return _walk(model, shape, sched, [(t, t - 1) for t in range(len(sched) - 1, -1, -1)], step, generator,
+                 return_traj, traj_every, pair_input, progress, f'DDPM, {len(sched)} steps')
 
 # %% ../nbs/13_ddpm.ipynb #933d5314
 def ddim_timesteps(n_steps, steps):
@@ -296,16 +260,15 @@ def ddim_timesteps(n_steps, steps):
     if steps > n_steps: raise ValueError(f"DDIM needs 1 <= steps <= the schedule's {n_steps} steps; got {steps!r}")
     return [round(n_steps - i*n_steps/steps) - 1 for i in range(steps)]
 
-def _ddim_coefs(ab_t, ab_prev, eta):
-    "(x0_from_xt, x0_from_eps, sqrt(abar_prev), weight on eps, sigma) for one DDIM step."
+def _ddim_coefs(ab_t, ab_prev, eta):  # (x0_from_xt, x0_from_eps, sqrt(abar_prev), weight on eps, sigma)
     sig = eta*math.sqrt((1 - ab_prev)/(1 - ab_t)*(1 - ab_t/ab_prev))
     return 1/math.sqrt(ab_t), math.sqrt(1/ab_t - 1), math.sqrt(ab_prev), math.sqrt(max(1 - ab_prev - sig**2, 0.)), sig
 
 def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, rederive=True):
     "One DDIM step from `t` to `t_prev` (-1: the end): `(x_prev, x0_hat)`; `noise` used if eta>0."
     _check_t(t, len(sched))
-    if not isinstance(t_prev, int) or not -1 <= t_prev < t: raise ValueError(f"t_prev must be an int in [-1, {t}), "
-                                                                             f"got {t_prev!r}")
+    if not isinstance(t_prev, int) or not -1 <= t_prev < t:
+        raise ValueError(f"t_prev must be an int in [-1, {t}): {t_prev!r}")
     ab_t = sched._abar64[t].item()
     r_xt, r_eps, c0, ce, sig = _ddim_coefs(ab_t, sched._abar64[t_prev].item() if t_prev >= 0 else 1., eta)
     x0 = x_t*r_xt - eps_pred*r_eps
@@ -316,25 +279,19 @@ def ddim_step(x_t, eps_pred, t, t_prev, sched, eta=0., noise=None, clip=True, re
     if noise is not None and sig > 0: x_prev = x_prev + noise*sig
     return x_prev, x0
 
-@torch.no_grad()
 def ddim_sample(model, shape, sched, steps=50, eta=0., generator=None, clip=True, return_traj=False, traj_every=1,
                 rederive=True, pair_input=None, progress=False):
     "DDIM sampling in `steps` steps (`eta=0`: deterministic): the images, or `(images, Traj)`."
-    eps_fn, randn, dev = _setup(model, shape, sched, generator, pair_input, 'ddim_sample')
+    _check_sched(sched, 'ddim_sample')
     ts = ddim_timesteps(len(sched), steps)
-    x, all_t, rec = randn(), torch.arange(len(sched), device=dev), _Recorder(return_traj, traj_every)
-    with model_mode(model, False):
-        for i, (t, t_prev) in enumerate(_progress(list(zip(ts, ts[1:] + [-1])), progress, f'DDIM, {steps} steps')):
-            eps = eps_fn(x, all_t[t].expand(len(x)))
-            noise = randn() if eta > 0 and t_prev >= 0 else None  # sigma is 0 on the last step
-            x_prev, x0 = ddim_step(x, eps, t, t_prev, sched, eta, noise, clip, rederive)
-            rec.add(i, len(ts), t, x, x0)
-            x = x_prev
-    return (x, rec.traj()) if return_traj else x
+    def step(x, eps, t, t_prev, randn):  # sigma is 0 on the last step: no noise drawn there
+        return ddim_step(x, eps, t, t_prev, sched, eta, randn() if eta > 0 and t_prev >= 0 else None, clip, rederive)
+    return _walk(model, shape, sched, list(zip(ts, ts[1:] + [-1])), step, generator, return_traj, traj_every,
+                 pair_input, progress, f'DDIM, {steps} steps')
 
 # %% ../nbs/13_ddpm.ipynb #97d3afef
 def collate_ddpm(b, abar, xl=0, flat=False, weights=None):
-    "Collate items `b`, take the images (`xl`: index or key) and `noisify` them with `abar`."
+    "Collate `b`, take the images (`xl`: index or key) and `noisify` them with `abar`."
     xb = default_collate(b)
     if not isinstance(xb, torch.Tensor): xb = xb[xl]
     return noisify(xb, abar, weights=weights, flat=flat)

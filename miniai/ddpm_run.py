@@ -21,8 +21,8 @@ from .accel import EMACB
 from .checks import check_choice, check_int
 from .conv import model_device, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays, get_grid, show_image
-from .ddpm import (NoiseSched, cosine_sched, ddim_sample, ddpm_unet, dl_ddpm, init_ddpm, linear_sched,
-                         min_snr_weights, sample)
+from .ddpm import (NoiseSched, cosine_sched, ddim_sample, ddim_timesteps, ddpm_unet, dl_ddpm, init_ddpm,
+                         linear_sched, min_snr_weights, sample)
 from .fid import ImageEval, ddpm_images, ddpm_pixels, load_fid_classifier
 from .learner import MetricsCB, ProgressCB
 from .recipe import default_epochs, load_run, read_config, save_run, std_learner
@@ -70,10 +70,9 @@ MIN_TRAIN_STEPS = 1000  # fewer optimizer steps than this have given blobs and s
 
 def short_run_warning(config):
     "A warning if a `train_ddpm` run had too few steps to expect clothes, else None."
-    n = config['opt_steps']
-    if n >= MIN_TRAIN_STEPS: return None
-    return (f"warning: only {n} optimizer steps of training; samples need about {MIN_TRAIN_STEPS:,}+ to look like "
-            f"clothes (the defaults take 1,680). Train longer (--epochs) on more images")
+    if (n := config['opt_steps']) < MIN_TRAIN_STEPS:
+        return (f"warning: only {n} optimizer steps of training; clothes need about {MIN_TRAIN_STEPS:,}+ (the defaults "
+                "take 1,680): train longer (--epochs) on more images")
 
 def score_samples(imgs, source=None, classifier=None):
     "FID and KID of `imgs` against the held-out images, and of as many real ones."
@@ -85,29 +84,23 @@ def score_samples(imgs, source=None, classifier=None):
                 real_fid=ie.fid(real), real_kid=ie.kid(real))
 
 # %% ../nbs/13a_ddpm_run.ipynb #107b62f3
-def _save_fig(fig, path):
-    path = Path(path)
+def save_grid(imgs, path, nrow=8, vrange=(-1., 1.), title=None, titles=()):
+    "Save images (N,C,H,W) in `vrange` as a PNG grid `nrow` wide, `title` above, `titles` over the first ones."
+    imgs, path = to_cpu(torch.as_tensor(imgs)), Path(path)
+    fig, axs = get_grid(len(imgs), ncols=min(nrow, len(imgs)), title=title, imsize=1, size=10)
+    for i, (im, ax) in enumerate(zip(imgs, axs)):
+        show_image(im, ax=ax, vmin=vrange[0], vmax=vrange[1], title=titles[i] if i < len(titles) else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches='tight', facecolor='white')
     plt.close(fig)
     return path
-
-def save_grid(imgs, path, nrow=8, vrange=(-1., 1.), title=None):
-    "Save images (N,C,H,W) in `vrange` as a PNG grid `nrow` wide, `title` above."
-    imgs = to_cpu(torch.as_tensor(imgs))
-    fig, axs = get_grid(len(imgs), ncols=min(nrow, len(imgs)), title=title, imsize=1, size=10)
-    for im, ax in zip(imgs, axs): show_image(im, ax=ax, vmin=vrange[0], vmax=vrange[1])
-    return _save_fig(fig, path)
 
 def save_progression(traj, path, n_frames=10, n_images=8, which='x0', title=None):
     "Save a `Traj` as a PNG: `n_images` rows of `n_frames` steps, each titled with its t."
     frames = getattr(traj, check_choice(which, 'which', ('x0', 'xt'), 'save_progression'))
     idx = torch.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().long().tolist()
     sel = frames[idx, :n_images].transpose(0, 1).flatten(0, 1).clamp(-1, 1)  # one row per image
-    fig, axs = get_grid(len(sel), ncols=len(idx), title=title, imsize=1, size=10)
-    for i, (im, ax) in enumerate(zip(sel, axs)):
-        show_image(im, ax=ax, vmin=-1, vmax=1, title=f't={traj.t[idx[i]]}' if i < len(idx) else None)
-    return _save_fig(fig, path)
+    return save_grid(sel, path, len(idx), title=title, titles=[f't={traj.t[i]}' for i in idx])
 
 # %% ../nbs/13a_ddpm_run.ipynb #4c5d5245
 def save_ddpm(run, path, **extra):
@@ -128,24 +121,23 @@ def load_ddpm(path, weights='ema'):
 def save_samples(model, sched, n=64, sampler='ddim', ddim_steps=50, eta=0., seed=0, grid=None, progression=None,
                  weights='EMA', progress=False):
     "Sample `n` images with 'ddim' or 'ddpm'; save a `grid` and a `progression` PNG."
-    check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'save_samples'); check_int(n, 'n', 1, 'save_samples')
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
-    steps = ddim_steps if sampler == 'ddim' else len(sched)
-    kw = dict(generator=gen, return_traj=progression is not None, traj_every=max(1, steps//10), progress=progress)
-    if sampler == 'ddim': out = ddim_sample(model, (n, 1, 32, 32), sched, ddim_steps, eta=eta, **kw)
-    else: out = sample(model, (n, 1, 32, 32), sched, **kw)
-    imgs, traj = out if progression is not None else (out, None)
-    what = (f"DDIM η={eta:g}, {steps} steps" if sampler == 'ddim' else f"DDPM, {steps} steps") + f", {weights} weights"
+    ddim = check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'save_samples') == 'ddim'
+    steps, shape = ddim_steps if ddim else len(sched), (check_int(n, 'n', 1, 'save_samples'), 1, 32, 32)
+    kw = dict(generator=torch.Generator(device=model_device(model)).manual_seed(seed), return_traj=True,
+              traj_every=max(1, steps//10), progress=progress)
+    imgs, traj = ddim_sample(model, shape, sched, steps, eta=eta, **kw) if ddim else sample(model, shape, sched, **kw)
+    what = (f"DDIM η={eta:g}" if ddim else "DDPM") + f", {steps} steps, {weights} weights"
     if grid is not None:
         save_grid(imgs[:64], grid, nrow=min(8, math.ceil(math.sqrt(min(n, 64)))), title=f"{what}: {min(n, 64)} of {n}")
     if progression is not None:
         save_progression(traj, progression, n_frames=11, n_images=min(n, 4), title=f"{what}: x0's guess as t falls")
     return to_cpu(imgs)
 
-def run_ddpm(out, n=500, sampler='ddim', ddim_steps=50, eta=1., data=None, seed=42, **train_kw):
+def run_ddpm(out, n=500, sampler='ddim', ddim_steps=50, eta=1., data=None, seed=42, n_steps=1000, **train_kw):
     "`miniai ddpm`: train into folder `out`, sample `n` images, save and score them."
     start = time.time()
-    run = train_ddpm(source=data, seed=seed, **train_kw)
+    if check_choice(sampler, 'sampler', ('ddim', 'ddpm'), 'run_ddpm') == 'ddim': ddim_timesteps(n_steps, ddim_steps)
+    run = train_ddpm(source=data, seed=seed, n_steps=n_steps, **train_kw)
     if (warning := short_run_warning(run.config)): print(warning, flush=True)
     out = save_ddpm(run, out, data=data, sampler=sampler, ddim_steps=ddim_steps, eta=eta)
     model = run.model if run.ema_model is None else run.ema_model.module

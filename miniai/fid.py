@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import miniai
 
+from .augment import capture_preds
 from .checks import check_int
 from .conv import model_device, model_dtype, model_mode, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays
@@ -47,14 +48,6 @@ def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
     "A small classifier of 32×32 images; its pooled penultimate layer gives FID features."
     return cnn_classifier(nfs, first_ks=3, pool=True, n_classes=n_classes, in_channels=in_channels)
 
-# %% ../nbs/12_fid.ipynb #9c2f6cd0
-@torch.no_grad()
-def _accuracy(model, x, y, bs=512):
-    dev = model_device(model)
-    with model_mode(model, False):
-        preds = torch.cat([model(xb.to(dev)).argmax(1).cpu() for xb in x.split(bs)])
-    return (preds == y).float().mean().item()
-
 def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, device=None, seed=None):
     "Train `fid_classifier` on Fashion-MNIST; returns `(model, valid accuracy)`."
     check_int(bs, 'bs', 1, where='train_fid_classifier')
@@ -64,9 +57,10 @@ def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, d
     xt, yt, xv = ddpm_images(xt[:n_train]), yt[:n_train], ddpm_images(xv)
     dl = DataLoader(TensorDataset(xt, yt), bs, shuffle=True, drop_last=len(xt) >= bs)
     dls = DataLoaders(dl, DataLoader(TensorDataset(xv, yv), 2*bs))
-    model = fid_classifier()
-    std_learner(model, dls, F.cross_entropy, epochs, lr, device=device).fit(epochs, valid=False)
-    return model.eval(), _accuracy(model, xv, yv)
+    learn = std_learner(fid_classifier(), dls, F.cross_entropy, epochs, lr, device=device)
+    learn.fit(epochs, valid=False)
+    preds, targs = capture_preds(learn)
+    return learn.model.eval(), (preds.argmax(1) == targs).float().mean().item()
 
 # %% ../nbs/12_fid.ipynb #cb79c567
 # found through `miniai.__file__`, which (unlike this module's `__file__`) also exists in the notebook
@@ -91,18 +85,15 @@ def load_fid_classifier(path=None):
 def _check_feats(a, b):
     a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(f"need two feature matrices (n_items, n_features) with the same n_features and >= 2 items "
-                         f"each; got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"need two feature matrices (items, features) with >= 2 items and equal features; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
     return a, b
 
-def _sqrt_psd(m):
-    "Square root of a symmetric positive semi-definite matrix."
+def _sqrt_psd(m):  # of a symmetric positive semi-definite matrix
     vals, vecs = torch.linalg.eigh(m)
     return (vecs*vals.clamp(min=0).sqrt())@vecs.T
 
-def _stats(feats):
-    "Mean and covariance of feature rows, float64."
-    return feats.mean(0), torch.cov(feats.T)
+def _stats(feats): return feats.mean(0), torch.cov(feats.T)
 
 def _fid_from_stats(mu_a, ca, mu_b, cb):
     sa = _sqrt_psd(ca)
@@ -128,30 +119,24 @@ def kid(feats_a, feats_b):
 # %% ../nbs/12_fid.ipynb #62b1660d
 class _FeatsCB(Callback):
     "An inference-only step: `preds = model(x)` of each batch's images, kept in `feats`."
-    def __init__(self): self.feats = []
-    def before_fit(self, learn):
-        self.feats, self.dtype = [], model_dtype(learn.model)
+    def before_fit(self, learn): self.feats, self.dtype = [], model_dtype(learn.model)
     def predict(self, learn):
-        b = learn.batch
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ImageEval needs batches of image tensors or tuples; got {type(x).__name__}")
+        x = learn.batch[0] if isinstance(learn.batch, (tuple, list)) else learn.batch
+        if not isinstance(x, torch.Tensor): raise TypeError(f"ImageEval needs image tensors, got {type(x).__name__}")
         learn.preds = learn.model(x.to(self.dtype))
         self.feats.append(learn.preds.detach().flatten(1))  # stays on the device: one copy to the CPU at the end
     def get_loss(self, learn): learn.loss = learn.preds.new_zeros(())
 
-# %% ../nbs/12_fid.ipynb #ee222df6
 class ImageEval:
     "FID/KID of images against real ones, on features `model(x)` (a classifier without its head)."
     def __init__(self, model, dls, cbs=None, bs=512):
         self.bs = check_int(bs, 'bs', 1, where='ImageEval')
+        real = self._dl(dls) if isinstance(dls, torch.Tensor) else getattr(dls, 'valid', None)
+        if real is None: raise TypeError(f"ImageEval needs DataLoaders (real images in .valid) or an image tensor, "
+                                         f"got {type(dls).__name__}")
         cbs = list(cbs or [])
         if not any(isinstance(cb, DeviceCB) for cb in cbs): cbs.append(DeviceCB(model_device(model)))
         self._feats_cb = _FeatsCB()
-        real = self._dl(dls) if isinstance(dls, torch.Tensor) else getattr(dls, 'valid', None)
-        if real is None:
-            raise TypeError(f"ImageEval needs a DataLoaders (its .valid holds the real images) or a tensor of real "
-                            f"images; got {type(dls).__name__}")
         # inference only, as in the course: no optimizer, and fit runs with train=False
         self.learn = Learner(model, DataLoaders([], real), loss_func=None, cbs=[self._feats_cb] + cbs, opt_func=None)
         self.feats = self._run(real)

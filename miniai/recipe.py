@@ -9,10 +9,11 @@ __all__ = ['RECIPE_NFS', 'CNN_NFS', 'ARCHS', 'NORMS', 'ARCH_NFS', 'FIT_DEFAULTS'
 
 # %% ../nbs/11_recipe.ipynb #5a6b07d4
 import json
+import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext, redirect_stderr
+from contextlib import redirect_stderr
 from functools import partial
 from io import StringIO
 from pathlib import Path
@@ -20,15 +21,17 @@ from pathlib import Path
 import fastcore.all as fc
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from matplotlib.figure import Figure
 from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
+from .accel import AccelerateCB
 from .augment import Dropout, RandCrop, RandFlip, augment_cb, capture_preds
 from .augment import tta as flip_tta
 from .checkpoint import CheckpointCB, ResumeCB, ckpt_files, ckpt_where
 from .checks import check_choice, check_int
-from .conv import conv, pick_threads
+from .conv import conv, default_device, pick_threads
 from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, DataLoaders, TensorDL, fashion_dls
 from .init import init_weights
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
@@ -55,7 +58,6 @@ def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n
     return Learner(model, dls, loss_func, lr=lr, cbs=step + [one_cycle(lr, epochs, dls.train)] + list(fc.L(cbs)),
                    opt_func=partial(optim.AdamW, eps=eps, weight_decay=wd))
 
-# %% ../nbs/11_recipe.ipynb #751fd208
 def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
                    device=None, cbs=None, progress=True, accel=None):
     "The recipe's `Learner`, for `learn.fit(epochs)`."
@@ -64,12 +66,10 @@ def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
     return std_learner(recipe_model(nfs, drop), dls, loss, epochs, lr, cbs, device, wd=wd, eps=eps, accel=accel)
 
-def fit_recipe(dls=None, epochs=16, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
-               bs=128, source=None, seed=None, device=None, cbs=None, progress=True):
-    "Train a Fashion-MNIST classifier with the recipe; returns the `Learner`."
+def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, **kwargs):
+    "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: `fashion_dls(bs, source)`); returns the `Learner`."
     if seed is not None: torch.manual_seed(seed)
-    if dls is None: dls = fashion_dls(bs=bs, source=source, seed=seed)
-    learn = recipe_learner(dls, epochs, lr, nfs, pad, drop, wd, eps, label_smoothing, device, cbs, progress)
+    learn = recipe_learner(dls or fashion_dls(bs=bs, source=source, seed=seed), epochs, **kwargs)
     learn.fit(epochs)
     return learn
 
@@ -80,8 +80,7 @@ def cnn_classifier(nfs=CNN_NFS, first_ks=5, pool=False, n_classes=10, in_channel
     "Stride-2 batch-norm convs of widths `nfs`, then a conv to 1×1 logits, or a pool and a linear."
     nfs = tuple(check_int(nf, 'every width in nfs', 1, 'cnn_classifier') for nf in nfs)
     if len(nfs) < 4 and not pool:
-        raise ValueError(f"cnn_classifier: nfs={nfs} has {len(nfs)} widths; 28×28 images need 4 or more (28→14→7→4→2), "
-                         "e.g. (16, 32, 64, 128)")
+        raise ValueError(f"cnn_classifier: 28×28 images need 4 or more widths (28→14→7→4→2), got nfs={nfs}")
     layers = [conv(ni, nf, ks=first_ks if i == 0 else 3, norm=nn.BatchNorm2d)
               for i, (ni, nf) in enumerate(zip((in_channels,) + nfs, nfs))]
     head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nfs[-1], n_classes)] if pool else \
@@ -102,8 +101,7 @@ def layer_norm_(model):
 def check_arch(arch, norm):
     "A clear `ValueError` unless `build_model` makes `arch` with `norm`."
     check_choice(arch, 'arch', ARCHS), check_choice(norm, 'norm', NORMS)
-    if norm == 'layer' and arch != 'cnn': raise ValueError(f"norm 'layer' is for the cnn (the {arch} keeps its batch "
-                                                         "norm); add --arch cnn, or drop --norm")
+    if norm == 'layer' and arch != 'cnn': raise ValueError("norm 'layer' is for the cnn: add --arch cnn or drop --norm")
 
 def build_model(arch='resnet', nfs=None, norm='batch'):
     "Model `arch` with widths `nfs` (default: its own) and `norm`."
@@ -112,7 +110,7 @@ def build_model(arch='resnet', nfs=None, norm='batch'):
     return layer_norm_(model) if norm == 'layer' else model
 
 def default_epochs(n_train, sample=16, full=5):
-    "Epochs when none are given: `sample` under 20,000 images (the bundled sample), else `full`."
+    "Epochs when none are given: `sample` under 20,000 images (the sample), else `full`."
     return sample if n_train < 20_000 else full
 
 # %% ../nbs/11_recipe.ipynb #45c65d28
@@ -145,8 +143,7 @@ def load_run(path, build, weights='model'):
 # %% ../nbs/11_recipe.ipynb #59736b4d
 FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, seed=42, data=None)  # what defines a run
 
-def _resume_config(out, given):
-    "The saved settings of the interrupted run in `out`, checked against the `given` ones."
+def _resume_config(out, given):  # the settings of the interrupted run in `out`, which `given` ones must agree with
     if not out.is_dir(): raise FileNotFoundError(f"--resume {out}: no such folder; pass an interrupted run's --out")
     cfg = read_config(out)
     if not ckpt_files(out/'checkpoints'):
@@ -154,38 +151,42 @@ def _resume_config(out, given):
         raise ValueError(f"--resume {out}: no checkpoint in {out/'checkpoints'}; start the run again without --resume")
     for k, v in given.items():
         if v is not None and v != cfg.get(k) and not (k == 'data' and v == cfg.get('data_asked')):
-            raise ValueError(f"--{k} {v} contradicts the run in {out}, which was started with --{k} {cfg.get(k)}; "
-                             "leave it out, or start a new run with another --out")
+            raise ValueError(f"--{k} {v} contradicts the run in {out} (--{k} {cfg.get(k)}); drop it or change --out")
     return cfg
 
 def _classifier_learner(cfg, dls, device, cbs, accel):
-    if cfg['arch'] == 'resnet': return recipe_learner(dls, cfg['epochs'], cfg['lr'], cfg['nfs'], device=device, cbs=cbs,
-                                                      accel=accel)
+    e, lr, nfs = cfg['epochs'], cfg['lr'], cfg['nfs']
+    if cfg['arch'] == 'resnet': return recipe_learner(dls, e, lr, nfs, device=device, cbs=cbs, accel=accel)
     cbs = [MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()] + cbs
-    model = build_model('cnn', cfg['nfs'], cfg['norm'])
-    return std_learner(model, dls, F.cross_entropy, cfg['epochs'], cfg['lr'], cbs, device, accel=accel)
+    return std_learner(build_model('cnn', nfs, cfg['norm']), dls, F.cross_entropy, e, lr, cbs, device, accel=accel)
+
+def _launched(env=os.environ):  # by `accelerate launch` or torchrun, from the variables they set
+    return 'ACCELERATE_MIXED_PRECISION' in env or 'LOCAL_RANK' in env or int(env.get('WORLD_SIZE') or 1) > 1
 
 def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, bs=None, lr=None, seed=None, data=None,
-            device=None, threads=None, accel=None):
-    "Train a classifier into run folder `out` with checkpoints, or `resume` it."
+            device=None, threads=None, accelerate=None):
+    "Train a classifier into run folder `out` with checkpoints, or `resume` it; `accelerate` defaults to launched."
     out, given = Path(out), dict(arch=arch, norm=norm, epochs=epochs, bs=bs, lr=lr, seed=seed, data=data)
     cfg = _resume_config(out, given) if resume else {k: FIT_DEFAULTS[k] if v is None else v for k, v in given.items()}
     check_arch(cfg['arch'], cfg['norm'])
     if not resume and ckpt_files(out/'checkpoints'):
-        raise ValueError(f"{out} holds an unfinished run: carry on with 'miniai fit --resume {out}', or use another "
-                         "--out")
-    n_proc, is_main = (1, True) if accel is None else (accel.acc.num_processes, accel.acc.is_main_process)
+        raise ValueError(f"{out} holds an unfinished run: carry on with 'miniai fit --resume {out}' or change --out")
+    accel = acc = None
+    if _launched() if accelerate is None else accelerate:
+        mp = 'auto' if os.environ.get('ACCELERATE_MIXED_PRECISION') else 'no'  # 'auto': the launcher's choice
+        accel = AccelerateCB(mixed_precision=mp, cpu=torch.device(device or default_device()).type == 'cpu')
+        acc = accel.acc
+    n_proc, is_main = (acc.num_processes, acc.is_main_process) if acc else (1, True)
     if n_proc > 1 and resume: raise ValueError("--resume runs in one process: multi-process runs keep no checkpoints")
     torch.manual_seed(cfg['seed'])
-    with nullcontext() if is_main else redirect_stderr(StringIO()):  # the data's notice once, from the main process
+    with redirect_stderr(sys.stderr if is_main else StringIO()):  # the data's notice once, from the main process
         dls = fashion_dls(bs=cfg['bs'], source=cfg['data'], seed=cfg['seed'])
     n, notice = pick_threads(threads, torch.get_num_threads())  # after the data: a mistake before is the only line
     if n is not None: torch.set_num_threads(n)
     if notice and is_main: print(notice, file=sys.stderr)
     n_train = len(dls.train.x)
     if resume and n_train != cfg['n_train']:
-        raise ValueError(f"--resume {out}: the run trained on {cfg['n_train']:,} images, but --data {cfg['data']} "
-                         f"gives {n_train:,} now")
+        raise ValueError(f"--resume {out}: the run had {cfg['n_train']:,} images, --data {cfg['data']} now {n_train:,}")
     if not resume:
         found = 'hub' if n_train >= 60_000 else 'sample'  # what 'auto' found
         cfg.update(data_asked=cfg['data'] or 'auto', data=cfg['data'] if cfg['data'] in ('hub', 'sample') else found,
@@ -203,11 +204,15 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
     if is_main:
         cfg.update(seconds=round(time.time() - start, 1), threads=torch.get_num_threads(), processes=n_proc,
                    resumed=resume, history=learn.metrics.history)
-        save_run(out, cfg, model=learn.model if accel is None else accel.acc.unwrap_model(learn.model))
+        save_run(out, cfg, model=acc.unwrap_model(learn.model) if acc else learn.model)
         fig = Figure(figsize=(6, 4))
         next(cb for cb in learn.cbs if isinstance(cb, ProgressCB)).plot_losses(fig.add_subplot()).set_title('loss')
         fig.savefig(out/'loss.png', dpi=100, bbox_inches='tight')
         shutil.rmtree(ckpt, ignore_errors=True)  # model.pt has what they had
+        print(f"saved model.pt, config.json and loss.png to {out}")
+    if n_proc > 1:
+        acc.wait_for_everyone()
+        PartialState().destroy_process_group()  # before exiting: otherwise gloo's threads can abort the shutdown
     return learn
 
 # %% ../nbs/11_recipe.ipynb #b30de283
@@ -220,8 +225,7 @@ def load_classifier(path):
     "`(model, config)` of the classifier `fit_run` trained in folder `path`."
     path = Path(path)
     if not (path/'model.pt').exists() and ckpt_files(path/'checkpoints'):
-        raise FileNotFoundError(f"{path/'model.pt'} not found: the run hasn't finished; carry on with "
-                                f"'miniai fit --resume {path}'")
+        raise FileNotFoundError(f"{path/'model.pt'} not found: unfinished; carry on with 'miniai fit --resume {path}'")
     return load_run(path, _build_classifier)
 
 def classify(model, cfg, x, bs=512, tta=None, device=None):
