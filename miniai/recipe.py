@@ -174,7 +174,9 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
     accel = acc = None
     if _launched() if accelerate is None else accelerate:
         mp = 'auto' if os.environ.get('ACCELERATE_MIXED_PRECISION') else 'no'  # 'auto': the launcher's choice
-        accel = AccelerateCB(mixed_precision=mp, cpu=torch.device(device or default_device()).type == 'cpu')
+        one = int(os.environ.get('WORLD_SIZE') or 1) == 1  # several processes: accelerate gives each its device
+        dev = torch.device(device or default_device())
+        accel = AccelerateCB(mixed_precision=mp, cpu=dev.type == 'cpu', device=dev if one else None)
         acc = accel.acc
     n_proc, is_main = (acc.num_processes, acc.is_main_process) if acc else (1, True)
     if n_proc > 1 and resume: raise ValueError("--resume runs in one process: multi-process runs keep no checkpoints")

@@ -729,3 +729,14 @@ def test_multdl():
         with pytest.raises(ValueError, match='whole number >= 1'): MultDL(dl, bad)
     learn = fit(TrainCB(), steps := StepCounterCB(), d=DataLoaders(MultDL(dls().train, 2), dls().valid))
     assert steps.steps == 8
+
+
+def test_fit_run_hands_the_gpu_index_to_accelerate(monkeypatch, tmp_path):
+    "`miniai fit --accelerate --device cuda:1` must train on cuda:1, not on accelerate's default GPU (issue 22, item 6)."
+    import miniai.recipe as recipe
+    class Made(Exception): pass
+    def fake(**kw): raise Made(kw)
+    monkeypatch.setattr(recipe, 'AccelerateCB', fake)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    with pytest.raises(Made) as ei: recipe.fit_run(tmp_path/'run', arch='cnn', epochs=1, device='cuda:1', accelerate=True)
+    assert ei.value.args[0]['device'] == torch.device('cuda:1')
