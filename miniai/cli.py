@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 def _positive(kind):  # an argparse type: a whole number >= 1 or a float > 0
     def parse(s):
         try: return check_int(int(s), 'it', 1) if kind is int else check_float(float(s), 'it', '(0, inf)')
-        except ValueError: raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {s!r}") from None
+        except ValueError: pass
+        raise argparse.ArgumentTypeError(f"must be {'a whole' if kind is int else 'a'} number > 0, got {s!r}")
     return parse
 
 def _channels(s):

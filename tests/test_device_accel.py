@@ -68,4 +68,3 @@ def test_accelerate_trains_on_the_gpu_it_is_given(fresh_accelerate):
     assert next(learn.model.parameters()).device == torch.device('cuda', i)
     sd = cb.state_dict()
     assert sd['scaler']['scale'] > 0 and sd['skipped_steps'] == cb.skipped_steps
-
