@@ -22,50 +22,58 @@ from torch.utils.data import DataLoader
 from .checks import check_choice, check_float, check_int
 from .conv import map_tensors, model_device, to_device
 from .datasets import DataLoaders, TensorDL
-from .learner import Callback, DeviceCB, Learner, TrainCB, _n_items, check_finite
+from .learner import STEPS, Callback, DeviceCB, Learner, TrainCB, _n_items, check_finite
 
 # %% ../nbs/14_accel.ipynb #f82cb804
 @functools.cache
 def cpu_has_bf16():
-    "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16): bf16 autocast pays off."
-    for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in torch: cpuinfo too
+    "True if this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16)."
+    for nm in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # private in torch, so cpuinfo too
         if getattr(torch.cpu, nm, lambda: False)(): return True
     try:
         with open('/proc/cpuinfo') as f: return bool(set(f.read().split()) & {'avx512_bf16', 'amx_bf16', 'bf16'})
     except OSError: return False
 
-# %% ../nbs/14_accel.ipynb #76ba78d3
-def _check_sole_trainer(cb, learn):
-    nm, cls = type(cb).__name__, type(learn)
-    others = [type(o).__name__ for o in learn.cbs if isinstance(o, TrainCB) and o is not cb]
-    if others: raise ValueError(f"{nm} does the training step, but the Learner also has {others}; remove those")
-    own = [o for o in ('predict', 'get_loss', 'backward', 'step') if getattr(cls, o) is not getattr(Learner, o)]
-    if own: raise ValueError(f"{nm} needs a plain Learner, but {cls.__name__} overrides {own}; use Learner(...)")
-
 def _precision(want, dev, who, fix, warn=warnings.warn):
-    "What precision `want` means on torch device `dev`: 'fp16', 'bf16' or 'no' (fp32)."
+    "What `want` means on torch device `dev`: 'fp16', 'bf16' or 'no' (fp32)."
     cpu = dev.type == 'cpu'
     if cpu and want == 'fp16':
         raise ValueError(f"{who} on the CPU: fp16 is a CUDA GPU feature, a CPU silently trains in fp32; {fix}")
-    if dev.type == 'cuda' and want == 'bf16' and torch.cuda.get_device_capability(dev) < (8, 0):  # emulated
+    if dev.type == 'cuda' and want == 'bf16' and torch.cuda.get_device_capability(dev) < (8, 0):
         raise ValueError(f"{who}: {dev} has no native bf16 (it needs compute capability 8.0); {fix}")
     if cpu and want == 'bf16' and not cpu_has_bf16(): warn(f"{who}: this CPU emulates bf16, many times slower; {fix}")
     if want != 'auto': return want
     return 'fp16' if dev.type == 'cuda' else 'bf16' if cpu and cpu_has_bf16() else 'no'
 
-class MixedPrecision(TrainCB):
-    "Autocast the forward pass and loss: fp16 with a GradScaler or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
-    order = DeviceCB.order + 10  # after DeviceCB has moved the model, whose device sets the precision
+
+# %% ../nbs/14_accel.ipynb #76ba78d3
+class _AmpCB(TrainCB):
+    "A TrainCB that must be the only training step; saves its grad scaler and skipped steps."
+    def before_fit(self, learn):
+        super().before_fit(learn)
+        nm, cls = type(self).__name__, type(learn)
+        if others := [type(o).__name__ for o in learn.cbs if isinstance(o, TrainCB) and o is not self]:
+            raise ValueError(f"{nm} does the training step, but the Learner also has {others}; remove those")
+        if own := [o for o in STEPS[:4] if getattr(cls, o) is not getattr(Learner, o)]:
+            raise ValueError(f"{nm} needs a plain Learner, but {cls.__name__} overrides {own}; use Learner(...)")
+
+    def state_dict(self): return dict(scaler=self.state_of('scaler') or None, skipped_steps=self.skipped_steps)
+    def load_state_dict(self, sd):
+        self.skipped_steps = sd['skipped_steps']
+        self.load_or_keep('scaler', sd['scaler'])
+
+class MixedPrecision(_AmpCB):
+    "Autocast the forward pass and loss: fp16 (scaled) or bf16 on CUDA, bf16 on CPUs that have it, else fp32."
+    order = DeviceCB.order + 10  # the model's device sets the precision
 
     def __init__(self, n_inp=1, dtype='auto', **scaler_kwargs):
         super().__init__(n_inp)
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
-        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now, not in an fp16 fit
+        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now
         except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
-        self.scaler_kwargs, self.scaler = scaler_kwargs, None
-        self.device_type = self.amp_dtype = None
+        self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype = scaler_kwargs, None, None, None
         self.use_scaler = self._warned = self.step_skipped = False
-        self._skips = torch.tensor(0)  # on the device: counting needs no wait
+        self._skips = torch.tensor(0)  # on the device: no wait
 
     skipped_steps = property(lambda self: int(self._skips), lambda self, n: self._skips.fill_(n))
 
@@ -74,19 +82,18 @@ class MixedPrecision(TrainCB):
         self._warned = True
 
     def make_scaler(self):
-        "A new `GradScaler` for an fp16 fit (fp16's range is small), else None."
+        "A new `GradScaler` for an fp16 fit, else None."
         return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs) if self.amp_dtype == torch.float16 else None
 
     def before_fit(self, learn):
         super().before_fit(learn)
-        _check_sole_trainer(self, learn)
         dev = model_device(learn.model)
         self.device_type = t = dev.type
         p = _precision(self.dtype, dev, f"MixedPrecision(dtype={self.dtype!r})", "use dtype='auto'", self._warn_once)
         if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
         self.use_scaler = (fresh := self.make_scaler()) is not None
-        if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # same scale, no stopped step's books
+        if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # not a stopped step's books
         self.scaler = fresh or self.scaler
         if self.scaler is not None: self.made('scaler')
         learn.scaler = self.scaler if self.use_scaler else None
@@ -94,24 +101,22 @@ class MixedPrecision(TrainCB):
         self._at_fit = self._skips.clone()
 
     def _autocast(self): return torch.autocast(self.device_type, self.amp_dtype, self.amp_dtype is not None)
-
     def predict(self, learn):
         with self._autocast(): super().predict(learn)
-
     def get_loss(self, learn):
         with self._autocast(): super().get_loss(learn)
 
     def backward(self, learn):
-        check_finite(learn)  # a NaN loss stops the fit in every precision
+        check_finite(learn)
         (self.scaler.scale(learn.loss) if self.use_scaler else learn.loss).backward()
 
     def step(self, learn):
         if not getattr(learn, 'will_step', True): return  # GradAccumCB: still accumulating
         if not self.use_scaler: return learn.opt.step()
         scale = self.scaler._get_scale_async().clone()  # on the device: no wait
-        self.scaler.step(learn.opt)  # unscales (unless GradClipCB did), steps or skips
+        self.scaler.step(learn.opt)
         self.scaler.update()
-        self.step_skipped = self.scaler._get_scale_async() < scale  # it drops only after a skip
+        self.step_skipped = self.scaler._get_scale_async() < scale  # only a skip lowers it
         self._skips += self.step_skipped
 
     def cleanup_fit(self, learn):
@@ -119,15 +124,10 @@ class MixedPrecision(TrainCB):
         if self.use_scaler and (n := int(self._skips - self._at_fit)):
             warnings.warn(f"MixedPrecision: {n} step(s) skipped for inf/NaN gradients in this fit")
 
-    def state_dict(self): return dict(scaler=self.state_of('scaler') or None, skipped_steps=self.skipped_steps)
-
-    def load_state_dict(self, sd):
-        self.skipped_steps = sd['skipped_steps']
-        self.load_or_keep('scaler', sd['scaler'])
 
 # %% ../nbs/14_accel.ipynb #d5f5f748
 class _NoStep:
-    "The optimizer, whose `step` and `zero_grad` do nothing while gradients accumulate."
+    "The optimizer, with a `step` and `zero_grad` that do nothing."
     def __init__(self, opt): self.opt = opt
     def step(self, *a, **k): pass
     def zero_grad(self, *a, **k): pass
@@ -169,14 +169,14 @@ class GradAccumCB(Callback):
 
 # %% ../nbs/14_accel.ipynb #d3f87403
 class GradClipCB(Callback):
-    "Clip the gradient norm to `max_norm` before each optimizer step, unscaled if there is a GradScaler."
+    "Clip the gradient norm to `max_norm` before each optimizer step, unscaled first under a GradScaler."
     order = 1  # after the callbacks that make or restore the gradients
     def __init__(self, max_norm=1.0, norm_type=2.0):
         self.max_norm, self.norm_type = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), norm_type
         self.norm = None
 
     def after_backward(self, learn):
-        if not getattr(learn, 'will_step', True): return  # accumulating: clip the whole gradient at its step
+        if not getattr(learn, 'will_step', True): return  # accumulating: clip the whole gradient
         if getattr(learn, 'scaler', None) is not None: learn.scaler.unscale_(learn.opt)
         self.norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
@@ -193,14 +193,14 @@ class EMACB(Callback):
         return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
 
     def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first copy
-        d = self.decay_at(int(self.ema_model.n_averaged))  # a CPU counter: no wait
+        d = self.decay_at(int(self.ema_model.n_averaged))  # on the CPU: no wait
         w = (1 - d)*~torch.as_tensor(self._skip, device=params[0].device)  # 0 after a skipped step
         if ema_params[0].is_floating_point():
             torch._foreach_add_(ema_params, torch._foreach_mul(torch._foreach_sub(params, ema_params), w))
         else: torch._foreach_copy_(ema_params, params)  # integer buffers can't be averaged
 
     def before_fit(self, learn):
-        m = extract_model_from_parallel(learn.model)  # AccelerateCB's DDP wraps the same weights
+        m = extract_model_from_parallel(learn.model)  # inside AccelerateCB's DDP
         if self.ema_model is None or self._src is not m:
             self.ema_model, self._src = AveragedModel(m, multi_avg_fn=self._average, use_buffers=True), m
         self.ema_model.module.to(model_device(m))  # n_averaged stays on the CPU
@@ -208,7 +208,7 @@ class EMACB(Callback):
         self._trainer = next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None)
 
     def after_step(self, learn):
-        if not getattr(learn, 'will_step', True): return  # accumulating: the weights haven't moved
+        if not getattr(learn, 'will_step', True): return  # accumulating
         self._skip = getattr(self._trainer, 'step_skipped', False)
         self.ema_model.update_parameters(self._src)
 
@@ -217,7 +217,7 @@ class EMACB(Callback):
 
 # %% ../nbs/14_accel.ipynb #e55214e4
 class _Share(TensorDL):
-    "TensorDL `dl`'s batches, each cut into one part per process: this process gets its own."
+    "TensorDL `dl`, with this process's part of each batch."
     def __init__(self, dl, acc):
         vars(self).update(vars(dl))  # the same images, bs, generator
         self.acc, small = acc, min(dl.bs, (0 if dl.drop_last else len(dl.x) % dl.bs) or dl.bs)
@@ -225,10 +225,10 @@ class _Share(TensorDL):
             raise ValueError(f"AccelerateCB: bs={dl.bs} leaves a batch of {small}, too small to share between "
                              f"{acc.num_processes} processes; pick another bs")
     def order(self): return broadcast(super().order().to(self.acc.device)).cpu()  # the main process's order
-    def get_batch(self, idx): return super().get_batch(idx.tensor_split(self.acc.num_processes)[self.acc.process_index])
+    def get_batch(self, i): return super().get_batch(i.tensor_split(self.acc.num_processes)[self.acc.process_index])
 
 # %% ../nbs/14_accel.ipynb #04f4791d
-class AccelerateCB(TrainCB):
+class AccelerateCB(_AmpCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
     scaler = property(lambda self: self.acc.scaler)
@@ -245,7 +245,7 @@ class AccelerateCB(TrainCB):
         cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
         dev = torch.device('cpu' if cpu else device or PartialState().device)
         self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
-        if not torch.distributed.is_initialized():  # one process: accelerate's state may take new settings
+        if not torch.distributed.is_initialized():  # one process: new settings may replace accelerate's
             AcceleratorState._reset_state(reset_partial_state=True)
             PartialState(cpu=dev.type == 'cpu').device = dev  # accelerate's own 'cuda' drops the index
         elif device is not None: raise ValueError("AccelerateCB(device=...) is for one process; leave it out")
@@ -255,34 +255,32 @@ class AccelerateCB(TrainCB):
 
     def before_fit(self, learn):
         super().before_fit(learn)
-        if self.acc.state.mixed_precision != self.mixed_precision:
-            raise ValueError(f"a later AccelerateCB set accelerate's precision to {self.acc.state.mixed_precision!r}; "
+        acc = self.acc
+        if acc.state.mixed_precision != self.mixed_precision:
+            raise ValueError(f"a later AccelerateCB set accelerate's precision to {acc.state.mixed_precision!r}; "
                              "make this one again")
-        _check_sole_trainer(self, learn)
-        clash = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (GradAccumCB, GradClipCB))]
-        if clash: raise ValueError(f"AccelerateCB accumulates and clips: remove {clash}, pass it max_norm= etc.")
-        a, now = self.acc.device, lambda d: torch.device('cuda', torch.cuda.current_device()) if str(d) == 'cuda' else d
-        for b in [cb.dev for cb in learn.cbs if isinstance(cb, DeviceCB)]:  # a bare 'cuda' is the current GPU
-            if self.acc.num_processes > 1 or now(a) != now(b):
-                raise ValueError(f"DeviceCB puts the model on {b}, AccelerateCB on {a}; remove DeviceCB")
-        self.acc.gradient_accumulation_steps = self.n_accum  # a process-wide setting: ours
-        if self._learn is not learn: self._prepare(learn)
-        elif learn.opt is not self._opt: learn.opt = self._opt = self.acc.prepare(learn.opt)  # e.g. after reset_opt
+        if clash := [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (GradAccumCB, GradClipCB))]:
+            raise ValueError(f"AccelerateCB accumulates and clips: remove {clash}, pass it max_norm= etc.")
+        now = lambda d: torch.device('cuda', torch.cuda.current_device()) if str(d) == 'cuda' else d  # a bare 'cuda'
+        for d in [cb.dev for cb in learn.cbs if isinstance(cb, DeviceCB)]:
+            if acc.num_processes > 1 or now(acc.device) != now(d):
+                raise ValueError(f"DeviceCB puts the model on {d}, AccelerateCB on {acc.device}; remove DeviceCB")
+        acc.gradient_accumulation_steps = self.n_accum  # process-wide
+        if self._learn is not learn:  # once per Learner: DDP mustn't wrap DDP
+            bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learn.model.modules())
+            if bn and acc.num_processes > 1 and acc.device.type == 'cuda':
+                learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
+            elif bn and acc.num_processes > 1 and acc.is_main_process:
+                warnings.warn("AccelerateCB: on CPUs each process takes batch-norm stats over its share; try GroupNorm")
+            learn.model, learn.opt = acc.prepare(learn.model, learn.opt)
+            self._learn, self._opt = learn, learn.opt
+        elif learn.opt is not self._opt: learn.opt = self._opt = acc.prepare(learn.opt)  # e.g. after reset_opt
         if learn.dls is not self._dls: self._dls, self._fit_dls = learn.dls, self._loaders(learn.dls)
         self._fit = contextlib.ExitStack()
-        self._fit.callback(setattr, learn, 'dls', learn.dls)  # the user's, after the fit
+        self._fit.callback(setattr, learn, 'dls', learn.dls)
         learn.dls = self._fit_dls
-        if not self.acc.is_main_process:  # only the main process prints; stderr shows from all
+        if not acc.is_main_process:  # only the main process prints
             self._fit.enter_context(contextlib.redirect_stdout(self._fit.enter_context(open(os.devnull, 'w'))))
-
-    def _prepare(self, learn):  # once per Learner
-        acc = self.acc
-        if acc.num_processes > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in learn.model.modules()):
-            if acc.device.type == 'cuda': learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
-            elif acc.is_main_process: warnings.warn("AccelerateCB: on CPUs each process takes batch-norm stats "
-                                                    "over its share; GroupNorm trains as one process would")
-        learn.model, learn.opt = acc.prepare(learn.model, learn.opt)
-        self._learn, self._opt = learn, learn.opt
 
     def _loaders(self, dls):
         n, out = self.acc.num_processes, []
@@ -299,8 +297,8 @@ class AccelerateCB(TrainCB):
         except TypeError: self.last = None  # groups run on across epochs
 
     def before_batch(self, learn):
-        learn.batch = to_device(learn.batch, self.acc.device)  # a no-op for prepared loaders
-        if self.acc.num_processes > 1:  # every process's share
+        learn.batch = to_device(learn.batch, self.acc.device)
+        if self.acc.num_processes > 1:  # each process's share
             self.ns = self.acc.gather(torch.tensor([float(_n_items(learn.batch))], device=self.acc.device))
         if not learn.training: return
         if learn.iter == self.last: self.acc.step = -1  # accumulate() counts it to 0: a step
@@ -312,7 +310,7 @@ class AccelerateCB(TrainCB):
         loss, ns, n = learn.loss, self.ns, self.n_accum
         if ns is not None: loss = loss*ns[self.acc.process_index]*len(ns)/ns.sum()  # DDP averages the shares
         if self.last is not None: loss = loss*n/min(n, self.last + 1 - learn.iter//n*n)  # a short last group
-        self.acc.backward(loss)  # divided by n, scaled under fp16
+        self.acc.backward(loss)  # divides by n
 
     def step(self, learn):
         sync = self.acc.sync_gradients  # False while accumulating
@@ -322,18 +320,15 @@ class AccelerateCB(TrainCB):
         self.skipped_steps += self.step_skipped
 
     def after_batch(self, learn):  # the whole batch's, for metrics
-        if self.ns is None: return
-        loss_sum = learn.loss.detach().float().reshape(1)*self.ns[self.acc.process_index]
-        learn.loss = self.acc.gather(loss_sum).sum()/self.ns.sum()
-        learn.preds, learn.batch = self._gather((learn.preds.detach(), learn.batch), self.ns)
-
-    def _gather(self, x, ns):
-        if (ns == ns[0]).all(): return self.acc.gather_for_metrics(x)  # drops accelerate's padding
-        m, ns = int(ns.max()), [int(n) for n in ns]  # pad, gather, keep the real rows
-        def gather_one(t):
-            g = self.acc.gather(self.acc.pad_across_processes(t, dim=0))
+        if (ns := self.ns) is None: return
+        acc, x = self.acc, (learn.preds.detach(), learn.batch)
+        learn.loss = acc.gather(learn.loss.detach().float().reshape(1)*ns[acc.process_index]).sum()/ns.sum()
+        if (ns == ns[0]).all(): learn.preds, learn.batch = acc.gather_for_metrics(x); return  # drops the padding
+        m, ns = int(ns.max()), [int(n) for n in ns]
+        def gather(t):  # pad, gather, keep the real rows
+            g = acc.gather(acc.pad_across_processes(t, dim=0))
             return torch.cat([g[i*m:i*m + n] for i, n in enumerate(ns)])
-        return map_tensors(gather_one, x)
+        learn.preds, learn.batch = map_tensors(gather, x)
 
     def cleanup_batch(self, learn):
         if self._accum is not None: self._accum.close(); self._accum = None
@@ -342,7 +337,6 @@ class AccelerateCB(TrainCB):
         self._fit.close()
         vars(learn).pop('will_step', None)
 
-    state_dict, load_state_dict = MixedPrecision.state_dict, MixedPrecision.load_state_dict  # its scaler too
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:

@@ -22,15 +22,14 @@ from .checks import check_int
 from .learner import CancelBatchException, Callback, Learner, LRFinderCB, get_rng_state, set_rng_state
 from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
-# %% ../nbs/05_checkpoint.ipynb #aef5ac93
-_all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner (lr_find uses them too)
+_all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner
 
 
-# %% ../nbs/05_checkpoint.ipynb #1ce0458e
+# %% ../nbs/05_checkpoint.ipynb #7cbdc332
 CKPT_VERSION = 1
 
 def _cb_key(learn, cb):
-    "The name `cb`'s state is saved under: its class name, numbered if several of its class have state."
+    "The key of `cb`'s state: its class name, numbered if several of its class have state."
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
@@ -39,37 +38,30 @@ def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
     "The whole training state as plain data, `done` training batches into `epoch` (which began in `epoch_rng`)."
     if done and epoch_rng is None: raise ValueError("a mid-epoch checkpoint needs epoch_rng; save it with CheckpointCB")
     if self.opt is not None and not hasattr(self.opt, 'state_dict'):
-        raise TypeError(f"the optimizer {type(self.opt).__name__} has no state_dict() to save; use a torch.optim one, "
-                        "or give yours state_dict() and load_state_dict()")
+        raise TypeError(f"the optimizer {type(self.opt).__name__} has no state_dict() to save; use a torch.optim one")
     n = getattr(self, 'n_epochs', None)
     return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
                 cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
                 rng=get_rng_state(**_rng_args(self)), epoch_rng=epoch_rng if done else None)
 
-
-# %% ../nbs/05_checkpoint.ipynb #7cbdc332
-def _atomic_save(obj, path):
-    "`torch.save` to a temp file beside `path`, fsync, then rename: `path` is never half-written."
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
 @fc.patch
 def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
     "Write `checkpoint(epoch, done, epoch_rng)` to `path` atomically; returns the path."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(self.checkpoint(epoch, done, epoch_rng), path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(self.checkpoint(epoch, done, epoch_rng), f)
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
+    try: os.fsync(fd)
+    finally: os.close(fd)
     return path
 
 def read_checkpoint(path):
@@ -77,8 +69,7 @@ def read_checkpoint(path):
     if not Path(path).is_file(): raise FileNotFoundError(f"checkpoint {path} not found; check the path")
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}); use an earlier one (CheckpointCB keeps "
-                         "several)") from None
+        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}); use an earlier one") from None
     if not isinstance(ck, dict) or ck.get('version') != CKPT_VERSION or 'model' not in ck:
         raise ValueError(f"{path} is not a miniai checkpoint (version {CKPT_VERSION}); write one with Learner.save")
     return ck
@@ -87,7 +78,7 @@ def apply_checkpoint(learn, ck, with_opt=True):
     "Put checkpoint `ck`'s model, optimizer (made if missing) and callback state into `learn`."
     learn.model.load_state_dict(ck['model'])
     if with_opt and ck['opt'] is not None:
-        _setup_opt(learn, None, False)  # made as fit would make it, if there is none yet
+        _setup_opt(learn, None, False)  # as fit would make it
         if learn.opt is not None: learn.opt.load_state_dict(ck['opt'])
     have = {_cb_key(learn, cb): cb for cb in learn.cbs if hasattr(cb, 'state_dict')}
     for k, sd in ck['cbs'].items():
@@ -97,7 +88,7 @@ def apply_checkpoint(learn, ck, with_opt=True):
 
 @fc.patch
 def load(self: Learner, path, with_opt=True):
-    "Load a checkpoint written by `save` into this Learner (`apply_checkpoint`); returns the checkpoint dict."
+    "Load a checkpoint written by `save` into this Learner; returns the checkpoint."
     apply_checkpoint(self, ck := read_checkpoint(path), with_opt)
     return ck
 
@@ -108,9 +99,9 @@ def ckpt_name(epoch, done):
     return f'ckpt-e{epoch:04d}-b{done:06d}.pt'
 
 def ckpt_position(path):
-    "`(epoch, done)` of a checkpoint file named by `ckpt_name`, or None for any other name."
+    "`(epoch, done)` of a file named by `ckpt_name`, else None."
     m = re.fullmatch(r'ckpt-e(\d+)-b(\d+)\.pt', Path(path).name)
-    return None if m is None else tuple(map(int, m.groups()))
+    return m and tuple(map(int, m.groups()))
 
 def ckpt_where(path):
     "Where in training the checkpoint file `path` was saved, in words."
@@ -119,18 +110,18 @@ def ckpt_where(path):
     return f"epoch {e}, batch {done}" if done or not e else f"the end of epoch {e-1}"
 
 def ckpt_files(folder):
-    "Checkpoints in `folder`, oldest first (temp files of interrupted writes are ignored)."
+    "The checkpoints in `folder`, oldest first."
     return sorted(Path(folder).glob('ckpt-*.pt'))
 
 class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` with `CheckpointCB(on_interrupt=True)`; says what was saved."
 
 class CheckpointCB(Callback):
-    "Save into `path` every `every_n_batches` training batches and/or epoch (keeping `keep`), and on Ctrl-C if asked."
+    "Save to `path` every `every_n_batches` training batches and/or epoch, keeping `keep`; on Ctrl-C if asked."
     order = 100  # after every other callback has finished with the batch
     def __init__(self, path='checkpoints', every_n_batches=None, every_epoch=True, keep=3, on_interrupt=False):
         if every_n_batches is not None:
             try: check_int(every_n_batches, 'every_n_batches', 1, where='CheckpointCB')
-            except ValueError as e: raise ValueError(f"{e}; or None for no checkpoints inside an epoch") from None
+            except ValueError as e: raise ValueError(f"{e}; or None") from None
         self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
         self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
         self.epoch_rng, self.last, self.stopping, self.idle, self._old = None, None, False, False, None
@@ -154,13 +145,13 @@ class CheckpointCB(Callback):
         return FitInterrupted("interrupted before the first checkpoint; nothing was saved" if f is None else
                               f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
 
-    def before_epoch(self, learn):  # an epoch's shuffle comes from the state it starts in: mid-epoch saves need it
-        if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])  # the GPU's: only at the save
+    def before_epoch(self, learn):  # a mid-epoch save needs the state the epoch's shuffle came from
+        if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])  # not the GPU's
 
     def save_now(self, learn, epoch, done):
         "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
         if self.idle: return
-        _raise_if_not_finite(learn)  # never save weights that a NaN loss `check_finite` hasn't read yet reached
+        _raise_if_not_finite(learn)  # never save weights a NaN loss has reached
         self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
         for old in ckpt_files(self.path)[:-self.keep]: old.unlink(missing_ok=True)
 
@@ -180,18 +171,6 @@ class CheckpointCB(Callback):
         return (ckpt_files(self.path) or [None])[-1]
 
 
-# %% ../nbs/05_checkpoint.ipynb #eed1e913
-def _find_checkpoint(learn, resume):
-    "The checkpoint file `resume` names: a file, a folder (its newest), or 'latest' (the newest in CheckpointCB's)."
-    if resume == 'latest':
-        ccb = [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]
-        if not ccb: raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs; or pass a checkpoint or folder")
-        resume = ccb[0].path
-    if not Path(resume).is_dir(): return Path(resume)
-    if not (fs := ckpt_files(resume)): raise FileNotFoundError(f"no checkpoints in {resume}; fit without ResumeCB")
-    return fs[-1]
-
-
 # %% ../nbs/05_checkpoint.ipynb #11415e5e
 class ResumeCB(Callback):
     "Continue training exactly where checkpoint `resume` (a file, a folder, or 'latest') stopped."
@@ -199,18 +178,25 @@ class ResumeCB(Callback):
     def __init__(self, resume='latest'): self.resume = resume
 
     def before_fit(self, learn):
-        ck = learn.load(_find_checkpoint(learn, self.resume))
+        f = self.resume
+        if f == 'latest':  # the newest in CheckpointCB's folder
+            if not (ccb := [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]):
+                raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs; or pass a checkpoint or folder")
+            f = ccb[0].path
+        if Path(f).is_dir():
+            if not (fs := ckpt_files(f)): raise FileNotFoundError(f"no checkpoints in {f}; fit without ResumeCB")
+            f = fs[-1]
+        ck = learn.load(f)
         self.start, self.done, self.rng, self.epoch_rng = ck['epoch'], ck['done'], ck['rng'], ck['epoch_rng']
-        learn.epochs = (e for e in learn.epochs if e >= self.start)  # finished epochs are skipped
+        learn.epochs = (e for e in learn.epochs if e >= self.start)
 
     def _resuming(self, learn): return learn.training and learn.epoch == self.start
 
-    def before_epoch(self, learn):  # the same starting state draws the same shuffle (at a boundary: the saved one)
+    def before_epoch(self, learn):  # the same state draws the same shuffle
         if self._resuming(learn): set_rng_state(self.epoch_rng if self.done else self.rng, **_rng_args(learn))
 
-    def before_batch(self, learn):
+    def before_batch(self, learn):  # replay the batches done: loaded, not trained on
         if not (self._resuming(learn) and learn.iter < self.done): return
-        # after the last replayed batch, what follows (loading, dropout...) draws from the state at the save
-        if learn.iter == self.done - 1: set_rng_state(self.rng, **_rng_args(learn))
-        raise CancelBatchException()  # trained on before the interruption: loaded again, not trained on again
+        if learn.iter == self.done - 1: set_rng_state(self.rng, **_rng_args(learn))  # what follows draws as it did
+        raise CancelBatchException()
 
