@@ -462,7 +462,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                                 'miniai.learner._call_all': ('learner.html#_call_all', 'miniai/learner.py'),
                                 'miniai.learner._check_fit': ('learner.html#_check_fit', 'miniai/learner.py'),
                                 'miniai.learner._check_lr': ('learner.html#_check_lr', 'miniai/learner.py'),
-                                'miniai.learner._check_same_shape': ('learner.html#_check_same_shape', 'miniai/learner.py'),
                                 'miniai.learner._drop_grads': ('learner.html#_drop_grads', 'miniai/learner.py'),
                                 'miniai.learner._n_items': ('learner.html#_n_items', 'miniai/learner.py'),
                                 'miniai.learner._note': ('learner.html#_note', 'miniai/learner.py'),

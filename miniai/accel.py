@@ -232,6 +232,8 @@ class AccelerateCB(_AmpCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
     scaler = property(lambda self: self.acc.scaler)
+    grad_norm = ns = last = _learn = _opt = _dls = _fit_dls = _accum = None
+    step_skipped, skipped_steps = False, 0
 
     def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, device=None,
                  **kwargs):
@@ -250,8 +252,7 @@ class AccelerateCB(_AmpCB):
             PartialState(cpu=dev.type == 'cpu').device = dev  # accelerate's own 'cuda' drops the index
         elif device is not None: raise ValueError("AccelerateCB(device=...) is for one process; leave it out")
         self.acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=n, **kwargs)
-        self.n_accum, self.max_norm, self.grad_norm, self.ns, self.step_skipped = n, max_norm, None, None, False
-        self.skipped_steps, self._learn, self._opt, self._dls, self._fit_dls, self._accum = 0, *[None]*5
+        self.n_accum, self.max_norm = n, max_norm
 
     def before_fit(self, learn):
         super().before_fit(learn)
@@ -345,5 +346,5 @@ class MultDL:
     def __len__(self): return len(self.dl)*self.mult
     def __iter__(self): return (b for b in self.dl for _ in range(self.mult))
     def __getattr__(self, nm):  # dataset, batch_size, ... come from the wrapped loader
-        if nm in ('dl', 'mult'): raise AttributeError(nm)
+        if nm == 'dl': raise AttributeError(nm)
         return getattr(self.dl, nm)

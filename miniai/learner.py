@@ -32,7 +32,7 @@ from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, Multic
 from .checks import check_float, check_int
 from .conv import default_device, model_device, module_modes, restore_modes, to_cpu, to_device
 
-_all_ = ['to_cpu']  # the course imports to_cpu from here
+_all_ = ['to_cpu']  # as in the course
 
 
 # %% ../nbs/04_learner.ipynb #ec2c9c0e
@@ -64,8 +64,6 @@ def run_cbs(cbs, method_nm, learn=None):
     for cb in sorted(cbs, key=attrgetter('order')):
         if (m := getattr(cb, method_nm, None)) is not None: m(learn)
 
-
-# %% ../nbs/04_learner.ipynb #aea1611a
 LEARN_ATTRS = {  # who sets it: what it is
     'model': "Learner(): the nn.Module",
     'dls': "Learner(): DataLoaders (.train, .valid)",
@@ -142,7 +140,7 @@ def _check_fit(learn, n_epochs, train, valid, lr):
     check_int(n_epochs, 'n_epochs', 0, where='fit')
     _check_lr(lr)
     if train and learn.opt is None and learn.opt_func is None:
-        raise ValueError("this Learner has no optimizer (opt_func=None); give it one, or fit(..., train=False)")
+        raise ValueError("no optimizer (opt_func=None): give the Learner one, or fit(..., train=False)")
     for nm in STEPS if train else STEPS[:2]:  # validation only predicts and computes the loss
         if getattr(type(learn), nm) is getattr(Learner, nm) and not any(hasattr(cb, nm) for cb in learn.cbs):
             raise ValueError(f"nothing does the step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
@@ -247,7 +245,7 @@ class Learner:
             self.n_epochs, self.epochs, self.do_valid = n_epochs, range(n_epochs), valid
             _setup_opt(self, lr, reset_opt)
             self._fit(train, valid)
-        except BaseException as e:  # no gradients of a half-done step, without hiding `e`
+        except BaseException as e:  # drop a half-done step's gradients
             _call_all([partial(_drop_grads, self.model), partial(restore_modes, modes)], err=e)
             raise
         finally:
@@ -259,13 +257,6 @@ def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name_
 
 _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss,
                 nn.HuberLoss)
-
-def _check_same_shape(f, preds, targs):
-    # torch broadcasts (bs,1) and (bs,) to (bs,bs) here, with only a warning
-    if not (f in _ELEMENTWISE or type(f) in _ELEMENTWISE) or len(targs) != 1: return
-    if hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
-        raise ValueError(f"preds have shape {_shape(preds)} but targets {_shape(targs[0])}, which the loss would "
-                         "broadcast. Reshape one, e.g. preds.squeeze(-1)")
 
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
@@ -280,8 +271,11 @@ class TrainCB(Callback):
             raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), so no targets; check n_inp")
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
-        targs = learn.batch[self.n_inp:]
-        if learn.iter == 0: _check_same_shape(learn.loss_func, learn.preds, targs)
+        p, targs, f = learn.preds, learn.batch[self.n_inp:], learn.loss_func
+        if learn.iter == 0 and (f in _ELEMENTWISE or type(f) in _ELEMENTWISE) and len(targs) == 1:  # torch only warns
+            if hasattr(targs[0], 'shape') and p.shape != targs[0].shape:
+                raise ValueError(f"preds have shape {_shape(p)} but targets {_shape(targs[0])}, which the loss would "
+                                 "broadcast. Reshape one, e.g. preds.squeeze(-1)")
         try: learn.loss = learn.loss_func(learn.preds, *targs)
         except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes
             raise ValueError(f"loss_func failed on preds of shape {_shape(learn.preds)} and targets "
@@ -319,7 +313,7 @@ class TerminateOnNaNCB(Callback):
             raise CancelFitException()
 
 
-# %% ../nbs/04_learner.ipynb #ab496d1f
+# %% ../nbs/04_learner.ipynb #767e390d
 def _opt_state_to(opt, dev):  # a hand-written optimizer may have no `.state`
     state = getattr(opt, 'state', None)
     for s in state.values() if isinstance(state, dict) else []:
@@ -340,8 +334,6 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-
-# %% ../nbs/04_learner.ipynb #767e390d
 _METRICS = dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
 
 def metric_by_name(name):
@@ -421,7 +413,7 @@ class MetricsCB(Callback):
 
 # %% ../nbs/04_learner.ipynb #c4de7351
 class ProgressCB(Callback):
-    "Progress bars and a metrics table; `plot=True` adds a live loss graph. Keeps `losses` and `val_losses`."
+    "Progress bars, a metrics table and, if `plot`, a live loss graph; keeps `losses` and `val_losses`."
     order = MetricsCB.order + 1
     def __init__(self, plot=False, refresh=0.25):
         self.plot, self.refresh, self.losses, self.val_losses, self.val_at, self._buf = plot, refresh, [], [], [], []
