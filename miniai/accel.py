@@ -48,7 +48,6 @@ def _precision(want, dev, who, fix, warn=warnings.warn):
 
 # %% ../nbs/14_accel.ipynb #76ba78d3
 class _AmpCB(TrainCB):
-    "A TrainCB that must be the only training step; saves its grad scaler and skipped steps."
     def before_fit(self, learn):
         super().before_fit(learn)
         nm, cls = type(self).__name__, type(learn)
@@ -127,7 +126,6 @@ class MixedPrecision(_AmpCB):
 
 # %% ../nbs/14_accel.ipynb #d5f5f748
 class _NoStep:
-    "The optimizer, with a `step` and `zero_grad` that do nothing."
     def __init__(self, opt): self.opt = opt
     def step(self, *a, **k): pass
     def zero_grad(self, *a, **k): pass
@@ -217,7 +215,6 @@ class EMACB(Callback):
 
 # %% ../nbs/14_accel.ipynb #e55214e4
 class _Share(TensorDL):
-    "TensorDL `dl`, with this process's part of each batch."
     def __init__(self, dl, acc):
         vars(self).update(vars(dl))  # the same images, bs, generator
         self.acc, small = acc, min(dl.bs, (0 if dl.drop_last else len(dl.x) % dl.bs) or dl.bs)

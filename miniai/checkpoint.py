@@ -28,8 +28,7 @@ _all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner
 # %% ../nbs/05_checkpoint.ipynb #7cbdc332
 CKPT_VERSION = 1
 
-def _cb_key(learn, cb):
-    "The key of `cb`'s state: its class name, numbered if several of its class have state."
+def _cb_key(learn, cb):  # the class name, numbered if several of a class have state
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
 
@@ -65,7 +64,7 @@ def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
     return path
 
 def read_checkpoint(path):
-    "Load a checkpoint file written by `Learner.save`, with a clear error if it is missing or damaged."
+    "Load a checkpoint written by `Learner.save`, with a clear error if it is missing or damaged."
     if not Path(path).is_file(): raise FileNotFoundError(f"checkpoint {path} not found; check the path")
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -75,7 +74,7 @@ def read_checkpoint(path):
     return ck
 
 def apply_checkpoint(learn, ck, with_opt=True):
-    "Put checkpoint `ck`'s model, optimizer (made if missing) and callback state into `learn`."
+    "Put checkpoint `ck`'s model, optimizer and callback state into `learn`."
     learn.model.load_state_dict(ck['model'])
     if with_opt and ck['opt'] is not None:
         _setup_opt(learn, None, False)  # as fit would make it
@@ -95,7 +94,7 @@ def load(self: Learner, path, with_opt=True):
 
 # %% ../nbs/05_checkpoint.ipynb #a51af5e1
 def ckpt_name(epoch, done):
-    "The file name of the checkpoint `done` training batches into `epoch`; names sort in training order."
+    "The file name of the checkpoint `done` training batches into `epoch`, sorting in training order."
     return f'ckpt-e{epoch:04d}-b{done:06d}.pt'
 
 def ckpt_position(path):
@@ -140,7 +139,7 @@ class CheckpointCB(Callback):
         print("\nstopping after this batch to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def interrupted(self):
-        "The `FitInterrupted` to raise: where the newest checkpoint is, or that there is none."
+        "A `FitInterrupted` saying where the newest checkpoint is."
         f = self.latest()
         return FitInterrupted("interrupted before the first checkpoint; nothing was saved" if f is None else
                               f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
@@ -149,7 +148,7 @@ class CheckpointCB(Callback):
         if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])  # not the GPU's
 
     def save_now(self, learn, epoch, done):
-        "Save `learn` as `done` training batches into `epoch`, keeping the newest `keep` files."
+        "Save `learn`, `done` training batches into `epoch`, keeping the newest `keep` files."
         if self.idle: return
         _raise_if_not_finite(learn)  # never save weights a NaN loss has reached
         self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)

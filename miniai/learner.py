@@ -92,14 +92,12 @@ LEARN_ATTRS = {  # who sets it: what it is
 
 # %% ../nbs/04_learner.ipynb #91fc0817
 def _note(err, f, e):
-    "Add a note to `err` that `f` also failed with `e`."
     nm = getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
     msg = f"while handling this error, {nm} also failed: {type(e).__name__}: {e}"
     if hasattr(err, 'add_note'): err.add_note(msg)  # Python 3.11+
     else: warnings.warn(msg, RuntimeWarning)
 
-def _call_all(fns, *args, err=None):
-    "Call all `fns`; failures become notes on `err`, or on the first failure, which is raised."
+def _call_all(fns, *args, err=None):  # failures become notes on `err`, else the first is raised
     first = None
     for f in fns:
         try: f(*args)
@@ -163,7 +161,6 @@ def check_cb(cb):
 
 # %% ../nbs/04_learner.ipynb #990b7929
 def _setup_opt(learn, lr, reset):
-    "Make the optimizer on the first fit or on `reset`; else set `lr`, or `learn.lr` if that changed."
     if learn.opt_func is not None and (reset or learn.opt is None):
         lr, ps = learn.lr if lr is None else lr, learn.model.parameters()
         learn.opt, learn._applied_lr = learn.opt_func(ps) if lr is None else learn.opt_func(ps, lr), learn.lr
@@ -346,8 +343,7 @@ def _n_items(b):  # the batch size, also of nested batches like `((xt, t), eps)`
     while isinstance(b, (tuple, list)) and b: b = b[0]
     return len(b)
 
-class _Metrics(dict):
-    "Metrics by name, saved and loaded together."
+class _Metrics(dict):  # saved and loaded together
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
     def load_state_dict(self, sd):  # torcheval leaves loaded tensors where they were saved
         for k, m in self.items(): m.load_state_dict(sd[k]); m.to(m.device)
@@ -542,7 +538,7 @@ class LRFinderCB(Callback):
     def before_fit(self, learn):  # after DeviceCB: the model's GPU is known
         self.sched, self.rng = ExponentialLR(learn.opt, self.gamma), get_rng_state(**_rng_args(learn))
         self.lrs, self.losses, self.min = [], [], math.inf
-    def after_loss(self, learn):  # before backward, where check_finite would raise on a NaN loss
+    def after_loss(self, learn):  # before check_finite can raise on a NaN loss
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         self.losses.append(loss := learn.loss.item())
