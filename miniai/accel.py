@@ -165,7 +165,6 @@ class GradAccumCB(Callback):
 
     def cleanup_fit(self, learn): vars(learn).pop('will_step', None)
 
-# %% ../nbs/14_accel.ipynb #d3f87403
 class GradClipCB(Callback):
     "Clip the gradient norm to `max_norm` before each optimizer step, unscaled first under a GradScaler."
     order = 1  # after the callbacks that make or restore the gradients
@@ -177,6 +176,7 @@ class GradClipCB(Callback):
         if not getattr(learn, 'will_step', True): return  # accumulating: clip the whole gradient
         if getattr(learn, 'scaler', None) is not None: learn.scaler.unscale_(learn.opt)
         self.norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
+
 
 # %% ../nbs/14_accel.ipynb #a992cecc
 class EMACB(Callback):
@@ -213,7 +213,7 @@ class EMACB(Callback):
     def state_dict(self): return dict(ema=self.state_of('ema_model'))
     def load_state_dict(self, sd): self.load_or_keep('ema_model', sd['ema'])
 
-# %% ../nbs/14_accel.ipynb #e55214e4
+# %% ../nbs/14_accel.ipynb #04f4791d
 class _Share(TensorDL):
     def __init__(self, dl, acc):
         vars(self).update(vars(dl))  # the same images, bs, generator
@@ -224,9 +224,8 @@ class _Share(TensorDL):
     def order(self): return broadcast(super().order().to(self.acc.device)).cpu()  # the main process's order
     def get_batch(self, i): return super().get_batch(i.tensor_split(self.acc.num_processes)[self.acc.process_index])
 
-# %% ../nbs/14_accel.ipynb #04f4791d
 class AccelerateCB(_AmpCB):
-    "Train with HF accelerate: mixed precision, accumulation, clipping to `max_norm`, on `device` or several processes."
+    "Train with HF accelerate: mixed precision, accumulation, clipping, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
     scaler = property(lambda self: self.acc.scaler)
     grad_norm = ns = last = _learn = _opt = _dls = _fit_dls = _accum = None
@@ -338,7 +337,7 @@ class AccelerateCB(_AmpCB):
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:
-    "Wrap DataLoader `dl` so each batch comes `mult` times in a row: more steps for the same loading work."
+    "Each batch of DataLoader `dl`, `mult` times in a row: more steps for the same loading work."
     def __init__(self, dl, mult=2): self.dl, self.mult = dl, check_int(mult, 'mult', 1, 'MultDL')
     def __len__(self): return len(self.dl)*self.mult
     def __iter__(self): return (b for b in self.dl for _ in range(self.mult))

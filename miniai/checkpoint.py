@@ -116,7 +116,7 @@ class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` with `CheckpointCB(on_
 
 class CheckpointCB(Callback):
     "Save to `path` every `every_n_batches` training batches and/or epoch, keeping `keep`; on Ctrl-C if asked."
-    order = 100  # after every other callback has finished with the batch
+    order = 100  # last: the batch is finished
     def __init__(self, path='checkpoints', every_n_batches=None, every_epoch=True, keep=3, on_interrupt=False):
         if every_n_batches is not None:
             try: check_int(every_n_batches, 'every_n_batches', 1, where='CheckpointCB')
@@ -169,11 +169,9 @@ class CheckpointCB(Callback):
         "The newest checkpoint file in `path`, or None."
         return (ckpt_files(self.path) or [None])[-1]
 
-
-# %% ../nbs/05_checkpoint.ipynb #11415e5e
 class ResumeCB(Callback):
     "Continue training exactly where checkpoint `resume` (a file, a folder, or 'latest') stopped."
-    order = CheckpointCB.order - 1  # after the other before_fits (their objects exist), before CheckpointCB
+    order = CheckpointCB.order - 1  # after the other before_fits, before CheckpointCB
     def __init__(self, resume='latest'): self.resume = resume
 
     def before_fit(self, learn):

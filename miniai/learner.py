@@ -158,8 +158,6 @@ def check_cb(cb):
         hint = f"did you mean {close[0]!r}?" if close else f"the events are {', '.join(EVENTS)}."
         raise ValueError(f"{type(cb).__name__}.{nm} is not an event, so it never runs: {hint} Helpers start with '_'.")
 
-
-# %% ../nbs/04_learner.ipynb #990b7929
 def _setup_opt(learn, lr, reset):
     if learn.opt_func is not None and (reset or learn.opt is None):
         lr, ps = learn.lr if lr is None else lr, learn.model.parameters()
@@ -248,6 +246,7 @@ class Learner:
         finally:
             for cb in cbs:
                 if cb in self.cbs: self.rm_cb(cb)
+
 
 # %% ../nbs/04_learner.ipynb #06ba1a91
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
