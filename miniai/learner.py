@@ -251,8 +251,8 @@ class Learner:
 # %% ../nbs/04_learner.ipynb #06ba1a91
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
-_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss,
-                nn.HuberLoss)
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)  # torch only warns if these broadcast
+_ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
@@ -268,7 +268,7 @@ class TrainCB(Callback):
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
         p, targs, f = learn.preds, learn.batch[self.n_inp:], learn.loss_func
-        if learn.iter == 0 and (f in _ELEMENTWISE or type(f) in _ELEMENTWISE) and len(targs) == 1:  # torch only warns
+        if learn.iter == 0 and (f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE_MODULES)) and len(targs) == 1:
             if hasattr(targs[0], 'shape') and p.shape != targs[0].shape:
                 raise ValueError(f"preds have shape {_shape(p)} but targets {_shape(targs[0])}, which the loss would "
                                  "broadcast. Reshape one, e.g. preds.squeeze(-1)")
