@@ -16,8 +16,6 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Mapping
-from contextlib import contextmanager
 from functools import partial, wraps
 from operator import attrgetter
 
@@ -34,28 +32,26 @@ from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, Multic
 from .checks import check_float, check_int
 from .conv import default_device, model_device, module_modes, restore_modes, to_cpu, to_device
 
-# %% ../nbs/04_learner.ipynb #19f542fc
-_all_ = ['to_cpu']  # the course imports to_cpu from the learner module
+_all_ = ['to_cpu']  # as in the course
+
 
 # %% ../nbs/04_learner.ipynb #ec2c9c0e
-class CancelFitException(Exception): "Raise in a callback to stop `fit` (`cleanup_fit` still runs)."
-class CancelEpochException(Exception): "Raise in a callback to end this epoch (`cleanup_epoch` still runs)."
-class CancelBatchException(Exception): "Raise in a callback to skip the rest of the batch (`cleanup_batch` still runs)."
+class CancelFitException(Exception): "Stop `fit`; `cleanup_fit` still runs."
+class CancelEpochException(Exception): "End this epoch; `cleanup_epoch` still runs."
+class CancelBatchException(Exception): "Skip the rest of this batch; `cleanup_batch` still runs."
 
 class Callback:
-    "Base class for callbacks: define event methods taking `learn`; lower `order` runs first."
+    "Base class for callbacks: event methods take `learn`; lower `order` runs first."
     order = 0
-    # State loaded before fit makes its object (a grad scaler, an averaged model) waits for it
     def load_or_keep(self, name, sd):
-        "Load `sd` into `self.<name>` if it exists, else keep it until the callback calls `made(name)`."
+        "Load `sd` into `self.<name>`, or keep it for `made(name)` while there is none."
         vars(self).setdefault('_kept', {})[name] = sd
         if getattr(self, name, None) is not None: self.made(name)
     def made(self, name):
-        "Call once `self.<name>` exists: it gets the state kept for it, if any."
-        sd = vars(self).get('_kept', {}).pop(name, None)
-        if sd: getattr(self, name).load_state_dict(sd)  # None or {} (a disabled GradScaler's): nothing to load
+        "Call once `self.<name>` exists: it gets the state kept for it."
+        if sd := vars(self).get('_kept', {}).pop(name, None): getattr(self, name).load_state_dict(sd)
     def state_of(self, name):
-        "`self.<name>`'s state, or the state kept for it: what `state_dict` saves."
+        "`self.<name>`'s state, or the state kept for it."
         obj = getattr(self, name, None)
         return obj.state_dict() if obj is not None else vars(self).get('_kept', {}).get(name)
 
@@ -64,148 +60,116 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_predict', 'after_
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 
 def run_cbs(cbs, method_nm, learn=None):
-    "Call `method_nm(learn)` on each callback in `cbs` that defines it, in `order`."
+    "Call `method_nm(learn)` on each of `cbs` that has it, in `order`."
     for cb in sorted(cbs, key=attrgetter('order')):
-        method = getattr(cb, method_nm, None)
-        if method is not None: method(learn)
+        if (m := getattr(cb, method_nm, None)) is not None: m(learn)
 
-
-# %% ../nbs/04_learner.ipynb #aea1611a
-LEARN_ATTRS = {  # what callbacks share through `learn`: who sets it, and what it is
-    'model': "Learner(): the nn.Module (AccelerateCB prepares it)",
-    'dls': "Learner(): DataLoaders with .train and .valid",
+LEARN_ATTRS = {  # who sets it: what it is
+    'model': "Learner(): the nn.Module",
+    'dls': "Learner(): DataLoaders (.train, .valid)",
     'loss_func': "Learner(): loss_func(preds, *targets)",
-    'lr': "Learner(): the optimizer's lr; fit(lr=...) changes it",
-    'opt_func': "Learner(): opt_func(params, lr) makes the optimizer; None: inference only",
-    'cbs': "Learner(), add_cb, rm_cb, fit(cbs=...): the callbacks, sorted by order",
-    'opt': "the first fit: the optimizer (GradAccumCB, AccelerateCB wrap it)",
+    'lr': "Learner(), fit(lr=): the optimizer's lr",
+    'opt_func': "Learner(): makes the optimizer; None: no training",
+    'cbs': "Learner(), add_cb, rm_cb, fit(cbs=): callbacks by order",
+    'opt': "the first fit: the optimizer",
     'n_epochs': "fit: the epochs asked for",
-    'epochs': "fit: range(n_epochs) (ProgressCB wraps it, ResumeCB skips done ones)",
-    'do_valid': "fit: whether epochs end with a validation pass",
-    'epoch': "the loop: the current epoch",
-    'training': "the loop (model.training): a training pass?",
-    'dl': "the loop: dls.train or dls.valid (ProgressCB wraps it)",
-    'iter': "the loop: the batch's index in this pass",
-    'batch': "the loop: the batch (DeviceCB, BatchTransformCB, DDPMCB replace it)",
-    'preds': "predict (TrainCB): the model's output",
-    'loss': "get_loss (TrainCB): the loss",
-    'n_inp': "TrainCB.before_fit: how many batch items go to the model",
-    'metrics': "MetricsCB.before_fit: the MetricsCB, with its history",
-    'scaler': "MixedPrecision.before_fit: its GradScaler or None; removed after fit",
-    'will_step': "GradAccumCB.before_batch: False while gradients accumulate; removed after fit",
-    'lr_finder': "lr_find: the last LRFinderCB (lrs, losses, plot())",
+    'epochs': "fit: range(n_epochs); ProgressCB, ResumeCB wrap it",
+    'do_valid': "fit: validate each epoch?",
+    'epoch': "the loop: the epoch",
+    'training': "the loop: model.training",
+    'dl': "the loop: dls.train or dls.valid",
+    'iter': "the loop: the batch's index",
+    'batch': "the loop: the batch",
+    'preds': "predict: the model's output",
+    'loss': "get_loss: the loss",
+    'n_inp': "TrainCB: how many batch items go to the model",
+    'metrics': "MetricsCB: itself",
+    'scaler': "MixedPrecision: its GradScaler or None, in fit",
+    'will_step': "GradAccumCB: False while accumulating, in fit",
+    'lr_finder': "lr_find: the last LRFinderCB",
 }
 
 
 # %% ../nbs/04_learner.ipynb #91fc0817
-def _name(f): return getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
-
 def _note(err, f, e):
-    "Note on `err` that `f` also failed with `e` (never raise `e` in its place)."
-    msg = f"while handling this error, {_name(f)} also failed: {type(e).__name__}: {e}"
+    nm = getattr(f, '__qualname__', None) or getattr(getattr(f, 'func', None), '__qualname__', repr(f))
+    msg = f"while handling this error, {nm} also failed: {type(e).__name__}: {e}"
     if hasattr(err, 'add_note'): err.add_note(msg)  # Python 3.11+
     else: warnings.warn(msg, RuntimeWarning)
 
-def _call_all(fns, *args, err=None):
-    "Call all `fns`, even after failures: they become notes on `err`, or else the first is raised."
+def _call_all(fns, *args, err=None):  # failures become notes on `err`, else the first is raised
     first = None
     for f in fns:
         try: f(*args)
         except Exception as e:
-            if err is None and first is None: first = e
-            else: _note(err if err is not None else first, f, e)
+            if err is None: err = first = e
+            else: _note(err, f, e)
     if first is not None: raise first
 
-@contextmanager
-def _undo_after(*fns):
-    "Call `fns` when the block ends, failed or not, without hiding the block's own error."
-    try: yield
-    except BaseException as e:
-        _call_all(fns, err=e)
-        raise
-    _call_all(fns)
+_CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
 
 class with_cbs:
     "Decorator: `before_nm`, the method, `after_nm`; swallow `cancel_exc`; `cleanup_nm` for those set up."
     def __init__(self, nm, cancel_exc): self.nm, self.cancel_exc = nm, cancel_exc
     def __call__(self, f):
-        before, after, cleanup = (f'{w}_{self.nm}' for w in ('before', 'after', 'cleanup'))
         @wraps(f)
         def _f(learn, *args, **kwargs):
-            befores, n = learn.handlers(before), 0  # n: how many before_ handlers finished
+            befores, n, err = learn.handlers(f'before_{self.nm}'), 0, None  # n: before_ handlers that finished
             try:
                 for _, m in befores: m(learn); n += 1
                 f(learn, *args, **kwargs)
-                learn.callback(after)
+                learn.callback(f'after_{self.nm}')
             except self.cancel_exc: pass
-            except BaseException as e:  # an error, or an outer cancel (then a failing cleanup is raised)
-                _cleanup(learn, cleanup, befores[n:], err=None if isinstance(e, _CANCELS) else e)
+            except BaseException as e:
+                if not isinstance(e, _CANCELS): err = e  # an outer cancel: a failing cleanup is raised instead
                 raise
-            _cleanup(learn, cleanup, befores[n:])
+            finally:
+                skip = {id(cb) for cb, _ in befores[n:]}
+                _call_all([m for cb, m in learn.handlers(f'cleanup_{self.nm}') if id(cb) not in skip], learn, err=err)
         return _f
-
-_CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
-
-def _cleanup(learn, nm, not_entered, err=None):
-    "Run event `nm` on the callbacks, but not those in `not_entered` (never set up)."
-    skip = {id(cb) for cb, _ in not_entered}
-    _call_all([m for cb, m in learn.handlers(nm) if id(cb) not in skip], learn, err=err)
 
 
 # %% ../nbs/04_learner.ipynb #32d10ac1
 def _check_lr(lr):
-    if lr is None: return
-    try: check_float(lr, 'lr', '(0, inf)')
-    except ValueError as e: raise ValueError(f"{e}; pass a positive number, e.g. 1e-3 (lr_find suggests one)") from None
+    try: lr is None or check_float(lr, 'lr', '(0, inf)')
+    except ValueError as e: raise ValueError(f"{e}; pass a positive number, e.g. from lr_find") from None
 
 def _check_fit(learn, n_epochs, train, valid, lr):
     check_int(n_epochs, 'n_epochs', 0, where='fit')
     _check_lr(lr)
     if train and learn.opt is None and learn.opt_func is None:
-        raise ValueError("this Learner has no optimizer (opt_func=None); give it one, or fit(..., train=False)")
+        raise ValueError("no optimizer (opt_func=None): give the Learner one, or fit(..., train=False)")
     for nm in STEPS if train else STEPS[:2]:  # validation only predicts and computes the loss
         if getattr(type(learn), nm) is getattr(Learner, nm) and not any(hasattr(cb, nm) for cb in learn.cbs):
-            raise ValueError(f"nothing does the training step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
+            raise ValueError(f"nothing does the step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
     for nm in [nm for nm, on in (('train', train), ('valid', valid)) if on]:
-        if not hasattr(learn.dls, nm):
-            raise TypeError(f"dls has no .{nm}; pass DataLoaders(train_dl, valid_dl), or {nm}=False to fit")
+        if not hasattr(learn.dls, nm): raise TypeError(f"dls has no .{nm}; pass DataLoaders, or {nm}=False to fit")
         try: empty = len(getattr(learn.dls, nm)) == 0
-        except TypeError: empty = False  # an iterable without a length
-        if empty: raise ValueError(f"the {nm} DataLoader is empty (no items, or fewer than batch_size with drop_last); "
-                                   f"give it data, lower batch_size, or pass {nm}=False to fit")
+        except TypeError: empty = False  # no length
+        if empty: raise ValueError(f"the {nm} DataLoader is empty; give it data, lower batch_size, or pass {nm}=False")
 
-
-# %% ../nbs/04_learner.ipynb #e9b9fef3
 def check_cb(cb):
-    "Refuse a callback class instead of an instance, and a method named like an event that is none."
+    "Refuse a callback class, and a method named like an event that isn't one."
     if isinstance(cb, type): raise TypeError(f"add_cb got the class {cb.__name__}; pass an instance, {cb.__name__}()")
     for nm in dir(cb):
         if nm in EVENTS or not nm.startswith(('before_', 'after_', 'cleanup_')): continue
         if not callable(getattr(cb, nm, None)): continue
         close = difflib.get_close_matches(nm, EVENTS + STEPS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"the events are {', '.join(EVENTS)}."
-        raise ValueError(f"{type(cb).__name__}.{nm} is not an event, so it would never run: {hint} "
-                         "(start a helper's name with '_')")
+        raise ValueError(f"{type(cb).__name__}.{nm} is not an event, so it never runs: {hint} Helpers start with '_'.")
 
-
-# %% ../nbs/04_learner.ipynb #990b7929
 def _setup_opt(learn, lr, reset):
-    "Make the optimizer on the first fit (or with `reset`); later fits only change its lr if asked to."
     if learn.opt_func is not None and (reset or learn.opt is None):
         lr, ps = learn.lr if lr is None else lr, learn.model.parameters()
         learn.opt, learn._applied_lr = learn.opt_func(ps) if lr is None else learn.opt_func(ps, lr), learn.lr
         return
-    if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr  # the user changed learn.lr
-    if lr is not None and learn.opt is not None: _set_lr(learn.opt, lr)  # else it keeps its own lr(s)
+    if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr
+    if lr is None or learn.opt is None: return
+    for g in getattr(learn.opt, 'param_groups', []): g['lr'] = lr; g.pop('initial_lr', None)  # for a later scheduler
+    if hasattr(learn.opt, 'lr'): learn.opt.lr = lr  # e.g. the course's own SGD
 
-def _set_lr(opt, lr):
-    "Set `lr` in a torch optimizer's param groups, or in `opt.lr` (like the course's own SGD)."
-    if hasattr(opt, 'param_groups'):
-        for g in opt.param_groups: g['lr'] = lr; g.pop('initial_lr', None)  # for a scheduler made after this
-    elif hasattr(opt, 'lr'): opt.lr = lr
-
-def _drop_grads(model):
-    for p in model.parameters(): p.grad = None  # a hand-written opt.zero_grad() may fail on missing grads
+def _drop_grads(model):  # not opt.zero_grad(), which may fail on missing grads
+    for p in model.parameters(): p.grad = None
 
 class Learner:
     "Train `model` on `dls` with `loss_func` and `opt_func` (None: inference only), extended by `cbs`."
@@ -216,7 +180,7 @@ class Learner:
         for cb in fc.L(cbs): self.add_cb(cb)
 
     def add_cb(self, cb):
-        "Add callback instance `cb`; `cbs` stays sorted by `order`, ties as added."
+        "Add callback `cb`; `cbs` stays sorted by `order`."
         check_cb(cb)
         cb.learn, self.cbs, self._handlers = self, sorted([*self.cbs, cb], key=attrgetter('order')), {}
         return self
@@ -225,7 +189,7 @@ class Learner:
         self.cbs.remove(cb); self._handlers = {}
         return self
     def handlers(self, nm):
-        "`(cb, method)` for the callbacks that define `nm`, in order; cached until `cbs` changes."
+        "`(cb, method)` for the callbacks that define `nm`, cached."
         if nm not in self._handlers:
             self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
         return self._handlers[nm]
@@ -233,7 +197,7 @@ class Learner:
         "Run event `nm` on the callbacks that define it."
         for _, m in self.handlers(nm): m(self)
 
-    # The step methods: callbacks do the work unless a subclass overrides them
+    # the steps: callbacks do them, unless a subclass overrides them
     def predict(self): self.callback('predict')
     def get_loss(self): self.callback('get_loss')
     def backward(self): self.callback('backward')
@@ -276,25 +240,19 @@ class Learner:
             self.n_epochs, self.epochs, self.do_valid = n_epochs, range(n_epochs), valid
             _setup_opt(self, lr, reset_opt)
             self._fit(train, valid)
-        except BaseException as e:  # leave no gradients of a half-done step, without hiding `e`
+        except BaseException as e:  # drop a half-done step's gradients
             _call_all([partial(_drop_grads, self.model), partial(restore_modes, modes)], err=e)
             raise
         finally:
             for cb in cbs:
                 if cb in self.cbs: self.rm_cb(cb)
 
+
 # %% ../nbs/04_learner.ipynb #06ba1a91
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
-_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)  # torch only warns if these broadcast
 _ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
-
-def _check_same_shape(f, preds, targs):
-    # torch broadcasts (bs,1) against (bs,) to (bs,bs) in these with only a warning: a silent, classic bug
-    if not (f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE_MODULES)) or len(targs) != 1: return
-    if hasattr(targs[0], 'shape') and preds.shape != targs[0].shape:
-        raise ValueError(f"predictions have shape {_shape(preds)} but targets {_shape(targs[0])}, which an elementwise "
-                         "loss would broadcast wrongly. Reshape one to match, e.g. preds.squeeze(-1)")
 
 class TrainCB(Callback):
     "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
@@ -302,31 +260,32 @@ class TrainCB(Callback):
     def before_fit(self, learn): learn.n_inp = self.n_inp; vars(learn).pop('_finite', None)
     def predict(self, learn):
         b = learn.batch
-        if isinstance(b, dict): raise TypeError(f"TrainCB needs a tuple batch (inputs..., targets...), got a dict with "
-                                                f"keys {list(b)}; use DataLoaders.from_dd(..., as_tuple=True)")
+        if isinstance(b, dict):
+            raise TypeError(f"TrainCB needs a tuple batch, got a dict with keys {list(b)}; "
+                            "use DataLoaders.from_dd(..., as_tuple=True)")
         if (n := len(b) if isinstance(b, (tuple, list)) else 1) <= self.n_inp:
-            raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), leaving no targets for the "
-                             "loss; check n_inp, or what the DataLoader yields")
+            raise ValueError(f"TrainCB(n_inp={self.n_inp}) got a batch of {n} item(s), so no targets; check n_inp")
         learn.preds = learn.model(*b[:self.n_inp])
     def get_loss(self, learn):
-        targs = learn.batch[self.n_inp:]
-        if learn.iter == 0: _check_same_shape(learn.loss_func, learn.preds, targs)
+        p, targs, f = learn.preds, learn.batch[self.n_inp:], learn.loss_func
+        if learn.iter == 0 and (f in _ELEMENTWISE or isinstance(f, _ELEMENTWISE_MODULES)) and len(targs) == 1:
+            if hasattr(targs[0], 'shape') and p.shape != targs[0].shape:
+                raise ValueError(f"preds have shape {_shape(p)} but targets {_shape(targs[0])}, which the loss would "
+                                 "broadcast. Reshape one, e.g. preds.squeeze(-1)")
         try: learn.loss = learn.loss_func(learn.preds, *targs)
-        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes that don't fit
-            raise ValueError(f"loss_func failed on predictions of shape {_shape(learn.preds)} and targets of shape "
-                             f"{[_shape(t) for t in targs]}: {str(e).splitlines()[0]}. Check the model's output size "
-                             f"and n_inp={self.n_inp}") from e
+        except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes
+            raise ValueError(f"loss_func failed on preds of shape {_shape(learn.preds)} and targets "
+                             f"{list(map(_shape, targs))}: {str(e).splitlines()[0]}. Check the model's output size"
+                             ) from e
     def backward(self, learn):
         check_finite(learn)
         learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
-    def after_epoch(self, learn): _raise_if_not_finite(learn)  # losses check_finite hasn't read yet
+    def after_epoch(self, learn): _raise_if_not_finite(learn)  # what check_finite hasn't read
 
-
-# %% ../nbs/04_learner.ipynb #1c7c564c
 def check_finite(learn, every=None):
-    "Raise `FloatingPointError` if a loss was NaN or infinite: checked each batch on a CPU, else every `every` (32)."
+    "Raise `FloatingPointError` after a NaN or infinite loss: on a CPU at once, else within `every` (32) batches."
     ok = torch.isfinite(learn.loss.detach()).all()  # a flag on the device: no wait
     since, prev = vars(learn).get('_finite', ((learn.epoch, learn.iter), True))
     learn._finite = since, ok & prev
@@ -337,12 +296,12 @@ def _raise_if_not_finite(learn):  # reading the flag waits for the device
     if ok: return
     at, now = f"epoch {e}, batch {i}", (learn.epoch, learn.iter)
     at = f"at {at}" if (e, i) == now else f"between {at} and epoch {now[0]}, batch {now[1]}"
-    raise FloatingPointError(f"the loss is NaN or infinite {at}; lower the lr (try lr_find), check the inputs for NaN, "
-                             "or add TerminateOnNaNCB() to stop quietly")
+    raise FloatingPointError(f"the loss is NaN or infinite {at}; lower the lr, check the inputs, "
+                             "or add TerminateOnNaNCB()")
 
 class TerminateOnNaNCB(Callback):
-    "Stop `fit` quietly (keeping the last good weights) when the loss is NaN or infinite."
-    order = -1  # after_loss: before TrainCB's backward, so the bad batch never reaches the weights
+    "Stop `fit` quietly, keeping the last good weights, when the loss is NaN or infinite."
+    order = -1  # before TrainCB's backward: the bad batch never reaches the weights
     def after_loss(self, learn):
         if not torch.isfinite(learn.loss).all():
             print(f"TerminateOnNaNCB: loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}; stopping")
@@ -350,15 +309,12 @@ class TerminateOnNaNCB(Callback):
             raise CancelFitException()
 
 
-# %% ../nbs/04_learner.ipynb #ab496d1f
-def _opt_state_to(opt, dev):
-    "Move a torch optimizer's per-parameter state to `dev` (a hand-written one has no `.state`)."
+# %% ../nbs/04_learner.ipynb #767e390d
+def _opt_state_to(opt, dev):  # a hand-written optimizer may have no `.state`
     state = getattr(opt, 'state', None)
-    if not isinstance(state, Mapping): return
-    for s in state.values():
-        if not isinstance(s, dict): continue
+    for s in state.values() if isinstance(state, dict) else []:
         for k, v in s.items():
-            if isinstance(v, torch.Tensor) and v.ndim > 0: s[k] = v.to(dev)  # 0-dim step counters stay on the CPU
+            if isinstance(v, torch.Tensor) and v.ndim: s[k] = v.to(dev)  # 0-dim step counts stay on the CPU
 
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()` at fit)."
@@ -366,34 +322,27 @@ class DeviceCB(Callback):
     def __init__(self, device=None, non_blocking=False): self.device, self.non_blocking = device, non_blocking
 
     def before_fit(self, learn):
-        self.dev = torch.device(self.device) if self.device is not None else default_device()
+        self.dev = default_device() if self.device is None else torch.device(self.device)
         if self.dev.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; "
-                             "use DeviceCB() for the best device there is, or device='cpu'")
+            raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; use device='cpu'")
         learn.model.to(self.dev)
         _opt_state_to(learn.opt, self.dev)  # momentum from an earlier fit follows the weights
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
-
-# %% ../nbs/04_learner.ipynb #d7f2fbb1
 _METRICS = dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
 
 def metric_by_name(name):
-    "A fresh torcheval metric from its short name ('accuracy', 'f1', 'mse', 'r2')."
+    "A new torcheval metric from its short name: 'accuracy', 'f1', 'mse' or 'r2'."
     if name not in _METRICS:
         raise ValueError(f"unknown metric name {name!r}; known names are {sorted(_METRICS)}, or pass a metric")
     return _METRICS[name]()
 
-
-# %% ../nbs/04_learner.ipynb #767e390d
-def _n_items(b):
-    "Batch size: the length of the first tensor in `b`, even in nested tuples like `((xt, t), eps)`."
+def _n_items(b):  # the batch size, also of nested batches like `((xt, t), eps)`
     while isinstance(b, (tuple, list)) and b: b = b[0]
     return len(b)
 
-class _Metrics(dict):
-    "Metrics by name, whose states are saved and loaded together."
+class _Metrics(dict):  # saved and loaded together
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
     def load_state_dict(self, sd):  # torcheval leaves loaded tensors where they were saved
         for k, m in self.items(): m.load_state_dict(sd[k]); m.to(m.device)
@@ -406,23 +355,22 @@ class MetricsCB(Callback):
             else: metrics[type(o).__name__] = o
         for k, m in metrics.items():
             if not all(hasattr(m, a) for a in ('update', 'compute', 'reset')):
-                raise TypeError(f"MetricsCB: {k!r} is a {type(m).__name__}, not a metric with update/compute/reset; "
-                                "pass a torcheval metric such as MulticlassAccuracy()")
+                raise TypeError(f"MetricsCB: {k!r} is a {type(m).__name__}, "
+                                "not a torcheval metric like MulticlassAccuracy()")
         self.metrics, self.all_metrics = metrics, _Metrics(metrics, loss=Mean())
         self.loss, self.running = self.all_metrics['loss'], None  # running: all_metrics while an epoch runs
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
-    logger = staticmethod(print)  # where each epoch's row goes (set it per instance)
+    logger = staticmethod(print)  # where each epoch's row goes
     def before_fit(self, learn):
         learn.metrics, self.running = self, None
-        self.load_or_keep('running', None)  # a fit starts afresh; only ResumeCB, after this, resumes an epoch
+        self.load_or_keep('running', None)  # only ResumeCB, after this, resumes an epoch
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
         self.running, self._buf = self.all_metrics, []
-        self.made('running')  # resuming mid-epoch: carry on from the saved partial sums
+        self.made('running')  # resuming mid-epoch: the saved partial sums
 
     def state_dict(self):
-        "History, and the partial sums when saved mid-epoch (for exact resume)."
         self._flush()
         return dict(history=copy.deepcopy(self.history), metrics=self.state_of('running'))
     def load_state_dict(self, sd):
@@ -435,13 +383,12 @@ class MetricsCB(Callback):
             self._flush()
             self._dev = preds.device
             for m in self.all_metrics.values(): m.to(self._dev)
-        if loss.ndim: loss = loss.float().mean()  # an unreduced loss: its mean per item
+        if loss.ndim: loss = loss.float().mean()  # an unreduced loss
         y = learn.batch[getattr(learn, 'n_inp', 1)] if self.metrics else None
         self._buf.append((preds.detach() if self.metrics else None, y, loss, _n_items(learn.batch)))
         if len(self._buf) >= self.buffer: self._flush()
 
     def _flush(self):
-        # torcheval's update has a fixed cost per call: a few dozen batches go in at once (sums don't care)
         if not self._buf: return
         preds, ys, losses, ns = zip(*self._buf)
         self._buf = []
@@ -461,17 +408,17 @@ class MetricsCB(Callback):
 
 # %% ../nbs/04_learner.ipynb #c4de7351
 class ProgressCB(Callback):
-    "Progress bars and a metrics table; `plot=True` adds a live loss graph. Keeps `losses` and `val_losses`."
+    "Progress bars, a metrics table and, if `plot`, a live loss graph; keeps `losses` and `val_losses`."
     order = MetricsCB.order + 1
     def __init__(self, plot=False, refresh=0.25):
-        self.plot, self.refresh, self.losses, self.val_losses, self._buf = plot, refresh, [], [], []
+        self.plot, self.refresh, self.losses, self.val_losses, self.val_at, self._buf = plot, refresh, [], [], [], []
 
     def before_fit(self, learn):
         self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # only where bars redraw in place
-        self.first, self.losses, self.val_losses, self._buf, self._last = True, [], [], [], 0.
+        self.first, self.losses, self.val_losses, self.val_at, self._buf, self._last = True, [], [], [], [], 0.
         self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
-        if self.metrics is not None:  # last: nothing outside this callback has changed until here
+        if self.metrics is not None:
             self._old_logger = vars(self.metrics).get('logger')  # None: the class's print
             self.metrics.logger = self.log_row
 
@@ -490,15 +437,16 @@ class ProgressCB(Callback):
         if (now := time.perf_counter()) - self._last < self.refresh: return
         self._last = now
         if self.bars: learn.dl.comment = f'{learn.loss.item():.3f}'
-        if self.plot and self.bars and learn.training: self._update_graph(learn)
+        if self.plot and self.bars and learn.training: self._update_graph()
 
     def after_epoch(self, learn):
         self._flush()
-        if not learn.training and self.metrics is not None: self.val_losses.append(self.metrics.history[-1]['loss'])
-        if self.plot and self.bars: self._update_graph(learn)
+        if not learn.training and self.metrics is not None:
+            self.val_losses.append(self.metrics.history[-1]['loss']); self.val_at.append(len(self.losses))
+        if self.plot and self.bars: self._update_graph()
 
     def cleanup_fit(self, learn):
-        if self.metrics is not None:  # give MetricsCB its logger back, exactly as it was
+        if self.metrics is not None:  # MetricsCB's logger back as it was
             vars(self.metrics).pop('logger', None)
             if self._old_logger is not None: self.metrics.logger = self._old_logger
         self._flush()
@@ -508,37 +456,28 @@ class ProgressCB(Callback):
         self._buf = []
 
     def state_dict(self):
-        "The losses so far: a resumed run's curve shows the whole run."
         self._flush()
-        return dict(losses=list(self.losses), val_losses=list(self.val_losses))
+        return {k: list(getattr(self, k)) for k in ('losses', 'val_losses', 'val_at')}
     def load_state_dict(self, sd):
-        self.losses, self.val_losses, self._buf = list(sd['losses']), list(sd['val_losses']), []
+        for k, v in sd.items(): setattr(self, k, list(v))
+        self._buf = []
 
-    def _val_x(self, n=None):
-        "The validation losses' places on the batch axis, for epochs of `n` batches (default: the mean)."
-        return [(i+1)*(n or len(self.losses)/len(self.val_losses)) for i in range(len(self.val_losses))]
-
-    def _update_graph(self, learn):
+    def _update_graph(self):
         self._flush()
         if len(self.losses) < 2: return  # one point looks like an empty graph
-        graphs, n = [[list(range(len(self.losses))), self.losses]], getattr(learn.dls.train, '__len__', None)
-        if self.val_losses: graphs.append([self._val_x(n and n()), self.val_losses])
-        self.mbar.update_graph(graphs)
-        ax = self.mbar.graph_ax  # fastprogress draws no labels: add them, show the figure again
-        for line in ax.lines[1:]: line.set_marker('o')  # so a single validation point shows
-        ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_title('loss (valid: at the end of each epoch)')
+        self.mbar.update_graph([[range(len(self.losses)), self.losses], [self.val_at, self.val_losses]])
+        ax = self.mbar.graph_ax  # fastprogress draws no labels or markers
+        ax.lines[1].set_marker('o'); ax.set_xlabel('training batch'); ax.set_ylabel('loss')
         self.mbar.graph_out.update(ax.figure)
 
     def plot_losses(self, ax=None):
         "Plot the training loss per batch, and the validation loss per epoch."
-        if ax is None: _, ax = plt.subplots()
+        ax = ax or plt.subplots()[1]
         ax.plot(self.losses, label='train')
-        if self.val_losses: ax.plot(self._val_x(), self.val_losses, 'o-', label='valid')
+        if self.val_losses: ax.plot(self.val_at, self.val_losses, 'o-', label='valid')
         ax.set_xlabel('batch'); ax.set_ylabel('loss'); ax.legend()
         return ax
 
-
-# %% ../nbs/04_learner.ipynb #d8ba0b4d
 class SingleBatchCB(Callback):
     "Stop `fit` after the first batch (a quick smoke test)."
     order = 1
@@ -546,7 +485,7 @@ class SingleBatchCB(Callback):
 
 # %% ../nbs/04_learner.ipynb #b4ccbb95
 class TrainLearner(Learner):
-    "A Learner whose step methods do the plain training step (`TrainCB` with `n_inp=1`)."
+    "A Learner whose step methods do `TrainCB`'s plain step."
     def predict(self): self.preds = self.model(self.batch[0])
     def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
     def backward(self): self.loss.backward()
@@ -554,7 +493,7 @@ class TrainLearner(Learner):
     def zero_grad(self): self.opt.zero_grad()
 
 class MomentumLearner(TrainLearner):
-    "A TrainLearner that keeps `mom` times the gradients instead of zeroing them."
+    "A TrainLearner that multiplies the gradients by `mom` instead of zeroing them."
     def __init__(self, model, dls, loss_func, lr=None, cbs=None, opt_func=optim.SGD, mom=0.85):
         self.mom = mom
         super().__init__(model, dls, loss_func, lr, cbs, opt_func)
@@ -566,19 +505,19 @@ class MomentumLearner(TrainLearner):
 # %% ../nbs/04_learner.ipynb #0399413f
 def get_rng_state(generator=None, device=None):
     "The random state of python, numpy, torch, `generator` and CUDA `device` (if it is one), as plain data."
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, *rest = np.random.get_state()
     dev, cuda = torch.device(device or 'cpu'), None
     if dev.type == 'cuda' and torch.cuda.is_available():
         i = torch.cuda.current_device() if dev.index is None else dev.index
         cuda = (i, torch.cuda.get_rng_state(i))
-    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), *rest),
                 torch=torch.get_rng_state(), cuda=cuda, generator=None if generator is None else generator.get_state())
 
 def set_rng_state(state, generator=None, device=None):
-    "Restore a state from `get_rng_state`; its CUDA state goes to `device` (default: the GPU it came from)."
+    "Restore `get_rng_state`'s `state`; its CUDA state goes to `device` (default: the GPU it came from)."
     random.setstate(state['python'])
-    name, keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state['torch'])
     if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
     if state['cuda'] is None: return
@@ -586,27 +525,22 @@ def set_rng_state(state, generator=None, device=None):
     dev = torch.device('cuda', i) if device is None else torch.device(device)
     if dev.type == 'cuda' and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
         torch.cuda.set_rng_state(s, dev)
-    else: warnings.warn(f"the CUDA random state of cuda:{i} can't be restored on {dev}; random draws on the GPU will "
-                        "differ from the saved run")
+    else: warnings.warn(f"the CUDA random state of cuda:{i} can't be restored on {dev}; GPU random draws will differ")
 
-def _rng_args(learn):
-    "What `get_rng_state` needs beyond the globals: the training DataLoader's generator, the model's device."
+def _rng_args(learn):  # what get_rng_state needs beyond the globals
     return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None),
                 device=model_device(learn.model))
 
-
-# %% ../nbs/04_learner.ipynb #0c6f4b70
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its min."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult, self.rng = gamma, max_mult, None
-    def before_fit(self, learn):  # after DeviceCB: the GPU to save the state of is known
+    def before_fit(self, learn):  # after DeviceCB: the model's GPU is known
         self.sched, self.rng = ExponentialLR(learn.opt, self.gamma), get_rng_state(**_rng_args(learn))
         self.lrs, self.losses, self.min = [], [], math.inf
-    def after_loss(self, learn):  # before backward, where check_finite would stop a NaN loss with an error
+    def after_loss(self, learn):  # before check_finite can raise on a NaN loss
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
-        loss = learn.loss.item()
-        self.losses.append(loss)
+        self.losses.append(loss := learn.loss.item())
         self.min = min(self.min, loss)
         if not math.isfinite(loss) or loss > self.min*self.max_mult: raise CancelFitException()
     def after_batch(self, learn): self.sched.step()
@@ -622,7 +556,7 @@ class LRFinderCB(Callback):
 
     def plot(self, ax=None):
         "Loss against learning rate, log-scaled."
-        if ax is None: _, ax = plt.subplots()
+        ax = ax or plt.subplots()[1]
         ax.plot(self.lrs, self.losses)
         ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss')
         if (s := self.suggestion()) is not None: ax.axvline(s, c='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
@@ -632,7 +566,7 @@ def _restore_cb(cb, attrs, sd): cb.__dict__ = attrs; cb.load_state_dict(sd)  # d
 
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
-    "Run the LR finder, restore the model, optimizer, callbacks and RNG exactly, and return the suggested lr."
+    "Run the LR finder, put the model, optimizer, callbacks and RNG back, and return the suggested lr."
     opt, modes, cb = self.opt, module_modes(self.model), LRFinderCB(gamma, max_mult)
     undo = [partial(_restore_cb, c, dict(vars(c)), copy.deepcopy(c.state_dict()))
             for c in self.cbs if hasattr(c, 'load_state_dict')]  # e.g. MixedPrecision's grad scaler
@@ -640,7 +574,9 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
              partial(setattr, self, 'opt', opt), partial(restore_modes, modes),
              lambda: cb.rng is None or set_rng_state(cb.rng, **_rng_args(self))]
     self.opt = None  # the finder trains with a throwaway optimizer
-    with _undo_after(*undo): self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
+    try: self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
+    except BaseException as e: _call_all(undo, err=e); raise
+    _call_all(undo)
     self.lr_finder = cb
     if plot: cb.plot()
     return cb.suggestion()
