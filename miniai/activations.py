@@ -20,7 +20,7 @@ from torch import nn
 
 from .checks import check_float, check_int
 from .datasets import get_grid
-from .learner import Callback
+from .callbacks import Callback
 
 # %% ../nbs/06_activations.ipynb #7702558c
 def set_seed(seed, deterministic=False):

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
-from .learner import Callback
+from .callbacks import Callback
 
 # %% ../nbs/08_sgd.ipynb #9dde753a
 class _KeepsHypers(Callback):
