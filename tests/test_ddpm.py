@@ -253,7 +253,7 @@ def test_collate_ddpm_dict_items():
 def _ema_run(cb, ws, model=None):
     from types import SimpleNamespace
     lin = model or nn.Linear(3, 2)
-    learn = SimpleNamespace(model=lin)
+    learn = SimpleNamespace(model=lin, cbs=[])
     cb.before_fit(learn)
     for w in ws:
         with torch.no_grad(): lin.weight.copy_(w)
@@ -293,7 +293,7 @@ def test_ema_warmup_moves_towards_the_weights_after_a_few_steps():
 def test_ema_cb_averages_floats_and_copies_integer_buffers():
     from types import SimpleNamespace
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    cb = EMACB(0.9); learn = SimpleNamespace(model=m)
+    cb = EMACB(0.9); learn = SimpleNamespace(model=m, cbs=[])
     cb.before_fit(learn)
     for _ in range(3):
         m.train()(torch.randn(8, 3))  # batch norm counts its batches in an int64 buffer
