@@ -19,10 +19,11 @@ import fastcore.all as fc
 import torch
 
 from .checks import check_int
-from .learner import CancelBatchException, Callback, Learner, LRFinderCB, get_rng_state, set_rng_state
+from .conv import get_rng_state, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, LRFinderCB
 from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
-_all_ = ['get_rng_state', 'set_rng_state']  # from miniai.learner
+_all_ = ['get_rng_state', 'set_rng_state']  # from miniai.conv
 
 
 # %% ../nbs/05_checkpoint.ipynb #7cbdc332

@@ -4,13 +4,17 @@
 
 # %% auto #0
 __all__ = ['default_device', 'pick_threads', 'map_tensors', 'to_device', 'to_cpu', 'collate_device', 'model_device',
-           'model_dtype', 'module_modes', 'restore_modes', 'model_mode', 'conv', 'def_device']
+           'model_dtype', 'module_modes', 'restore_modes', 'model_mode', 'conv', 'get_rng_state', 'set_rng_state',
+           'def_device']
 
 # %% ../nbs/03_conv.ipynb #1b5308ee
 import os
+import random
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import default_collate
@@ -105,3 +109,29 @@ def conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):
     if norm: layers.append(norm(nf))
     if act: layers.append(act())
     return nn.Sequential(*layers)
+
+# %% ../nbs/03_conv.ipynb #0399413f
+def get_rng_state(generator=None, device=None):
+    "The random state of python, numpy, torch, `generator` and CUDA `device` (if it is one), as plain data."
+    name, keys, *rest = np.random.get_state()
+    dev, cuda = torch.device(device or 'cpu'), None
+    if dev.type == 'cuda' and torch.cuda.is_available():
+        i = torch.cuda.current_device() if dev.index is None else dev.index
+        cuda = (i, torch.cuda.get_rng_state(i))
+    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), *rest),
+                torch=torch.get_rng_state(), cuda=cuda, generator=None if generator is None else generator.get_state())
+
+def set_rng_state(state, generator=None, device=None):
+    "Restore `get_rng_state`'s `state`; its CUDA state goes to `device` (default: the GPU it came from)."
+    random.setstate(state['python'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state['torch'])
+    if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
+    if state['cuda'] is None: return
+    i, s = state['cuda']
+    dev = torch.device('cuda', i) if device is None else torch.device(device)
+    if dev.type == 'cuda' and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+        torch.cuda.set_rng_state(s, dev)
+    else: warnings.warn(f"the CUDA random state of cuda:{i} can't be restored on {dev}; GPU random draws will differ")
+

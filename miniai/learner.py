@@ -4,23 +4,20 @@
 
 # %% auto #0
 __all__ = ['Learner', 'TrainCB', 'check_finite', 'TerminateOnNaNCB', 'DeviceCB', 'metric_by_name', 'MetricsCB', 'ProgressCB',
-           'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'get_rng_state', 'set_rng_state', 'LRFinderCB',
-           'lr_find', 'EVENTS', 'LEARN_ATTRS', 'STEPS', 'Callback', 'CancelBatchException', 'CancelEpochException',
-           'CancelFitException', 'check_cb', 'run_cbs', 'with_cbs', 'to_cpu']
+           'SingleBatchCB', 'TrainLearner', 'MomentumLearner', 'LRFinderCB', 'lr_find', 'EVENTS', 'LEARN_ATTRS',
+           'STEPS', 'Callback', 'CancelBatchException', 'CancelEpochException', 'CancelFitException', 'check_cb',
+           'run_cbs', 'with_cbs', 'to_cpu', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/04_learner.ipynb #a11c4f07
 import copy
 import math
-import random
 import sys
 import time
-import warnings
 from functools import partial
 from operator import attrgetter
 
 import fastcore.all as fc
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fastprogress.fastprogress import master_bar, progress_bar, IN_NOTEBOOK
@@ -31,10 +28,12 @@ from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, Multic
 from .callbacks import EVENTS, LEARN_ATTRS, STEPS, Callback, CancelBatchException, CancelEpochException
 from .callbacks import CancelFitException, _call_all, check_cb, run_cbs, with_cbs
 from .checks import check_float, check_int
-from .conv import default_device, model_device, module_modes, restore_modes, to_cpu, to_device
+from .conv import (default_device, get_rng_state, model_device, module_modes, restore_modes, set_rng_state,
+                         to_cpu, to_device)
 
+# as in the course, and the random state lr_find puts back
 _all_ = ['EVENTS', 'LEARN_ATTRS', 'STEPS', 'Callback', 'CancelBatchException', 'CancelEpochException',
-         'CancelFitException', 'check_cb', 'run_cbs', 'with_cbs', 'to_cpu']  # as in the course
+         'CancelFitException', 'check_cb', 'run_cbs', 'with_cbs', 'to_cpu', 'get_rng_state', 'set_rng_state']
 
 
 # %% ../nbs/04_learner.ipynb #32d10ac1
@@ -401,30 +400,6 @@ class MomentumLearner(TrainLearner):
                 if p.grad is not None: p.grad.mul_(self.mom)
 
 # %% ../nbs/04_learner.ipynb #0399413f
-def get_rng_state(generator=None, device=None):
-    "The random state of python, numpy, torch, `generator` and CUDA `device` (if it is one), as plain data."
-    name, keys, *rest = np.random.get_state()
-    dev, cuda = torch.device(device or 'cpu'), None
-    if dev.type == 'cuda' and torch.cuda.is_available():
-        i = torch.cuda.current_device() if dev.index is None else dev.index
-        cuda = (i, torch.cuda.get_rng_state(i))
-    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), *rest),
-                torch=torch.get_rng_state(), cuda=cuda, generator=None if generator is None else generator.get_state())
-
-def set_rng_state(state, generator=None, device=None):
-    "Restore `get_rng_state`'s `state`; its CUDA state goes to `device` (default: the GPU it came from)."
-    random.setstate(state['python'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state['torch'])
-    if generator is not None and state['generator'] is not None: generator.set_state(state['generator'])
-    if state['cuda'] is None: return
-    i, s = state['cuda']
-    dev = torch.device('cuda', i) if device is None else torch.device(device)
-    if dev.type == 'cuda' and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
-        torch.cuda.set_rng_state(s, dev)
-    else: warnings.warn(f"the CUDA random state of cuda:{i} can't be restored on {dev}; GPU random draws will differ")
-
 def _rng_args(learn):  # what get_rng_state needs beyond the globals
     return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None),
                 device=model_device(learn.model))
