@@ -8,7 +8,7 @@ __all__ = ['Learner', 'TrainCB', 'check_finite', 'TerminateOnNaNCB', 'DeviceCB',
            'STEPS', 'Callback', 'CancelBatchException', 'CancelEpochException', 'CancelFitException', 'check_cb',
            'run_cbs', 'with_cbs', 'to_cpu', 'get_rng_state', 'set_rng_state']
 
-# %% ../nbs/04_learner.ipynb #a11c4f07
+# %% ../nbs/04_learner.ipynb #78c77a68
 import copy
 import math
 import sys
@@ -28,15 +28,13 @@ from torcheval.metrics import Mean, MeanSquaredError, MulticlassAccuracy, Multic
 from .callbacks import EVENTS, LEARN_ATTRS, STEPS, Callback, CancelBatchException, CancelEpochException
 from .callbacks import CancelFitException, _call_all, check_cb, run_cbs, with_cbs
 from .checks import check_float, check_int
-from .conv import (default_device, get_rng_state, model_device, module_modes, restore_modes, set_rng_state,
-                         to_cpu, to_device)
+from .conv import default_device, get_rng_state, model_device, module_modes, restore_modes, set_rng_state
+from .conv import to_cpu, to_device
 
-# as in the course, and the random state lr_find puts back
 _all_ = ['EVENTS', 'LEARN_ATTRS', 'STEPS', 'Callback', 'CancelBatchException', 'CancelEpochException',
          'CancelFitException', 'check_cb', 'run_cbs', 'with_cbs', 'to_cpu', 'get_rng_state', 'set_rng_state']
 
-
-# %% ../nbs/04_learner.ipynb #32d10ac1
+# %% ../nbs/04_learner.ipynb #b22d3553
 def _check_lr(lr):
     try: lr is None or check_float(lr, 'lr', '(0, inf)')
     except ValueError as e: raise ValueError(f"{e}; pass a positive number, e.g. from lr_find") from None
@@ -144,8 +142,7 @@ class Learner:
             for cb in cbs:
                 if cb in self.cbs: self.rm_cb(cb)
 
-
-# %% ../nbs/04_learner.ipynb #06ba1a91
+# %% ../nbs/04_learner.ipynb #7c24705d
 def _shape(x): return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
 
 _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)  # torch only warns if these broadcast
@@ -205,8 +202,7 @@ class TerminateOnNaNCB(Callback):
             self.stopped_at = (learn.epoch, learn.iter)
             raise CancelFitException()
 
-
-# %% ../nbs/04_learner.ipynb #767e390d
+# %% ../nbs/04_learner.ipynb #b65c6c38
 def _opt_state_to(opt, dev):  # a hand-written optimizer may have no `.state`
     state = getattr(opt, 'state', None)
     for s in state.values() if isinstance(state, dict) else []:
@@ -227,6 +223,7 @@ class DeviceCB(Callback):
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
+# %% ../nbs/04_learner.ipynb #ad2efdc3
 _METRICS = dict(accuracy=MulticlassAccuracy, f1=MulticlassF1Score, mse=MeanSquaredError, r2=R2Score)
 
 def metric_by_name(name):
@@ -297,13 +294,13 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        self.running, vals = None, {k: m.compute().item() for k, m in self.all_metrics.items()}
+        done = self.loss.weights > 0  # torcheval warns, and says 0.0, for a metric with no updates
+        self.running, vals = None, {k: m.compute().item() if done else math.nan for k, m in self.all_metrics.items()}
         self.history.append({**vals, 'epoch': learn.epoch, 'train': learn.training})
         self.logger({**{k: f'{v:.3f}' for k, v in vals.items()}, 'epoch': learn.epoch,
                      'train': 'train' if learn.training else 'eval'})
 
-
-# %% ../nbs/04_learner.ipynb #c4de7351
+# %% ../nbs/04_learner.ipynb #0c9a8611
 class ProgressCB(Callback):
     "Progress bars, a metrics table and, if `plot`, a live loss graph; keeps `losses` and `val_losses`."
     order = MetricsCB.order + 1
@@ -380,7 +377,7 @@ class SingleBatchCB(Callback):
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/04_learner.ipynb #b4ccbb95
+# %% ../nbs/04_learner.ipynb #57348d58
 class TrainLearner(Learner):
     "A Learner whose step methods do `TrainCB`'s plain step."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -399,7 +396,7 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)
 
-# %% ../nbs/04_learner.ipynb #0399413f
+# %% ../nbs/04_learner.ipynb #206691f4
 def _rng_args(learn):  # what get_rng_state needs beyond the globals
     return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None),
                 device=model_device(learn.model))
@@ -453,4 +450,3 @@ def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, 
     self.lr_finder = cb
     if plot: cb.plot()
     return cb.suggestion()
-

@@ -68,5 +68,5 @@ if __name__ == '__main__':
     for p, (nb, secs, err) in execute_all(paths, full=full).items():
         if err is not None: sys.exit(f'{p.name} failed in Jupyter, not written:\n{err}')
         nbformat.write(nb, p)
-        subprocess.run(['nbdev_clean', '--fname', str(p)], check=True, cwd=ROOT)
+        subprocess.run([Path(sys.executable).parent/'nbdev_clean', '--fname', p], check=True, cwd=ROOT)  # this venv's
         print(f'{p.name}: {secs:.0f} s')
