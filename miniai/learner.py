@@ -47,10 +47,10 @@ def _check_fit(learn, n_epochs, train, valid, lr):
     for nm in STEPS if train else STEPS[:2]:  # validation only predicts and computes the loss
         if getattr(type(learn), nm) is getattr(Learner, nm) and not any(hasattr(cb, nm) for cb in learn.cbs):
             raise ValueError(f"nothing does the step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
-    for nm in [nm for nm, on in (('train', train), ('valid', valid)) if on]:
+    for nm in ['train']*bool(train) + ['valid']*bool(valid):
         if not hasattr(learn.dls, nm): raise TypeError(f"dls has no .{nm}; pass DataLoaders, or {nm}=False to fit")
         try: empty = len(getattr(learn.dls, nm)) == 0
-        except TypeError: empty = False  # no length
+        except TypeError: empty = False
         if empty: raise ValueError(f"the {nm} DataLoader is empty; give it data, lower batch_size, or pass {nm}=False")
 
 def _setup_opt(learn, lr, reset):
@@ -60,8 +60,8 @@ def _setup_opt(learn, lr, reset):
         return
     if lr is None and learn.lr != learn._applied_lr: lr = learn._applied_lr = learn.lr
     if lr is None or learn.opt is None: return
-    for g in getattr(learn.opt, 'param_groups', []): g['lr'] = lr; g.pop('initial_lr', None)  # for a later scheduler
-    if hasattr(learn.opt, 'lr'): learn.opt.lr = lr  # e.g. the course's own SGD
+    for g in getattr(learn.opt, 'param_groups', []): g['lr'] = lr; g.pop('initial_lr', None)  # for a new scheduler
+    if hasattr(learn.opt, 'lr'): learn.opt.lr = lr  # the course's SGD
 
 def _drop_grads(model):  # not opt.zero_grad(), which may fail on missing grads
     for p in model.parameters(): p.grad = None
@@ -84,7 +84,7 @@ class Learner:
         self.cbs.remove(cb); self._handlers = {}
         return self
     def handlers(self, nm):
-        "`(cb, method)` for the callbacks that define `nm`, cached."
+        "`(cb, method)` of the callbacks with a method `nm`."
         if nm not in self._handlers:
             self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
         return self._handlers[nm]
@@ -92,7 +92,7 @@ class Learner:
         "Run event `nm` on the callbacks that define it."
         for _, m in self.handlers(nm): m(self)
 
-    # the steps: callbacks do them, unless a subclass overrides them
+    # the steps, done by callbacks or a subclass
     def predict(self): self.callback('predict')
     def get_loss(self): self.callback('get_loss')
     def backward(self): self.callback('backward')
@@ -135,7 +135,7 @@ class Learner:
             self.n_epochs, self.epochs, self.do_valid = n_epochs, range(n_epochs), valid
             _setup_opt(self, lr, reset_opt)
             self._fit(train, valid)
-        except BaseException as e:  # drop a half-done step's gradients
+        except BaseException as e:
             _call_all([partial(_drop_grads, self.model), partial(restore_modes, modes)], err=e)
             raise
         finally:
@@ -149,7 +149,7 @@ _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)  # torch 
 _ELEMENTWISE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 
 class TrainCB(Callback):
-    "The plain step: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`, backward, step."
+    "The plain step: `model(*batch[:n_inp])`, `loss_func(preds, *batch[n_inp:])`, backward, step."
     def __init__(self, n_inp=1): self.n_inp = check_int(n_inp, 'n_inp', 1, where=type(self).__name__)
     def before_fit(self, learn): learn.n_inp = self.n_inp; vars(learn).pop('_finite', None)
     def predict(self, learn):
@@ -166,17 +166,14 @@ class TrainCB(Callback):
             if hasattr(targs[0], 'shape') and p.shape != targs[0].shape:
                 raise ValueError(f"preds have shape {_shape(p)} but targets {_shape(targs[0])}, which the loss would "
                                  "broadcast. Reshape one, e.g. preds.squeeze(-1)")
-        try: learn.loss = learn.loss_func(learn.preds, *targs)
+        try: learn.loss = f(p, *targs)
         except (RuntimeError, ValueError, IndexError) as e:  # usually shapes or dtypes
-            raise ValueError(f"loss_func failed on preds of shape {_shape(learn.preds)} and targets "
-                             f"{list(map(_shape, targs))}: {str(e).splitlines()[0]}. Check the model's output size"
-                             ) from e
-    def backward(self, learn):
-        check_finite(learn)
-        learn.loss.backward()
+            raise ValueError(f"loss_func failed on preds of shape {_shape(p)} and targets {list(map(_shape, targs))}: "
+                             f"{str(e).splitlines()[0]}. Check the model's output size") from e
+    def backward(self, learn): check_finite(learn); learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
-    def after_epoch(self, learn): _raise_if_not_finite(learn)  # what check_finite hasn't read
+    def after_epoch(self, learn): _raise_if_not_finite(learn)
 
 def check_finite(learn, every=None):
     "Raise `FloatingPointError` after a NaN or infinite loss: on a CPU at once, else within `every` (32) batches."
@@ -195,11 +192,11 @@ def _raise_if_not_finite(learn):  # reading the flag waits for the device
 
 class TerminateOnNaNCB(Callback):
     "Stop `fit` quietly, keeping the last good weights, when the loss is NaN or infinite."
-    order = -1  # before TrainCB's backward: the bad batch never reaches the weights
+    order = -1  # before TrainCB's backward
     def after_loss(self, learn):
         if not torch.isfinite(learn.loss).all():
-            print(f"TerminateOnNaNCB: loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}; stopping")
-            self.stopped_at = (learn.epoch, learn.iter)
+            self.stopped_at = learn.epoch, learn.iter
+            print(f"TerminateOnNaNCB: loss is {learn.loss.item()} at epoch, batch {self.stopped_at}; stopping")
             raise CancelFitException()
 
 # %% ../nbs/04_learner.ipynb #b65c6c38
@@ -210,7 +207,7 @@ def _opt_state_to(opt, dev):  # a hand-written optimizer may have no `.state`
             if isinstance(v, torch.Tensor) and v.ndim: s[k] = v.to(dev)  # 0-dim step counts stay on the CPU
 
 class DeviceCB(Callback):
-    "Move the model, optimizer state and each batch to `device` (default: `default_device()` at fit)."
+    "Move the model, optimizer state and each batch to `device` (default: `default_device()`)."
     order = -10
     def __init__(self, device=None, non_blocking=False): self.device, self.non_blocking = device, non_blocking
 
@@ -219,7 +216,7 @@ class DeviceCB(Callback):
         if self.dev.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; use device='cpu'")
         learn.model.to(self.dev)
-        _opt_state_to(learn.opt, self.dev)  # momentum from an earlier fit follows the weights
+        _opt_state_to(learn.opt, self.dev)  # an earlier fit's momentum
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
@@ -232,37 +229,35 @@ def metric_by_name(name):
         raise ValueError(f"unknown metric name {name!r}; known names are {sorted(_METRICS)}, or pass a metric")
     return _METRICS[name]()
 
-def _n_items(b):  # the batch size, also of nested batches like `((xt, t), eps)`
+def _n_items(b):  # also of nested batches like `((xt, t), eps)`
     while isinstance(b, (tuple, list)) and b: b = b[0]
     return len(b)
 
-class _Metrics(dict):  # saved and loaded together
+class _Metrics(dict):
     def state_dict(self): return {k: m.state_dict() for k, m in self.items()}
-    def load_state_dict(self, sd):  # torcheval leaves loaded tensors where they were saved
+    def load_state_dict(self, sd):  # torcheval leaves loaded tensors on their saved device
         for k, m in self.items(): m.load_state_dict(sd[k]); m.to(m.device)
 
 class MetricsCB(Callback):
     "Compute torcheval `ms`/`metrics` and the mean loss per epoch; log them and keep them in `history`."
     def __init__(self, *ms, buffer=32, **metrics):
-        for o in ms:
-            if isinstance(o, str): metrics[o] = metric_by_name(o)
-            else: metrics[type(o).__name__] = o
+        for o in ms: metrics.update({o: metric_by_name(o)} if isinstance(o, str) else {type(o).__name__: o})
         for k, m in metrics.items():
             if not all(hasattr(m, a) for a in ('update', 'compute', 'reset')):
                 raise TypeError(f"MetricsCB: {k!r} is a {type(m).__name__}, "
                                 "not a torcheval metric like MulticlassAccuracy()")
         self.metrics, self.all_metrics = metrics, _Metrics(metrics, loss=Mean())
-        self.loss, self.running = self.all_metrics['loss'], None  # running: all_metrics while an epoch runs
+        self.loss, self.running = self.all_metrics['loss'], None  # running: while an epoch runs
         self.history, self._dev, self._buf, self.buffer = [], None, [], buffer
 
-    logger = staticmethod(print)  # where each epoch's row goes
+    logger = staticmethod(print)  # gets each epoch's row
     def before_fit(self, learn):
         learn.metrics, self.running = self, None
-        self.load_or_keep('running', None)  # only ResumeCB, after this, resumes an epoch
+        self.load_or_keep('running', None)  # only ResumeCB resumes an epoch
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
         self.running, self._buf = self.all_metrics, []
-        self.made('running')  # resuming mid-epoch: the saved partial sums
+        self.made('running')  # a resumed epoch's partial sums
 
     def state_dict(self):
         self._flush()
@@ -274,8 +269,7 @@ class MetricsCB(Callback):
     def after_batch(self, learn):
         preds, loss = learn.preds, learn.loss.detach()
         if preds.device != self._dev:
-            self._flush()
-            self._dev = preds.device
+            self._flush(); self._dev = preds.device
             for m in self.all_metrics.values(): m.to(self._dev)
         if loss.ndim: loss = loss.float().mean()  # an unreduced loss
         y = learn.batch[getattr(learn, 'n_inp', 1)] if self.metrics else None
@@ -294,26 +288,28 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        done = self.loss.weights > 0  # torcheval warns, and says 0.0, for a metric with no updates
+        done = self.loss.weights > 0  # torcheval warns, and says 0.0, without updates
         self.running, vals = None, {k: m.compute().item() if done else math.nan for k, m in self.all_metrics.items()}
         self.history.append({**vals, 'epoch': learn.epoch, 'train': learn.training})
         self.logger({**{k: f'{v:.3f}' for k, v in vals.items()}, 'epoch': learn.epoch,
                      'train': 'train' if learn.training else 'eval'})
 
 # %% ../nbs/04_learner.ipynb #0c9a8611
+_KEPT = ('losses', 'val_losses', 'val_at')  # ProgressCB's state
+
 class ProgressCB(Callback):
-    "Progress bars, a metrics table and, if `plot`, a live loss graph; keeps `losses` and `val_losses`."
+    "Progress bars, a metrics table and, if `plot`, a live loss graph."
     order = MetricsCB.order + 1
-    def __init__(self, plot=False, refresh=0.25):
-        self.plot, self.refresh, self.losses, self.val_losses, self.val_at, self._buf = plot, refresh, [], [], [], []
+    def __init__(self, plot=False, refresh=0.25): self.plot, self.refresh = plot, refresh; self.load_state_dict({})
 
     def before_fit(self, learn):
         self.bars = IN_NOTEBOOK or sys.stdout.isatty()  # only where bars redraw in place
-        self.first, self.losses, self.val_losses, self.val_at, self._buf, self._last = True, [], [], [], [], 0.
+        self.first, self._last = True, 0.
+        self.load_state_dict({})
         self.metrics = next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
         if self.bars: learn.epochs = self.mbar = master_bar(learn.epochs)
         if self.metrics is not None:
-            self._old_logger = vars(self.metrics).get('logger')  # None: the class's print
+            self._old_logger = vars(self.metrics).get('logger')
             self.metrics.logger = self.log_row
 
     def log_row(self, d):
@@ -340,7 +336,7 @@ class ProgressCB(Callback):
         if self.plot and self.bars: self._update_graph()
 
     def cleanup_fit(self, learn):
-        if self.metrics is not None:  # MetricsCB's logger back as it was
+        if self.metrics is not None:
             vars(self.metrics).pop('logger', None)
             if self._old_logger is not None: self.metrics.logger = self._old_logger
         self._flush()
@@ -351,16 +347,16 @@ class ProgressCB(Callback):
 
     def state_dict(self):
         self._flush()
-        return {k: list(getattr(self, k)) for k in ('losses', 'val_losses', 'val_at')}
+        return {k: list(getattr(self, k)) for k in _KEPT}
     def load_state_dict(self, sd):
-        for k, v in sd.items(): setattr(self, k, list(v))
+        for k in _KEPT: setattr(self, k, list(sd.get(k, [])))
         self._buf = []
 
     def _update_graph(self):
         self._flush()
         if len(self.losses) < 2: return  # one point looks like an empty graph
         self.mbar.update_graph([[range(len(self.losses)), self.losses], [self.val_at, self.val_losses]])
-        ax = self.mbar.graph_ax  # fastprogress draws no labels or markers
+        ax = self.mbar.graph_ax
         ax.lines[1].set_marker('o'); ax.set_xlabel('training batch'); ax.set_ylabel('loss')
         self.mbar.graph_out.update(ax.figure)
 
@@ -391,23 +387,23 @@ class MomentumLearner(TrainLearner):
     def __init__(self, model, dls, loss_func, lr=None, cbs=None, opt_func=optim.SGD, mom=0.85):
         self.mom = mom
         super().__init__(model, dls, loss_func, lr, cbs, opt_func)
+    @torch.no_grad()
     def zero_grad(self):
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if p.grad is not None: p.grad.mul_(self.mom)
+        for p in self.model.parameters():
+            if p.grad is not None: p.grad.mul_(self.mom)
 
 # %% ../nbs/04_learner.ipynb #206691f4
-def _rng_args(learn):  # what get_rng_state needs beyond the globals
+def _rng_args(learn):
     return dict(generator=getattr(getattr(learn.dls, 'train', None), 'generator', None),
                 device=model_device(learn.model))
 
 class LRFinderCB(Callback):
     "Grow the lr by `gamma` each batch, recording lrs and losses, until the loss is NaN or `max_mult`× its min."
     def __init__(self, gamma=1.3, max_mult=3): self.gamma, self.max_mult, self.rng = gamma, max_mult, None
-    def before_fit(self, learn):  # after DeviceCB: the model's GPU is known
+    def before_fit(self, learn):  # after DeviceCB's
         self.sched, self.rng = ExponentialLR(learn.opt, self.gamma), get_rng_state(**_rng_args(learn))
         self.lrs, self.losses, self.min = [], [], math.inf
-    def after_loss(self, learn):  # before check_finite can raise on a NaN loss
+    def after_loss(self, learn):  # before check_finite's
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         self.losses.append(loss := learn.loss.item())
@@ -432,18 +428,18 @@ class LRFinderCB(Callback):
         if (s := self.suggestion()) is not None: ax.axvline(s, c='C1', ls='--', label=f'suggested {s:.1e}'); ax.legend()
         return ax
 
-def _restore_cb(cb, attrs, sd): cb.__dict__ = attrs; cb.load_state_dict(sd)  # drops objects made since
+def _restore_cb(cb, attrs, sd): cb.__dict__ = attrs; cb.load_state_dict(sd)
 
 @fc.patch
 def lr_find(self: Learner, gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=10, plot=True):
-    "Run the LR finder, put the model, optimizer, callbacks and RNG back, and return the suggested lr."
+    "Run the LR finder, put everything back, and return the suggested lr."
     opt, modes, cb = self.opt, module_modes(self.model), LRFinderCB(gamma, max_mult)
     undo = [partial(_restore_cb, c, dict(vars(c)), copy.deepcopy(c.state_dict()))
             for c in self.cbs if hasattr(c, 'load_state_dict')]  # e.g. MixedPrecision's grad scaler
     undo += [partial(self.model.load_state_dict, copy.deepcopy(self.model.state_dict())),
              partial(setattr, self, 'opt', opt), partial(restore_modes, modes),
              lambda: cb.rng is None or set_rng_state(cb.rng, **_rng_args(self))]
-    self.opt = None  # the finder trains with a throwaway optimizer
+    self.opt = None  # the finder's is thrown away
     try: self.fit(max_epochs, valid=False, lr=start_lr, cbs=cb)
     except BaseException as e: _call_all(undo, err=e); raise
     _call_all(undo)
