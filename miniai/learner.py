@@ -85,9 +85,9 @@ class Learner:
         return self
     def handlers(self, nm):
         "`(cb, method)` of the callbacks with a method `nm`."
-        if nm not in self._handlers:
-            self._handlers[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
-        return self._handlers[nm]
+        hs = self._handlers
+        if nm not in hs: hs[nm] = [(cb, m) for cb in self.cbs if (m := getattr(cb, nm, None)) is not None]
+        return hs[nm]
     def callback(self, nm):
         "Run event `nm` on the callbacks that define it."
         for _, m in self.handlers(nm): m(self)
