@@ -1,11 +1,11 @@
 "Exact resume: kill a training process with SIGKILL and resume it bitwise; Ctrl-C saves with CheckpointCB(on_interrupt=True)."
-import os, random, signal, subprocess, sys
+import csv, os, random, signal, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from miniai.checkpoint import read_checkpoint
+from miniai.checkpoint import ckpt_files, ckpt_position, read_checkpoint
 
 SCRIPT = Path(__file__).parent/'scripts'/'ckpt_train.py'
 N_BATCHES = 2*57  # 2 epochs of the sample's 7,226 training images at bs 128
@@ -32,14 +32,36 @@ def assert_same(a, b):
     assert a['history'] == b['history']
     assert a['scaler'] == b['scaler'] and a['skipped'] == b['skipped']  # MixedPrecision's GradScaler state
 
+def read_csv(path):
+    "CSVLoggerCB's file as `history` rows, checking it is well-formed: one header, every row complete."
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ['accuracy', 'loss', 'epoch', 'train'] and all(len(r) == 4 for r in rows), rows
+    return [dict(accuracy=float(a), loss=float(l), epoch=int(e), train=t == 'train') for a, l, e, t in rows[1:]]
+
 def test_kill_at_random_batch_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
     kill_at = random.Random().randrange(11, N_BATCHES)  # any batch after the first checkpoint (every 10)
     r = train(tmp_path, 'run', '--kill-at', kill_at)
     assert r.returncode == -signal.SIGKILL, (kill_at, r.returncode, r.stderr)
     assert not (tmp_path/'run.pt').exists()
+    printed = [l for l in r.stdout.splitlines() if l.startswith('{')]  # MetricsCB prints each row
+    assert len(read_csv(tmp_path/'run.csv')) == len(printed) == (2 if kill_at > N_BATCHES//2 else 0), r.stdout
     r = train(tmp_path, 'run', '--resume')
     assert r.returncode == 0, (kill_at, r.stderr)
     assert_same(uninterrupted, torch.load(tmp_path/'run.pt', weights_only=True))
+    assert read_csv(tmp_path/'run.csv') == uninterrupted['history']  # continued, no row twice
+
+def test_a_checkpoint_asked_for_inside_an_accumulation_group_waits_for_its_end_and_resumes_bitwise(tmp_path):
+    "GradAccumCB(2), a checkpoint asked for every 5 batches: each waits for the group's step, so no gradient is lost."
+    r = train(tmp_path, 'full', '--accum', 2, '--every', 5)
+    assert r.returncode == 0, r.stderr
+    kill_at = random.Random().randrange(7, N_BATCHES)
+    r = train(tmp_path, 'run', '--accum', 2, '--every', 5, '--kill-at', kill_at)
+    assert r.returncode == -signal.SIGKILL, (kill_at, r.returncode, r.stderr)
+    for e, done in map(ckpt_position, ckpt_files(tmp_path/'run')):
+        assert done % 2 == 0 or done == N_BATCHES//2, done  # at the end of a group (the epoch's last one is short)
+    r = train(tmp_path, 'run', '--accum', 2, '--every', 5, '--resume')
+    assert r.returncode == 0, (kill_at, r.stderr)
+    assert_same(torch.load(tmp_path/'full.pt', weights_only=True), torch.load(tmp_path/'run.pt', weights_only=True))
 
 def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(uninterrupted, tmp_path):
     r = train(tmp_path, 'run', '--kill-in-write', 4)
