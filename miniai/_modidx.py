@@ -223,6 +223,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                                                                                     'miniai/checkpoint.py'),
                                    'miniai.checkpoint._all': ('checkpoint.html#_all', 'miniai/checkpoint.py'),
                                    'miniai.checkpoint._cb_key': ('checkpoint.html#_cb_key', 'miniai/checkpoint.py'),
+                                   'miniai.checkpoint._precision': ('checkpoint.html#_precision', 'miniai/checkpoint.py'),
                                    'miniai.checkpoint._procs': ('checkpoint.html#_procs', 'miniai/checkpoint.py'),
                                    'miniai.checkpoint._rows': ('checkpoint.html#_rows', 'miniai/checkpoint.py'),
                                    'miniai.checkpoint._write_atomic': ('checkpoint.html#_write_atomic', 'miniai/checkpoint.py'),

@@ -75,6 +75,8 @@ class MixedPrecision(_AmpCB):
         self._skips = torch.tensor(0)  # on the device: no wait
 
     skipped_steps = property(lambda self: int(self._skips), lambda self, n: self._skips.fill_(n))
+    precision = property(lambda self: self.device_type and {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(
+        self.amp_dtype, 'fp32'))  # None before a fit: checkpoints compare it
 
     def _warn_once(self, msg):
         if not self._warned: warnings.warn(msg, stacklevel=3)
@@ -228,6 +230,7 @@ class AccelerateCB(_AmpCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
     scaler = property(lambda self: self.acc.scaler)
+    precision = property(lambda self: {'no': 'fp32'}.get(self.mixed_precision, self.mixed_precision))
     grad_norm = ns = last = _learn = _opt = _dls = _fit_dls = _accum = None
     step_skipped, skipped_steps = False, 0
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .checks import check_int
 from .conv import get_rng_state, model_device, set_rng_state
-from .learner import CancelBatchException, Callback, Learner, LRFinderCB, MetricsCB
+from .learner import CancelBatchException, Callback, Learner, LRFinderCB, MetricsCB, TrainCB
 from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
 try: import fcntl
@@ -44,6 +44,9 @@ def _all(x):  # every process's `x`, in a list, when several train together
     dist.all_gather_object(out := [None]*n, x)
     return out
 
+def _precision(learn):  # what the training step computes in: 'fp32', 'bf16', 'fp16'; None: not known before fit
+    return getattr(next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None), 'precision', 'fp32')
+
 def _cb_key(learn, cb):  # the class name, numbered if several of a class have state
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
     return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
@@ -58,7 +61,7 @@ def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
     return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
                 cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
-                procs=_procs()[1], rng=_all(get_rng_state(**_rng_args(self))),
+                precision=_precision(self), procs=_procs()[1], rng=_all(get_rng_state(**_rng_args(self))),
                 epoch_rng=_all(epoch_rng if done else None))
 
 def _write_atomic(path, write):  # write(f) to a temp file beside `path`, made durable, then renamed to `path`
@@ -243,6 +246,8 @@ class ResumeCB(Callback):
             if not (fs := ckpt_files(f)): raise FileNotFoundError(f"no checkpoints in {f}; fit without ResumeCB")
             f = fs[-1]
         ck = learn.load(f)
+        if (p := ck.get('precision')) not in (None, q := _precision(learn)):
+            raise ValueError(f"{f}: the checkpoint trained in {p}, this run trains in {q}; resume it in {p}")
         mine = (lambda x: x[_procs()[0]]) if ck.get('procs', 1) > 1 else (lambda x: x)  # this process's random state
         self.start, self.done = ck['epoch'], ck['done']
         self.rng, self.epoch_rng = mine(ck['rng']), mine(ck['epoch_rng'])
