@@ -196,3 +196,53 @@ def test_load_warns_about_callback_state_the_learner_lacks(tmp_path):
     path = learn.save(tmp_path/'ck.pt')
     bare = Learner(learn.model, learn.dls, F.cross_entropy, cbs=[TrainCB()])
     with pytest.warns(UserWarning, match=r"state for callbacks \['MetricsCB'\] that this Learner lacks"): bare.load(path)
+
+# --- what a resume refuses; the metrics on disk
+
+import warnings
+from miniai.checkpoint import CSVLoggerCB, TensorBoardCB
+
+def tiny_learner(folder, step=None, *cbs):
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]*3
+    return Learner(nn.Linear(2, 2), SimpleNamespace(train=data, valid=data), F.cross_entropy,
+                   cbs=[step or TrainCB(), CheckpointCB(folder), *cbs])
+
+def test_resume_refuses_a_checkpoint_of_another_precision(tmp_path):
+    from miniai.accel import MixedPrecision
+    tiny_learner(tmp_path).fit(1)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match='trained in fp32, this run trains in bf16; resume it in fp32'):
+        warnings.simplefilter('ignore')  # bf16 on a CPU without it: slow, but this fit never gets to train
+        tiny_learner(tmp_path, MixedPrecision(dtype='bf16')).fit(2, cbs=ResumeCB())
+
+def test_a_folder_a_live_run_writes_is_refused_and_a_dead_runs_lock_is_not(tmp_path):
+    tiny_learner(tmp_path).fit(1)
+    hold = "import sys, time\nfrom miniai.checkpoint import lock_folder\nf = lock_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)"
+    p = subprocess.Popen([sys.executable, '-c', hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == 'locked\n'
+        before = {f: f.read_bytes() for f in tmp_path.iterdir()}
+        for fit in (lambda: tiny_learner(tmp_path).fit(2, cbs=ResumeCB()), lambda: tiny_learner(tmp_path).fit(1)):
+            with pytest.raises(ValueError, match=f'^{tmp_path} is being written by a live run; wait for it to end, or stop it$'):
+                fit()
+        assert {f: f.read_bytes() for f in tmp_path.iterdir()} == before
+    finally: p.kill(); p.wait()
+    assert (tmp_path/'lock').exists()  # left by the killed process: the system has let its lock go
+    tiny_learner(tmp_path).fit(2, cbs=ResumeCB())
+
+def test_csv_logger_needs_metrics_and_rewrites_a_stale_file(tmp_path):
+    with pytest.raises(ValueError, match=r"add MetricsCB\(\) to cbs"): tiny_learner(tmp_path, None, CSVLoggerCB(tmp_path/'m.csv')).fit(1)
+    (tmp_path/'m.csv').write_text('rows of another run\n')
+    learn = tiny_learner(tmp_path/'c', None, MetricsCB(), CSVLoggerCB(tmp_path/'m.csv'))
+    learn.fit(2)
+    rows = (tmp_path/'m.csv').read_text().splitlines()
+    assert rows[0] == 'loss,epoch,train' and len(rows) == 5 and rows[1].endswith(',0,train') and rows[4].endswith(',1,eval')
+
+def test_tensorboard_writes_the_metrics_rows(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    learn = tiny_learner(tmp_path/'c', None, MetricsCB(), TensorBoardCB(tmp_path/'tb'))
+    learn.fit(2)
+    ea = EventAccumulator(str(tmp_path/'tb')).Reload()
+    for phase, train in (('train', True), ('eval', False)):
+        got = [(s.step, s.value) for s in ea.Scalars(f'loss/{phase}')]
+        assert got == [(h['epoch'], pytest.approx(h['loss'])) for h in learn.metrics.history if h['train'] == train]
