@@ -22,7 +22,7 @@ import torch
 
 MINIAI = Path(sys.executable).parent/'miniai'
 RUN = ['fit', '--arch', 'cnn', '--norm', 'layer', '--epochs', '2', '--bs', '512', '--lr', '1e-4', '--data', 'sample',
-       '--seed', '1', '--device', 'cpu']
+       '--seed', '1', '--device', 'cpu', '--precision', 'fp32']  # the comparison is in fp32
 
 def free_port():
     with socket.socket() as s:
