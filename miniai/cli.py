@@ -98,6 +98,7 @@ def _run_fit(a):
     try: fit_run(out, a.resume is not None, a.arch, a.norm, a.epochs, a.bs, a.lr, a.seed, a.data, dev, a.threads,
                  a.accelerate or None, a.precision)
     except KeyboardInterrupt as e:
+        if os.environ.get('RANK', '0') != '0': raise SystemExit(130) from None  # the main process of several reports
         from miniai.checkpoint import ckpt_files
         if not ckpt_files(out/'checkpoints'):
             raise KeyboardInterrupt('miniai: interrupted before the first checkpoint; nothing was saved') from None
@@ -162,10 +163,11 @@ def _add_ddpm_args(sub):
 def _run_ddpm(a):
     _writable_dir(a.out)
     _check_device(a.device)
+    from miniai.checkpoint import CSVLoggerCB
     from miniai.ddpm_run import run_ddpm
     out, s = run_ddpm(a.out, a.n, a.sampler, a.ddim_steps, a.eta, a.data, a.seed, epochs=a.epochs, bs=a.bs, lr=a.lr,
                       n_steps=a.steps, sched=a.sched, channels=a.channels, groups=min(8, *a.channels),
-                      n_train=a.n_train, device=a.device, precision=a.precision)
+                      n_train=a.n_train, device=a.device, precision=a.precision, cbs=[CSVLoggerCB(a.out/'metrics.csv')])
     what = f"DDIM eta={a.eta:g}, {a.ddim_steps} steps" if a.sampler == 'ddim' else f"DDPM, {a.steps} steps"
     if s: print(f"FID {s['fid']:.2f}, KID {s['kid']:.4f}: {a.n} samples ({what}, EMA weights) against the "
                 f"{s['n_ref']:,} held-out images; {s['n_real']} real ones: FID {s['real_fid']:.2f}, "

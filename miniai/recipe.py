@@ -29,7 +29,7 @@ from torcheval.metrics import MulticlassAccuracy
 from .accel import AccelerateCB, MixedPrecision, pick_precision
 from .augment import Dropout, RandCrop, RandFlip, augment_cb, capture_preds
 from .augment import tta as flip_tta
-from .checkpoint import CheckpointCB, ResumeCB, ckpt_files, ckpt_where
+from .checkpoint import CheckpointCB, CSVLoggerCB, ResumeCB, ckpt_files, ckpt_where
 from .checks import check_choice, check_int
 from .conv import conv, default_device, pick_threads
 from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, DataLoaders, TensorDL, fashion_dls
@@ -188,7 +188,6 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
         accel = AccelerateCB(mixed_precision=mp, cpu=dev.type == 'cpu', device=dev if one else None)
         acc = accel.acc
     n_proc, is_main = (acc.num_processes, acc.is_main_process) if acc else (1, True)
-    if n_proc > 1 and resume: raise ValueError("--resume runs in one process: multi-process runs keep no checkpoints")
     torch.manual_seed(cfg['seed'])
     with redirect_stderr(sys.stderr if is_main else StringIO()):  # the data's notice once, from the main process
         dls = fashion_dls(bs=cfg['bs'], source=cfg['data'], seed=cfg['seed'])
@@ -208,10 +207,10 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
             print(f"miniai: training in {p}: {why}", file=sys.stderr)
             save_run(out, cfg)
     ckpt = out/'checkpoints'
-    cbs = [CheckpointCB(ckpt, keep=2, on_interrupt=True)] if n_proc == 1 else []
-    if n_proc > 1 and is_main: print("miniai: no checkpoints in a multi-process run: Ctrl-C loses it", file=sys.stderr)
+    cbs = [CheckpointCB(ckpt, keep=2, on_interrupt=True), CSVLoggerCB(out/'metrics.csv')]
     learn = _classifier_learner(cfg, dls, device, cbs, accel)
-    if resume: print(f"miniai: resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}, {p}", file=sys.stderr)
+    if resume and is_main:
+        print(f"miniai: resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}, {p}", file=sys.stderr)
     start = time.time()
     learn.fit(cfg['epochs'], cbs=ResumeCB(ckpt) if resume else None)
     if is_main:
