@@ -82,13 +82,11 @@ class MixedPrecision(_AmpCB):
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
         try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now
         except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
-        self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype = scaler_kwargs, None, None, None
+        self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype, self.precision = scaler_kwargs, *[None]*4
         self.use_scaler = self._warned = self.step_skipped = False
         self._skips = torch.tensor(0)  # on the device: no wait
 
     skipped_steps = property(lambda self: int(self._skips), lambda self, n: self._skips.fill_(n))
-    precision = property(lambda self: self.device_type and {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(
-        self.amp_dtype, 'fp32'))  # None before a fit: checkpoints compare it
 
     def _warn_once(self, msg):
         if not self._warned: warnings.warn(msg, stacklevel=3)
@@ -105,6 +103,7 @@ class MixedPrecision(_AmpCB):
         p = _precision(self.dtype, dev, f"MixedPrecision(dtype={self.dtype!r})", "use dtype='auto'", self._warn_once)
         if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
+        self.precision = {'no': 'fp32'}.get(p, p)  # checkpoints compare it
         self.use_scaler = (fresh := self.make_scaler()) is not None
         if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # not a stopped step's books
         self.scaler = fresh or self.scaler
@@ -242,7 +241,6 @@ class AccelerateCB(_AmpCB):
     "Train with HF accelerate: mixed precision, accumulation, clipping, on `device` or several processes."
     order = DeviceCB.order + 1  # before MetricsCB, which needs the gathered batch
     scaler = property(lambda self: self.acc.scaler)
-    precision = property(lambda self: {'no': 'fp32'}.get(self.mixed_precision, self.mixed_precision))
     grad_norm = ns = last = _learn = _opt = _dls = _fit_dls = _accum = None
     step_skipped, skipped_steps = False, 0
 
@@ -258,6 +256,7 @@ class AccelerateCB(_AmpCB):
         cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
         dev = torch.device('cpu' if cpu else device or PartialState().device)
         self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
+        self.precision = {'no': 'fp32'}.get(mp, mp)  # checkpoints compare it
         if not torch.distributed.is_initialized():  # one process: new settings may replace accelerate's
             AcceleratorState._reset_state(reset_partial_state=True)
             PartialState(cpu=dev.type == 'cpu').device = dev  # accelerate's own 'cuda' drops the index

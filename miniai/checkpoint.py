@@ -8,8 +8,6 @@ __all__ = ['CKPT_VERSION', 'checkpoint', 'save', 'read_checkpoint', 'apply_check
            'TensorBoardCB', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/05_checkpoint.ipynb #0fddef9b
-import csv
-import io
 import os
 import re
 import signal
@@ -29,7 +27,7 @@ from .learner import CancelBatchException, Callback, Learner, LRFinderCB, Metric
 from .learner import _raise_if_not_finite, _rng_args, _setup_opt
 
 try: import fcntl
-except ImportError: fcntl = None  # Windows: folders are not locked
+except ImportError: fcntl = None  # Windows: no locks
 
 _all_ = ['get_rng_state', 'set_rng_state']  # from miniai.conv
 
@@ -79,7 +77,6 @@ def _write_atomic(path, write):  # write(f) to a temp file beside `path`, made d
     fd = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
     try: os.fsync(fd)
     finally: os.close(fd)
-    return path
 
 @fc.patch
 def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
@@ -144,18 +141,15 @@ def ckpt_files(folder):
     "The checkpoints in `folder`, oldest first."
     return sorted(Path(folder).glob('ckpt-*.pt'))
 
-def lock_folder(folder, hold=True):
-    "Refuse `folder` if a live run holds its lock file; else lock it while the returned file is open (if `hold`)."
-    f = Path(folder)/'lock'
-    if fcntl is None or not hold and not f.exists(): return None
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(f, 'a')
-    try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the system lets go when the process ends, however it ends
+def lock_folder(folder):
+    "Lock `folder` while the file returned is open; refuse it while a live run holds the lock."
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    f = open(Path(folder)/'lock', 'a')
+    try: fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the system lets go when the process ends, anyhow
     except BlockingIOError:
-        fh.close()
+        f.close()
         raise ValueError(f"{folder} is being written by a live run; wait for it to end, or stop it") from None
-    if hold: return fh
-    fh.close()
+    return f
 
 class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` under `CheckpointCB(on_interrupt=True)`."
 
@@ -241,7 +235,8 @@ class ResumeCB(Callback):
             if not (ccb := [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]):
                 raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs; or pass a checkpoint or folder")
             f = ccb[0].path
-        if _procs()[0] == 0: lock_folder(f if Path(f).is_dir() else Path(f).parent, hold=False)
+        d = Path(f) if Path(f).is_dir() else Path(f).parent
+        if (d/'lock').exists() and not _procs()[0]: lock_folder(d).close()  # refuses a folder a live run writes
         if Path(f).is_dir():
             if not (fs := ckpt_files(f)): raise FileNotFoundError(f"no checkpoints in {f}; fit without ResumeCB")
             f = fs[-1]
@@ -265,11 +260,8 @@ class ResumeCB(Callback):
 
 # %% ../nbs/05_checkpoint.ipynb #3c5a9d11
 def _rows(hist, header):  # `MetricsCB.history` rows as CSV lines, in the table's columns
-    f = io.StringIO()
-    w = csv.writer(f, lineterminator='\n')
-    if header and hist: w.writerow(hist[0])
-    for h in hist: w.writerow([(('eval', 'train')[v] if k == 'train' else v) for k, v in h.items()])
-    return f.getvalue()
+    return ''.join([','.join(hist[0]) + '\n'] * bool(header and hist) + [
+        ','.join(str(('eval', 'train')[v] if k == 'train' else v) for k, v in h.items()) + '\n' for h in hist])
 
 class CSVLoggerCB(Callback):
     "Append each row of `MetricsCB`'s table to CSV file `path` as it is computed; the file holds the history."
@@ -282,8 +274,7 @@ class CSVLoggerCB(Callback):
     def before_epoch(self, learn):  # the first: after ResumeCB has loaded the history
         if self.n is not None or _procs()[0]: return
         hist = learn.metrics.history
-        if hist: _write_atomic(self.path, lambda f: f.write(_rows(hist, True).encode()))
-        else: self.path.unlink(missing_ok=True)
+        _write_atomic(self.path, lambda f: f.write(_rows(hist, True).encode()))
         self.n = len(hist)
     def after_epoch(self, learn):
         if _procs()[0]: return
@@ -291,17 +282,14 @@ class CSVLoggerCB(Callback):
         self.n += 1
 
 class TensorBoardCB(Callback):
-    "Write each row of `MetricsCB`'s table to TensorBoard in `log_dir` (needs the `tensorboard` package)."
+    "Write each row of `MetricsCB`'s table to TensorBoard in `log_dir` (needs `pip install tensorboard`)."
     order = MetricsCB.order + 1
     def __init__(self, log_dir='runs'):
-        try: from torch.utils.tensorboard import SummaryWriter
-        except ImportError: raise ImportError("TensorBoardCB needs tensorboard: pip install tensorboard") from None
+        from torch.utils.tensorboard import SummaryWriter  # its ImportError says what to install
         self.log_dir, self.writer, self._make = log_dir, None, SummaryWriter
     def after_epoch(self, learn):
         if _procs()[0]: return
-        self.writer = self.writer or self._make(self.log_dir)  # made by the main process only
-        h = learn.metrics.history[-1]
-        phase = ('eval', 'train')[h['train']]
-        for k, v in h.items():
-            if k not in ('epoch', 'train'): self.writer.add_scalar(f'{k}/{phase}', v, h['epoch'])
+        self.writer = self.writer or self._make(self.log_dir)  # by the main process only
+        *vals, (_, e), (_, t) = learn.metrics.history[-1].items()  # the metrics, then 'epoch' and 'train'
+        for k, v in vals: self.writer.add_scalar(f"{k}/{'train' if t else 'eval'}", v, e)
         self.writer.flush()

@@ -34,7 +34,7 @@ def assert_same(a, b):
 
 def read_csv(path):
     "CSVLoggerCB's file as `history` rows, checking it is well-formed: one header, every row complete."
-    rows = list(csv.reader(path.open()))
+    rows = list(csv.reader(path.open())) or [['accuracy', 'loss', 'epoch', 'train']]  # empty before the first row
     assert rows[0] == ['accuracy', 'loss', 'epoch', 'train'] and all(len(r) == 4 for r in rows), rows
     return [dict(accuracy=float(a), loss=float(l), epoch=int(e), train=t == 'train') for a, l, e, t in rows[1:]]
 
