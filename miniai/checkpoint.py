@@ -260,8 +260,9 @@ class ResumeCB(Callback):
 
 # %% ../nbs/05_checkpoint.ipynb #3c5a9d11
 def _rows(hist, header):  # `MetricsCB.history` rows as CSV lines, in the table's columns
-    return ''.join([','.join(hist[0]) + '\n'] * bool(header and hist) + [
-        ','.join(str(('eval', 'train')[v] if k == 'train' else v) for k, v in h.items()) + '\n' for h in hist])
+    head = [','.join(hist[0]) + '\n'] if header and hist else []
+    return ''.join(head + [','.join(str(('eval', 'train')[v] if k == 'train' else v) for k, v in h.items()) + '\n'
+                           for h in hist])
 
 class CSVLoggerCB(Callback):
     "Append each row of `MetricsCB`'s table to CSV file `path` as it is computed; the file holds the history."
