@@ -51,7 +51,7 @@ def train(name, resume=False):
 def kill_in_write(n):  # the main process dies half-way through its n-th checkpoint write
     real_fsync, calls = os.fsync, [0]
     def fsync(fd):
-        if os.readlink(f'/proc/self/fd/{fd}').endswith('.tmp'):
+        if os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith('.ckpt-'):  # a checkpoint's temp file
             calls[0] += 1
             if calls[0] == n:
                 os.ftruncate(fd, os.fstat(fd).st_size//2)

@@ -44,7 +44,7 @@ if args.kill_in_write:
     # Crash while a checkpoint is being written: half the temp file is on disk, the rename never happens.
     real_fsync, calls = os.fsync, [0]
     def fsync(fd):
-        if os.path.isfile(f'/proc/self/fd/{fd}') and os.readlink(f'/proc/self/fd/{fd}').endswith('.tmp'):
+        if os.path.isfile(f'/proc/self/fd/{fd}') and os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith('.ckpt-'):
             calls[0] += 1
             if calls[0] == args.kill_in_write:
                 os.ftruncate(fd, os.fstat(fd).st_size//2)
