@@ -42,7 +42,7 @@ def _all(x):  # every process's `x`, in a list, when several train together
     dist.all_gather_object(out := [None]*n, x)
     return out
 
-def _precision(learn):  # what the training step computes in: 'fp32', 'bf16', 'fp16'; None: not known before fit
+def _precision(learn):  # the training step's: 'fp32', 'bf16' or 'fp16'; None before a fit
     return getattr(next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None), 'precision', 'fp32')
 
 def _cb_key(learn, cb):  # the class name, numbered if several of a class have state
@@ -162,19 +162,17 @@ class CheckpointCB(Callback):
             except ValueError as e: raise ValueError(f"{e}; or None") from None
         self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
         self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
-        self.epoch_rng = self.last = self._old = self._lock = None
-        self.stopping = self.idle = False
+        self.epoch_rng = self.last = None
 
     def before_fit(self, learn):
-        self.stopping, self.asked, self.due = False, 0, False
+        self.stopping, self.asked, self.due, self._old = False, 0, False, None
         self.idle = any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find's run: no saves
-        if not self.idle and _procs()[0] == 0: self._lock = lock_folder(self.path)
+        self._lock = None if self.idle or _procs()[0] else lock_folder(self.path)
         if self.on_interrupt and not self.idle and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._on_sigint)
     def cleanup_fit(self, learn):
         if self._old is not None: signal.signal(signal.SIGINT, self._old)
-        if self._lock is not None: self._lock.close()
-        self._old = self._lock = None
+        if self._lock: self._lock.close()
 
     def _on_sigint(self, signum, frame):
         if self.asked and (_procs()[1] == 1 or time.monotonic() - self.asked > 1): raise self.interrupted()
