@@ -233,8 +233,6 @@ class ResumeCB(Callback):
             if not (ccb := [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]):
                 raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs; or pass a checkpoint or folder")
             f = ccb[0].path
-        d = Path(f) if Path(f).is_dir() else Path(f).parent
-        if (d/'lock').exists() and not _procs()[0]: lock_folder(d).close()  # refuses a folder a live run writes
         if Path(f).is_dir():
             if not (fs := ckpt_files(f)): raise FileNotFoundError(f"no checkpoints in {f}; fit without ResumeCB")
             f = fs[-1]

@@ -1,4 +1,4 @@
-"""`miniai fit` unchanged under `accelerate launch` with two CPU processes, against one process.
+"""`miniai fit` unchanged under `accelerate launch` with two CPU processes, against one process; Ctrl-C and resume.
 
 The route is test_accel.py's: `accelerate launch --multi_gpu --num_processes 2` starts the processes with torchrun,
 and `--device cpu` makes each use the CPU and the gloo backend.
@@ -11,8 +11,12 @@ image is normalised on its own; with batch norm each process would normalise ove
 What keeps them from being bitwise equal: the gradients are summed in another order. How much that shows depends on
 the training: AdamW at the default lr 2e-2 amplifies such rounding, so even one process with 1 thread and with 2
 threads ends up ~1e-2 apart after an epoch. At lr 1e-4 over one epoch (15 steps) one process with 1 and 2 threads
-agrees to ~4e-6, while the weights move by ~7e-4. That is where 1e-4 is a meaningful tolerance: a process that
-trained on the wrong images would be off by about as much as the weights moved."""
+agreed to ~4e-6, while the weights moved by ~7e-4; the runs here take two epochs (30 steps), and the test checks
+that the weights moved more than 5e-4. That is where 1e-4 is a meaningful tolerance: a process that trained on the
+wrong images would be off by about as much as the weights moved.
+
+A two-process run interrupted with Ctrl-C mid-epoch and resumed under the same launch is another matter: the same
+processes add up the same floats in the same order, so it must end bitwise where the uninterrupted one did."""
 import csv, json, os, re, signal, socket, subprocess, sys, time
 from types import SimpleNamespace
 from pathlib import Path
