@@ -23,7 +23,7 @@ setuptools.setup(
     packages=['miniai', 'miniai.data'], package_data={'miniai.data': ['*.npz']},
     python_requires=f">={cfg['min_python']}",
     install_requires=reqs('requirements'),
-    extras_require={'dev': reqs('dev_requirements'), 'vision': reqs('vision_requirements')},
+    extras_require={k: reqs(f'{k}_requirements') for k in ('dev', 'vision', 'tensorboard')},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False)

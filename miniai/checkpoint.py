@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['CKPT_VERSION', 'checkpoint', 'save', 'read_checkpoint', 'apply_checkpoint', 'load', 'ckpt_name', 'ckpt_position',
-           'ckpt_where', 'ckpt_files', 'FitInterrupted', 'CheckpointCB', 'ResumeCB', 'get_rng_state', 'set_rng_state']
+           'ckpt_where', 'ckpt_files', 'lock_folder', 'FitInterrupted', 'CheckpointCB', 'ResumeCB', 'CSVLoggerCB',
+           'TensorBoardCB', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/05_checkpoint.ipynb #0fddef9b
 import os
@@ -12,22 +13,37 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import fastcore.all as fc
 import torch
+import torch.distributed as dist
 
 from .checks import check_int
-from .conv import get_rng_state, set_rng_state
-from .learner import CancelBatchException, Callback, Learner, LRFinderCB
+from .conv import get_rng_state, model_device, set_rng_state
+from .learner import CancelBatchException, Callback, Learner, LRFinderCB, MetricsCB, TrainCB
 from .learner import _raise_if_not_finite, _rng_args, _setup_opt
+
+try: import fcntl
+except ImportError: fcntl = None  # Windows: no locks
 
 _all_ = ['get_rng_state', 'set_rng_state']  # from miniai.conv
 
-
 # %% ../nbs/05_checkpoint.ipynb #7cbdc332
 CKPT_VERSION = 1
+
+def _procs():  # (this process's index, how many processes train together)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def _all(x):  # every process's `x`, in a list, when several train together
+    if (n := _procs()[1]) == 1: return x
+    dist.all_gather_object(out := [None]*n, x)
+    return out
+
+def _precision(learn):  # the training step's: 'fp32', 'bf16' or 'fp16'; None before a fit
+    return getattr(next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None), 'precision', 'fp32')
 
 def _cb_key(learn, cb):  # the class name, numbered if several of a class have state
     same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
@@ -43,17 +59,16 @@ def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
     return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
                 cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
-                rng=get_rng_state(**_rng_args(self)), epoch_rng=epoch_rng if done else None)
+                precision=_precision(self), procs=_procs()[1], rng=_all(get_rng_state(**_rng_args(self))),
+                epoch_rng=_all(epoch_rng if done else None))
 
-@fc.patch
-def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
-    "Write `checkpoint(epoch, done, epoch_rng)` to `path` atomically; returns the path."
+def _write_atomic(path, write):  # write(f) to a temp file beside `path`, made durable, then renamed to `path`
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(self.checkpoint(epoch, done, epoch_rng), f)
+            write(f)
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -62,7 +77,14 @@ def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
     fd = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
     try: os.fsync(fd)
     finally: os.close(fd)
-    return path
+
+@fc.patch
+def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
+    "Write `checkpoint(epoch, done, epoch_rng)` to `path` atomically, from the main process; returns the path."
+    ck = self.checkpoint(epoch, done, epoch_rng)  # in every process: it gathers their random states
+    if _procs()[0] == 0: _write_atomic(path, lambda f: torch.save(ck, f))
+    if _procs()[1] > 1: dist.barrier()  # then every process sees the file
+    return Path(path)
 
 def read_checkpoint(path):
     "Load a checkpoint written by `Learner.save`, with a clear error if it is missing or damaged."
@@ -76,7 +98,12 @@ def read_checkpoint(path):
 
 def apply_checkpoint(learn, ck, with_opt=True):
     "Put checkpoint `ck`'s model, optimizer and callback state into `learn`."
-    learn.model.load_state_dict(ck['model'])
+    if (n := ck.get('procs', 1)) != (m := _procs()[1]):
+        raise ValueError(f"the checkpoint was saved by {n} processes, this run has {m}; resume it with {n}")
+    try: learn.model.load_state_dict(ck['model'])
+    except RuntimeError as e:  # torch's message lists every key
+        why = str(e).splitlines()[1].strip()
+        raise ValueError(f"the checkpoint holds another model ({why[:70]}...); resume with the one it saved") from None
     if with_opt and ck['opt'] is not None:
         _setup_opt(learn, None, False)  # as fit would make it
         if learn.opt is not None: learn.opt.load_state_dict(ck['opt'])
@@ -89,9 +116,10 @@ def apply_checkpoint(learn, ck, with_opt=True):
 @fc.patch
 def load(self: Learner, path, with_opt=True):
     "Load a checkpoint written by `save` into this Learner; returns the checkpoint."
-    apply_checkpoint(self, ck := read_checkpoint(path), with_opt)
+    ck = read_checkpoint(path)
+    try: apply_checkpoint(self, ck, with_opt)
+    except ValueError as e: raise ValueError(f"{path}: {e}") from None
     return ck
-
 
 # %% ../nbs/05_checkpoint.ipynb #a51af5e1
 def ckpt_name(epoch, done):
@@ -113,6 +141,16 @@ def ckpt_files(folder):
     "The checkpoints in `folder`, oldest first."
     return sorted(Path(folder).glob('ckpt-*.pt'))
 
+def lock_folder(folder):
+    "Lock `folder` while the file returned is open; refuse it while a live run holds the lock."
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    f = open(Path(folder)/'lock', 'a')
+    try: fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the system lets go when the process ends, anyhow
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"{folder} is being written by a live run; wait for it to end, or stop it") from None
+    return f
+
 class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` under `CheckpointCB(on_interrupt=True)`."
 
 class CheckpointCB(Callback):
@@ -124,20 +162,32 @@ class CheckpointCB(Callback):
             except ValueError as e: raise ValueError(f"{e}; or None") from None
         self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
         self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
-        self.epoch_rng, self.last, self.stopping, self.idle, self._old = None, None, False, False, None
+        self.epoch_rng = self.last = None
 
     def before_fit(self, learn):
-        self.stopping, self.idle = False, any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find's run: no saves
+        self.stopping, self.asked, self.due, self._old = False, 0, False, None
+        self.idle = any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find's run: no saves
+        self._lock = None if self.idle or _procs()[0] else lock_folder(self.path)
         if self.on_interrupt and not self.idle and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._on_sigint)
     def cleanup_fit(self, learn):
         if self._old is not None: signal.signal(signal.SIGINT, self._old)
-        self._old = None
+        if self._lock: self._lock.close()
 
     def _on_sigint(self, signum, frame):
-        if self.stopping: raise self.interrupted()
-        self.stopping = True
-        print("\nstopping after this batch to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        if self.asked and (_procs()[1] == 1 or time.monotonic() - self.asked > 1): raise self.interrupted()
+        if self.asked: return  # several processes: a launcher passes the same Ctrl-C on
+        self.asked = time.monotonic()
+        if _procs()[0] == 0: print("\nstopping at the next step to save a checkpoint (Ctrl-C again to stop at once)",
+                                   file=sys.stderr)
+
+    def _stop(self, learn):  # several processes stop at the same batch
+        self.stopping = bool(self.asked)
+        if _procs()[1] > 1 and self.on_interrupt:
+            t = torch.tensor(float(self.stopping), device=model_device(learn.model))
+            dist.all_reduce(t, dist.ReduceOp.MAX)
+            self.stopping = bool(t)
+        return self.stopping
 
     def interrupted(self):
         "A `FitInterrupted` saying where the newest checkpoint is."
@@ -153,18 +203,20 @@ class CheckpointCB(Callback):
         if self.idle: return
         _raise_if_not_finite(learn)  # never save weights a NaN loss has reached
         self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
-        for old in ckpt_files(self.path)[:-self.keep]: old.unlink(missing_ok=True)
+        self.due = False
+        for old in ckpt_files(self.path)[:-self.keep] if _procs()[0] == 0 else []: old.unlink(missing_ok=True)
 
     def after_batch(self, learn):
-        if not learn.training: return
-        n = self.every_n_batches
-        if self.stopping or n and (learn.iter+1) % n == 0: self.save_now(learn, learn.epoch, learn.iter+1)
-        if self.stopping: raise self.interrupted()
+        if not learn.training or self.idle: return
+        self.due |= bool((n := self.every_n_batches) and (learn.iter+1) % n == 0)
+        if (self._stop(learn) or self.due) and getattr(learn, 'will_step', True):  # not inside an accumulation group
+            self.save_now(learn, learn.epoch, learn.iter+1)
+            if self.stopping: raise self.interrupted()
 
     def after_epoch(self, learn):
-        if (self.every_epoch or self.stopping) and (not learn.training or not learn.do_valid):
-            self.save_now(learn, learn.epoch+1, 0)
-            if self.stopping: raise self.interrupted()
+        if self.idle or learn.training and learn.do_valid: return
+        if self._stop(learn) or self.every_epoch: self.save_now(learn, learn.epoch+1, 0)
+        if self.stopping: raise self.interrupted()
 
     def latest(self):
         "The newest checkpoint file in `path`, or None."
@@ -185,7 +237,11 @@ class ResumeCB(Callback):
             if not (fs := ckpt_files(f)): raise FileNotFoundError(f"no checkpoints in {f}; fit without ResumeCB")
             f = fs[-1]
         ck = learn.load(f)
-        self.start, self.done, self.rng, self.epoch_rng = ck['epoch'], ck['done'], ck['rng'], ck['epoch_rng']
+        if (p := ck.get('precision')) not in (None, q := _precision(learn)):
+            raise ValueError(f"{f}: the checkpoint trained in {p}, this run trains in {q}; resume it in {p}")
+        mine = (lambda x: x[_procs()[0]]) if ck.get('procs', 1) > 1 else (lambda x: x)  # this process's random state
+        self.start, self.done = ck['epoch'], ck['done']
+        self.rng, self.epoch_rng = mine(ck['rng']), mine(ck['epoch_rng'])
         learn.epochs = (e for e in learn.epochs if e >= self.start)
 
     def _resuming(self, learn): return learn.training and learn.epoch == self.start
@@ -198,3 +254,39 @@ class ResumeCB(Callback):
         if learn.iter == self.done - 1: set_rng_state(self.rng, **_rng_args(learn))  # what follows draws as it did
         raise CancelBatchException()
 
+# %% ../nbs/05_checkpoint.ipynb #3c5a9d11
+def _rows(hist, header):  # `MetricsCB.history` rows as CSV lines, in the table's columns
+    head = [','.join(hist[0]) + '\n'] if header and hist else []
+    return ''.join(head + [','.join(str(('eval', 'train')[v] if k == 'train' else v) for k, v in h.items()) + '\n'
+                           for h in hist])
+
+class CSVLoggerCB(Callback):
+    "Append each row of `MetricsCB`'s table to CSV file `path` as it is computed; the file holds the history."
+    order = MetricsCB.order + 1
+    def __init__(self, path='metrics.csv'): self.path, self.n = Path(path), None
+    def before_fit(self, learn):
+        if not isinstance(getattr(learn, 'metrics', None), MetricsCB):
+            raise ValueError("CSVLoggerCB writes MetricsCB's rows: add MetricsCB() to cbs")
+        self.n = None
+    def before_epoch(self, learn):  # the first: after ResumeCB has loaded the history
+        if self.n is not None or _procs()[0]: return
+        hist = learn.metrics.history
+        _write_atomic(self.path, lambda f: f.write(_rows(hist, True).encode()))
+        self.n = len(hist)
+    def after_epoch(self, learn):
+        if _procs()[0]: return
+        with open(self.path, 'a') as f: f.write(_rows(learn.metrics.history[-1:], not self.n))
+        self.n += 1
+
+class TensorBoardCB(Callback):
+    "Write each row of `MetricsCB`'s table to TensorBoard in `log_dir` (needs `pip install tensorboard`)."
+    order = MetricsCB.order + 1
+    def __init__(self, log_dir='runs'):
+        from torch.utils.tensorboard import SummaryWriter  # its ImportError says what to install
+        self.log_dir, self.writer, self._make = log_dir, None, SummaryWriter
+    def after_epoch(self, learn):
+        if _procs()[0]: return
+        self.writer = self.writer or self._make(self.log_dir)  # by the main process only
+        *vals, (_, e), (_, t) = learn.metrics.history[-1].items()  # the metrics, then 'epoch' and 'train'
+        for k, v in vals: self.writer.add_scalar(f"{k}/{'train' if t else 'eval'}", v, e)
+        self.writer.flush()

@@ -83,6 +83,11 @@ def _add_fit_args(sub):
     f.add_argument('--device', help='torch device (default: the best there is)')
     f.add_argument('--threads', type=_positive(int), help='torch CPU threads (default: fewer when busy)')
     f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (on under accelerate launch)")
+    _add_precision(f)
+
+def _add_precision(p, default=None):
+    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default=default,
+                   help='auto (default): fp16 on CUDA, bf16 on a CPU that has it natively, else fp32')
 
 def _run_fit(a):
     if a.resume and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
@@ -91,8 +96,9 @@ def _run_fit(a):
     _writable_dir(out)
     from miniai.recipe import fit_run
     try: fit_run(out, a.resume is not None, a.arch, a.norm, a.epochs, a.bs, a.lr, a.seed, a.data, dev, a.threads,
-                 a.accelerate or None)
+                 a.accelerate or None, a.precision)
     except KeyboardInterrupt as e:
+        if os.environ.get('RANK', '0') != '0': raise SystemExit(130) from None  # the main process of several reports
         from miniai.checkpoint import ckpt_files
         if not ckpt_files(out/'checkpoints'):
             raise KeyboardInterrupt('miniai: interrupted before the first checkpoint; nothing was saved') from None
@@ -152,14 +158,16 @@ def _add_ddpm_args(sub):
     d.add_argument('--data', help="as for fit")
     d.add_argument('--seed', type=int, default=42, help='default: 42')
     d.add_argument('--device', help='torch device (default: the best there is)')
+    _add_precision(d, 'auto')
 
 def _run_ddpm(a):
     _writable_dir(a.out)
     _check_device(a.device)
+    from miniai.checkpoint import CSVLoggerCB
     from miniai.ddpm_run import run_ddpm
     out, s = run_ddpm(a.out, a.n, a.sampler, a.ddim_steps, a.eta, a.data, a.seed, epochs=a.epochs, bs=a.bs, lr=a.lr,
                       n_steps=a.steps, sched=a.sched, channels=a.channels, groups=min(8, *a.channels),
-                      n_train=a.n_train, device=a.device)
+                      n_train=a.n_train, device=a.device, precision=a.precision, cbs=[CSVLoggerCB(a.out/'metrics.csv')])
     what = f"DDIM eta={a.eta:g}, {a.ddim_steps} steps" if a.sampler == 'ddim' else f"DDPM, {a.steps} steps"
     if s: print(f"FID {s['fid']:.2f}, KID {s['kid']:.4f}: {a.n} samples ({what}, EMA weights) against the "
                 f"{s['n_ref']:,} held-out images; {s['n_real']} real ones: FID {s['real_fid']:.2f}, "

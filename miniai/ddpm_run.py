@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .accel import EMACB
+from .accel import EMACB, pick_precision
 from .checks import check_choice, check_int
 from .conv import model_device, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays, get_grid, show_image
@@ -39,7 +39,7 @@ def _make_sched(sched, n_steps):
 
 def train_ddpm(epochs=None, bs=64, lr=4e-3, n_steps=1000, sched='linear', source=None, channels=(16, 32, 32),
                layers=1, groups=8, attn=False, ema=0.999, min_snr=None, n_train=None, device=None, seed=None,
-               progress=True, cbs=None):
+               progress=True, cbs=None, precision='auto'):
     "Train a UNet to predict the noise in Fashion-MNIST; returns learn, model, ema_model, sched, config."
     for nm, v in (('bs', bs), ('layers', layers)): check_int(v, nm, 1, where='train_ddpm')
     if epochs is not None: check_int(epochs, 'epochs', 1, where='train_ddpm')
@@ -55,12 +55,13 @@ def train_ddpm(epochs=None, bs=64, lr=4e-3, n_steps=1000, sched='linear', source
     dls = DataLoaders(dl_tr, dl_ddpm(xva, 2*bs, sched, shuffle=False, flat=True))
     ema_cb = EMACB(ema) if ema else None
     extra = [ema_cb]*bool(ema) + [MetricsCB(), ProgressCB()]*progress + list(cbs or [])
-    learn = std_learner(model, dls, F.mse_loss, epochs, lr, extra, device, n_inp=2, wd=0.)
+    p = pick_precision(precision, device, say=True)[0]
+    learn = std_learner(model, dls, F.mse_loss, epochs, lr, extra, device, n_inp=2, wd=0., precision=p)
     start = time.perf_counter()
     learn.fit(epochs)
     config = dict(channels=list(channels), layers=layers, groups=groups, attn=attn, in_channels=1, size=32, pad=2,
                   n_steps=len(sched), sched=sched_name, epochs=epochs, bs=bs, lr=lr, ema=ema, min_snr=min_snr,
-                  n_train=len(xtr), opt_steps=epochs*len(dl_tr), seed=seed,
+                  n_train=len(xtr), opt_steps=epochs*len(dl_tr), seed=seed, precision=p,
                   train_seconds=round(time.perf_counter() - start, 1))
     return SimpleNamespace(learn=learn, model=model, ema_model=ema_cb.ema_model if ema_cb else None, sched=sched,
                            config=config)

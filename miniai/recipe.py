@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
-from .accel import AccelerateCB
+from .accel import AccelerateCB, MixedPrecision, pick_precision
 from .augment import Dropout, RandCrop, RandFlip, augment_cb, capture_preds
 from .augment import tta as flip_tta
-from .checkpoint import CheckpointCB, ResumeCB, ckpt_files, ckpt_where
+from .checkpoint import CheckpointCB, CSVLoggerCB, ResumeCB, ckpt_files, ckpt_where
 from .checks import check_choice, check_int
 from .conv import conv, default_device, pick_threads
 from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, DataLoaders, TensorDL, fashion_dls
@@ -51,25 +51,31 @@ def recipe_model(nfs=RECIPE_NFS, drop=0.):
     return model.apply(partial(init_weights, leaky=0.1))   # 0.1: the slope of the ResNet's GeneralRelu
 
 # %% ../nbs/11_recipe.ipynb #4c008b16
-def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n_inp=1, wd=1e-2, eps=1e-5, accel=None):
-    "`DeviceCB`, `TrainCB` (or `accel`), one-cycle to `lr` over `epochs`, AdamW, and `cbs`."
+def _step(precision, n_inp=1): return TrainCB(n_inp) if precision == 'fp32' else MixedPrecision(n_inp, precision)
+
+def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n_inp=1, wd=1e-2, eps=1e-5, accel=None,
+                precision='fp32'):
+    "`DeviceCB`, `TrainCB` (in `precision`) or `accel`, one-cycle to `lr` over `epochs`, AdamW, and `cbs`."
     check_int(epochs, 'epochs (the one-cycle schedule is planned for them)', 1, 'std_learner')
-    step = [DeviceCB(device), TrainCB(n_inp=n_inp)] if accel is None else [accel]
+    step = [DeviceCB(device), _step(precision, n_inp)] if accel is None else [accel]
     return Learner(model, dls, loss_func, lr=lr, cbs=step + [one_cycle(lr, epochs, dls.train)] + list(fc.L(cbs)),
                    opt_func=partial(optim.AdamW, eps=eps, weight_decay=wd))
 
 def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
-                   device=None, cbs=None, progress=True, accel=None):
+                   device=None, cbs=None, progress=True, accel=None, precision='fp32'):
     "The recipe's `Learner`, for `learn.fit(epochs)`."
     cbs = [augment_cb(RandCrop(pad), RandFlip()), MetricsCB(accuracy=MulticlassAccuracy())] + \
           [ProgressCB()]*progress + list(fc.L(cbs))
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
-    return std_learner(recipe_model(nfs, drop), dls, loss, epochs, lr, cbs, device, wd=wd, eps=eps, accel=accel)
+    return std_learner(recipe_model(nfs, drop), dls, loss, epochs, lr, cbs, device, wd=wd, eps=eps, accel=accel,
+                       precision=precision)
 
-def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, **kwargs):
+def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, precision='auto', **kwargs):
     "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: `fashion_dls(bs, source)`); returns the `Learner`."
     if seed is not None: torch.manual_seed(seed)
-    learn = recipe_learner(dls or fashion_dls(bs=bs, source=source, seed=seed), epochs, **kwargs)
+    dls = dls or fashion_dls(bs=bs, source=source, seed=seed)
+    kwargs['precision'] = pick_precision(precision, kwargs.get('device'), say=True)[0]
+    learn = recipe_learner(dls, epochs, **kwargs)
     learn.fit(epochs)
     return learn
 
@@ -141,11 +147,11 @@ def load_run(path, build, weights='model'):
     return model.eval(), cfg
 
 # %% ../nbs/11_recipe.ipynb #59736b4d
-FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, seed=42, data=None)  # what defines a run
+FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, seed=42, data=None, precision='auto')
 
 def _resume_config(out, given):  # the settings of the interrupted run in `out`, which `given` ones must agree with
     if not out.is_dir(): raise FileNotFoundError(f"--resume {out}: no such folder; pass an interrupted run's --out")
-    cfg = read_config(out)
+    cfg = {'precision': 'fp32', **read_config(out)}  # runs from before precisions were recorded
     if not ckpt_files(out/'checkpoints'):
         if (out/'model.pt').exists(): raise ValueError(f"--resume {out}: that run has finished (model.pt is there)")
         raise ValueError(f"--resume {out}: no checkpoint in {out/'checkpoints'}; start the run again without --resume")
@@ -156,30 +162,32 @@ def _resume_config(out, given):  # the settings of the interrupted run in `out`,
 
 def _classifier_learner(cfg, dls, device, cbs, accel):
     e, lr, nfs = cfg['epochs'], cfg['lr'], cfg['nfs']
-    if cfg['arch'] == 'resnet': return recipe_learner(dls, e, lr, nfs, device=device, cbs=cbs, accel=accel)
-    cbs = [MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()] + cbs
-    return std_learner(build_model('cnn', nfs, cfg['norm']), dls, F.cross_entropy, e, lr, cbs, device, accel=accel)
+    kw = dict(device=device, cbs=cbs, accel=accel, precision=cfg['precision'])
+    if cfg['arch'] == 'resnet': return recipe_learner(dls, e, lr, nfs, **kw)
+    kw['cbs'] = [MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()] + cbs
+    return std_learner(build_model('cnn', nfs, cfg['norm']), dls, F.cross_entropy, e, lr, **kw)
 
 def _launched(env=os.environ):  # by `accelerate launch` or torchrun, from the variables they set
     return 'ACCELERATE_MIXED_PRECISION' in env or 'LOCAL_RANK' in env or int(env.get('WORLD_SIZE') or 1) > 1
 
 def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, bs=None, lr=None, seed=None, data=None,
-            device=None, threads=None, accelerate=None):
+            device=None, threads=None, accelerate=None, precision=None):
     "Train a classifier into run folder `out` with checkpoints, or `resume` it; `accelerate` defaults to launched."
-    out, given = Path(out), dict(arch=arch, norm=norm, epochs=epochs, bs=bs, lr=lr, seed=seed, data=data)
+    out, given = Path(out), dict(arch=arch, norm=norm, epochs=epochs, bs=bs, lr=lr, seed=seed, data=data,
+                                 precision=pick_precision(precision, device)[0] if resume and precision else precision)
     cfg = _resume_config(out, given) if resume else {k: FIT_DEFAULTS[k] if v is None else v for k, v in given.items()}
     check_arch(cfg['arch'], cfg['norm'])
     if not resume and ckpt_files(out/'checkpoints'):
         raise ValueError(f"{out} holds an unfinished run: carry on with 'miniai fit --resume {out}' or change --out")
     accel = acc = None
+    p, why = pick_precision(cfg['precision'], device)
     if _launched() if accelerate is None else accelerate:
-        mp = 'auto' if os.environ.get('ACCELERATE_MIXED_PRECISION') else 'no'  # 'auto': the launcher's choice
+        mp = {'fp32': 'no'}.get(p, p)
         one = int(os.environ.get('WORLD_SIZE') or 1) == 1  # several processes: accelerate gives each its device
         dev = torch.device(device or default_device())
         accel = AccelerateCB(mixed_precision=mp, cpu=dev.type == 'cpu', device=dev if one else None)
         acc = accel.acc
     n_proc, is_main = (acc.num_processes, acc.is_main_process) if acc else (1, True)
-    if n_proc > 1 and resume: raise ValueError("--resume runs in one process: multi-process runs keep no checkpoints")
     torch.manual_seed(cfg['seed'])
     with redirect_stderr(sys.stderr if is_main else StringIO()):  # the data's notice once, from the main process
         dls = fashion_dls(bs=cfg['bs'], source=cfg['data'], seed=cfg['seed'])
@@ -194,13 +202,15 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
         cfg.update(data_asked=cfg['data'] or 'auto', data=cfg['data'] if cfg['data'] in ('hub', 'sample') else found,
                    epochs=cfg['epochs'] or default_epochs(n_train), nfs=list(ARCH_NFS[cfg['arch']]),
                    flips=cfg['arch'] == 'resnet', classes=list(FASHION_CLASSES), mean=FMNIST_MEAN, std=FMNIST_STD,
-                   n_train=n_train)
-        if is_main: save_run(out, cfg)
+                   n_train=n_train, precision=p)
+        if is_main:
+            print(f"miniai: training in {p}: {why}", file=sys.stderr)
+            save_run(out, cfg)
     ckpt = out/'checkpoints'
-    cbs = [CheckpointCB(ckpt, keep=2, on_interrupt=True)] if n_proc == 1 else []
-    if n_proc > 1 and is_main: print("miniai: no checkpoints in a multi-process run: Ctrl-C loses it", file=sys.stderr)
+    cbs = [CheckpointCB(ckpt, keep=2, on_interrupt=True), CSVLoggerCB(out/'metrics.csv')]
     learn = _classifier_learner(cfg, dls, device, cbs, accel)
-    if resume: print(f"miniai: resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}", file=sys.stderr)
+    if resume and is_main:
+        print(f"miniai: resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}, {p}", file=sys.stderr)
     start = time.time()
     learn.fit(cfg['epochs'], cbs=ResumeCB(ckpt) if resume else None)
     if is_main:
@@ -233,6 +243,8 @@ def load_classifier(path):
 def classify(model, cfg, x, bs=512, tta=None, device=None):
     "Classes of uint8 images `x` (N,28,28); `tta` (default `cfg['flips']`) adds mirror images."
     dl = TensorDL(x, torch.zeros(len(x), dtype=torch.long), bs, mean=cfg['mean'], std=cfg['std'])
-    learn = Learner(model, DataLoaders([], dl), F.cross_entropy, cbs=[DeviceCB(device), TrainCB()], opt_func=None)
+    p = cfg.get('precision', 'fp32')  # fit's validation ran in it, where this machine has it: the same accuracy
+    p = p if pick_precision('auto', device)[0] == p else 'fp32'
+    learn = Learner(model, DataLoaders([], dl), F.cross_entropy, cbs=[DeviceCB(device), _step(p)], opt_func=None)
     probs = flip_tta(learn)[0] if (cfg['flips'] if tta is None else tta) else capture_preds(learn)[0]
     return probs.argmax(1)

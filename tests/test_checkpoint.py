@@ -1,11 +1,11 @@
 "Exact resume: kill a training process with SIGKILL and resume it bitwise; Ctrl-C saves with CheckpointCB(on_interrupt=True)."
-import os, random, signal, subprocess, sys
+import csv, os, random, signal, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from miniai.checkpoint import read_checkpoint
+from miniai.checkpoint import ckpt_files, ckpt_position, read_checkpoint
 
 SCRIPT = Path(__file__).parent/'scripts'/'ckpt_train.py'
 N_BATCHES = 2*57  # 2 epochs of the sample's 7,226 training images at bs 128
@@ -32,14 +32,36 @@ def assert_same(a, b):
     assert a['history'] == b['history']
     assert a['scaler'] == b['scaler'] and a['skipped'] == b['skipped']  # MixedPrecision's GradScaler state
 
+def read_csv(path):
+    "CSVLoggerCB's file as `history` rows, checking it is well-formed: one header, every row complete."
+    rows = list(csv.reader(path.open())) or [['accuracy', 'loss', 'epoch', 'train']]  # empty before the first row
+    assert rows[0] == ['accuracy', 'loss', 'epoch', 'train'] and all(len(r) == 4 for r in rows), rows
+    return [dict(accuracy=float(a), loss=float(l), epoch=int(e), train=t == 'train') for a, l, e, t in rows[1:]]
+
 def test_kill_at_random_batch_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
     kill_at = random.Random().randrange(11, N_BATCHES)  # any batch after the first checkpoint (every 10)
     r = train(tmp_path, 'run', '--kill-at', kill_at)
     assert r.returncode == -signal.SIGKILL, (kill_at, r.returncode, r.stderr)
     assert not (tmp_path/'run.pt').exists()
+    printed = [l for l in r.stdout.splitlines() if l.startswith('{')]  # MetricsCB prints each row
+    assert len(read_csv(tmp_path/'run.csv')) == len(printed) == (2 if kill_at > N_BATCHES//2 else 0), r.stdout
     r = train(tmp_path, 'run', '--resume')
     assert r.returncode == 0, (kill_at, r.stderr)
     assert_same(uninterrupted, torch.load(tmp_path/'run.pt', weights_only=True))
+    assert read_csv(tmp_path/'run.csv') == uninterrupted['history']  # continued, no row twice
+
+def test_a_checkpoint_asked_for_inside_an_accumulation_group_waits_for_its_end_and_resumes_bitwise(tmp_path):
+    "GradAccumCB(2), a checkpoint asked for every 5 batches: each waits for the group's step, so no gradient is lost."
+    r = train(tmp_path, 'full', '--accum', 2, '--every', 5)
+    assert r.returncode == 0, r.stderr
+    kill_at = random.Random().randrange(7, N_BATCHES)
+    r = train(tmp_path, 'run', '--accum', 2, '--every', 5, '--kill-at', kill_at)
+    assert r.returncode == -signal.SIGKILL, (kill_at, r.returncode, r.stderr)
+    for e, done in map(ckpt_position, ckpt_files(tmp_path/'run')):
+        assert done % 2 == 0 or done == N_BATCHES//2, done  # at the end of a group (the epoch's last one is short)
+    r = train(tmp_path, 'run', '--accum', 2, '--every', 5, '--resume')
+    assert r.returncode == 0, (kill_at, r.stderr)
+    assert_same(torch.load(tmp_path/'full.pt', weights_only=True), torch.load(tmp_path/'run.pt', weights_only=True))
 
 def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(uninterrupted, tmp_path):
     r = train(tmp_path, 'run', '--kill-in-write', 4)
@@ -174,3 +196,53 @@ def test_load_warns_about_callback_state_the_learner_lacks(tmp_path):
     path = learn.save(tmp_path/'ck.pt')
     bare = Learner(learn.model, learn.dls, F.cross_entropy, cbs=[TrainCB()])
     with pytest.warns(UserWarning, match=r"state for callbacks \['MetricsCB'\] that this Learner lacks"): bare.load(path)
+
+# --- what a resume refuses; the metrics on disk
+
+import warnings
+from miniai.checkpoint import CSVLoggerCB, TensorBoardCB
+
+def tiny_learner(folder, step=None, *cbs):
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]*3
+    return Learner(nn.Linear(2, 2), SimpleNamespace(train=data, valid=data), F.cross_entropy,
+                   cbs=[step or TrainCB(), CheckpointCB(folder), *cbs])
+
+def test_resume_refuses_a_checkpoint_of_another_precision(tmp_path):
+    from miniai.accel import MixedPrecision
+    tiny_learner(tmp_path).fit(1)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match='trained in fp32, this run trains in bf16; resume it in fp32'):
+        warnings.simplefilter('ignore')  # bf16 on a CPU without it: slow, but this fit never gets to train
+        tiny_learner(tmp_path, MixedPrecision(dtype='bf16')).fit(2, cbs=ResumeCB())
+
+def test_a_folder_a_live_run_writes_is_refused_and_a_dead_runs_lock_is_not(tmp_path):
+    tiny_learner(tmp_path).fit(1)
+    hold = "import sys, time\nfrom miniai.checkpoint import lock_folder\nf = lock_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)"
+    p = subprocess.Popen([sys.executable, '-c', hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == 'locked\n'
+        before = {f: f.read_bytes() for f in tmp_path.iterdir()}
+        for fit in (lambda: tiny_learner(tmp_path).fit(2, cbs=ResumeCB()), lambda: tiny_learner(tmp_path).fit(1)):
+            with pytest.raises(ValueError, match=f'^{tmp_path} is being written by a live run; wait for it to end, or stop it$'):
+                fit()
+        assert {f: f.read_bytes() for f in tmp_path.iterdir()} == before
+    finally: p.kill(); p.wait()
+    assert (tmp_path/'lock').exists()  # left by the killed process: the system has let its lock go
+    tiny_learner(tmp_path).fit(2, cbs=ResumeCB())
+
+def test_csv_logger_needs_metrics_and_rewrites_a_stale_file(tmp_path):
+    with pytest.raises(ValueError, match=r"add MetricsCB\(\) to cbs"): tiny_learner(tmp_path, None, CSVLoggerCB(tmp_path/'m.csv')).fit(1)
+    (tmp_path/'m.csv').write_text('rows of another run\n')
+    learn = tiny_learner(tmp_path/'c', None, MetricsCB(), CSVLoggerCB(tmp_path/'m.csv'))
+    learn.fit(2)
+    rows = (tmp_path/'m.csv').read_text().splitlines()
+    assert rows[0] == 'loss,epoch,train' and len(rows) == 5 and rows[1].endswith(',0,train') and rows[4].endswith(',1,eval')
+
+def test_tensorboard_writes_the_metrics_rows(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    learn = tiny_learner(tmp_path/'c', None, MetricsCB(), TensorBoardCB(tmp_path/'tb'))
+    learn.fit(2)
+    ea = EventAccumulator(str(tmp_path/'tb')).Reload()
+    for phase, train in (('train', True), ('eval', False)):
+        got = [(s.step, s.value) for s in ea.Scalars(f'loss/{phase}')]
+        assert got == [(h['epoch'], pytest.approx(h['loss'])) for h in learn.metrics.history if h['train'] == train]

@@ -75,10 +75,10 @@ def test_tta_averages_the_softmax_of_image_and_mirror(fitted):
     out, _ = fitted
     x = np.load(SAMPLE)['images'][:300]
     model, cfg = load_classifier(out)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=cfg['precision'] == 'bf16'):  # as fit's
         xb = ((torch.from_numpy(x).float()/255 - cfg['mean'])/cfg['std'])[:, None]
-        plain = model(xb).softmax(1)
-        mirrored = model(xb.flip(-1)).softmax(1)
+        plain = model(xb).float().softmax(1)
+        mirrored = model(xb.flip(-1)).float().softmax(1)
     assert torch.equal(classify(model, cfg, x, bs=128, tta=True), ((plain + mirrored)/2).argmax(1))
     assert torch.equal(classify(model, cfg, x, bs=128, tta=False), plain.argmax(1))
     assert torch.equal(classify(model, cfg, x, bs=128), classify(model, cfg, x, tta=True))  # the ResNet saw flips

@@ -56,6 +56,14 @@ def test_ddpm_writes_grids_samples_and_model(trained):
         assert d['images'].min() < 50 < 200 < d['images'].max()  # pixels over the whole range, not a constant
 
 
+def test_ddpm_writes_the_metrics_rows_to_metrics_csv(trained):
+    out, r = trained
+    table = [l.split() for l in r.stdout.splitlines()[1:] if l.split()[-1:] in (['train'], ['eval'])]
+    rows = [l.split(',') for l in (out/'metrics.csv').read_text().splitlines()]
+    assert rows[0] == ['loss', 'epoch', 'train'] and len(rows) == 1 + len(table) > 1, (rows, r.stdout)
+    assert [[f'{float(l):.3f}', e, t] for l, e, t in rows[1:]] == table  # the printed table, at full precision
+
+
 def test_config_round_trips(trained):
     out, _ = trained
     cfg = json.loads((out/'config.json').read_text())

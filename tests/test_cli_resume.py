@@ -3,7 +3,7 @@
 The resumed run must end with the very same weights as a run that was never interrupted: every tensor of model.pt
 bitwise equal. Both runs use the quick CNN on the bundled sample, one torch thread each (so both add up the same
 floats in the same order)."""
-import json, os, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +106,46 @@ def test_resume_needs_a_run_folder(tmp_path):
     (tmp_path/'config.json').write_text(json.dumps({'arch': 'cnn'}))
     r = run('fit', '--resume', tmp_path, timeout=60)
     assert r.returncode == 2 and 'no checkpoint' in r.stderr, r.stderr
+
+def snapshot(folder):
+    "Every file in `folder` with its modification time and bytes: to check that a refused command changed nothing."
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob('*')) if p.is_file()}
+
+def test_a_live_run_is_refused_and_bad_checkpoints_get_one_line_leaving_the_folder_as_it_was(tmp_path, capsys):
+    "The refused resumes run in this process (`main`), as they fail before training: quicker than a new process each."
+    from miniai.cli import main
+    threads = torch.get_num_threads()
+    def resume(d):
+        try: return main(['fit', '--resume', str(d), '--device', 'cpu']), capsys.readouterr().err
+        finally: torch.set_num_threads(threads)
+    live = tmp_path/'live'
+    p = subprocess.Popen([str(MINIAI), *RUN[:3], '--epochs', '30', *RUN[5:], '--out', str(live)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        while not checkpoints(live):
+            if p.poll() is not None: pytest.fail(f'the run ended before its first checkpoint: {p.communicate()}')
+            time.sleep(0.02)
+        rc, err = resume(live)
+        assert p.poll() is None, 'the run should still be going'
+        assert rc == 2 and err.splitlines()[-1] == (f"miniai: error: {live/'checkpoints'} is being written by a live "
+                                                    "run; wait for it to end, or stop it"), err
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=120)
+    assert p.returncode == 130 and (live/'checkpoints'/'lock').exists()  # left behind: only a live process holds it
+
+    def config(d, **kw): (d/'config.json').write_text(json.dumps({**json.loads((d/'config.json').read_text()), **kw}))
+    def truncate(d): (f := checkpoints(d)[-1]).write_bytes(f.read_bytes()[:f.stat().st_size//2])
+    p = json.loads((live/'config.json').read_text())['precision']  # 'auto': bf16 on a CPU that has it
+    q = {'bf16': 'fp32', 'fp32': 'bf16'}[p]
+    for spoil, says in ((lambda d: config(d, norm='layer'), 'the checkpoint holds another model (Unexpected key(s)'),
+                        (lambda d: config(d, precision=q), f'the checkpoint trained in {p}, this run trains in {q}'),
+                        (truncate, 'is damaged (')):
+        d = tmp_path/'bad'
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(live, d)
+        spoil(d)
+        before = snapshot(d)
+        rc, err = resume(d)
+        assert rc == 2 and 'Traceback' not in err and says in err.splitlines()[-1], (says, err)
+        assert snapshot(d) == before, says

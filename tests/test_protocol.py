@@ -21,7 +21,8 @@ from torcheval.metrics import MulticlassAccuracy
 from miniai.accel import EMACB, AccelerateCB, GradAccumCB, GradClipCB, MixedPrecision
 from miniai.activations import ActivationStats, HooksCallback, append_stats
 from miniai.augment import CapturePreds, TTD_CB
-from miniai.checkpoint import CheckpointCB, ResumeCB
+import importlib.util
+from miniai.checkpoint import CheckpointCB, CSVLoggerCB, ResumeCB, TensorBoardCB
 from miniai.ddpm import DDPMCB, DDPMCB2
 from miniai.init import BatchTransformCB
 from miniai.learner import (EVENTS, STEPS, CancelFitException, Callback, DeviceCB, LRFinderCB, Learner, MetricsCB,
@@ -99,6 +100,8 @@ def cls_dls(n_train=3, n_valid=2, bs=4, n_in=6):
 
 def mlp(n_in=6, drop=0.): return nn.Sequential(nn.Linear(n_in, 8), nn.ReLU(), nn.Dropout(drop), nn.Linear(8, 3))
 
+HAVE_TB = importlib.util.find_spec('tensorboard') is not None  # TensorBoardCB's optional extra
+
 class Stack:
     "How to build one Learner for the test: callbacks, model, loss, and where to inject."
     def __init__(self, cbs, model=mlp, loss=F.cross_entropy, learner=Learner, at=1, train=True, lr=0.05, unreachable=(),
@@ -145,7 +148,8 @@ STACKS = {
     'mixed_precision_default': Stack(lambda tmp: [MixedPrecision(), MetricsCB(), ProgressCB()]),
     'accelerate': Stack(lambda tmp: [AccelerateCB(cpu=True), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]),
     'checkpoint': Stack(lambda tmp: [TrainCB(), EMACB(0.9), MetricsCB(), ProgressCB(),
-                                     CheckpointCB(tmp/'ckpt', every_n_batches=1, keep=100, on_interrupt=True)],
+                                     CheckpointCB(tmp/'ckpt', every_n_batches=1, keep=100, on_interrupt=True),
+                                     CSVLoggerCB(tmp/'metrics.csv'), *[TensorBoardCB(tmp/'tb')]*HAVE_TB],
                       setup=with_checkpoints),
     'ddpm': Stack(lambda tmp: [TrainCB(), DDPMCB(n_steps=20), DDPMCB2(), EMACB(0.9), MetricsCB(), ProgressCB()],
                   model=DDPMModel, loss=F.mse_loss),
@@ -209,6 +213,7 @@ def test_every_shipped_callback_is_in_a_stack(tmp_path, fresh_accelerate):
     shipped -= {Callback, BaseSchedCB}  # bases, not used as they are
     covered = {ResumeCB}
     for stack in STACKS.values(): covered |= {type(cb) for cb in stack.cbs(tmp_path)}
+    if not HAVE_TB: covered.add(TensorBoardCB)  # an optional extra: in its stack where tensorboard is installed
     assert shipped - covered == set(), sorted(c.__name__ for c in shipped - covered)
 
 def test_no_shipped_callback_has_a_misnamed_event_method():

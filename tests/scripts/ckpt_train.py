@@ -13,8 +13,8 @@ from torcheval.metrics import MulticlassAccuracy
 import miniai.checkpoint as mc
 from miniai.datasets import fashion_dls
 from miniai.accel import MixedPrecision
-from miniai.accel import EMACB
-from miniai.checkpoint import CheckpointCB, ResumeCB
+from miniai.accel import EMACB, GradAccumCB
+from miniai.checkpoint import CheckpointCB, CSVLoggerCB, ResumeCB
 from miniai.learner import Callback, Learner, MetricsCB
 from miniai.sgd import BatchSchedCB
 
@@ -26,6 +26,7 @@ p.add_argument('--every', type=int, default=10)
 p.add_argument('--kill-at', type=int, default=None, help='SIGKILL after this many training batches (over all epochs)')
 p.add_argument('--kill-in-write', type=int, default=None, help='SIGKILL in the middle of this checkpoint write (1-based)')
 p.add_argument('--resume', action='store_true')
+p.add_argument('--accum', type=int, default=1, help='GradAccumCB(accum): checkpoints wait for the end of a group')
 args = p.parse_args()
 
 torch.use_deterministic_algorithms(True)
@@ -43,7 +44,7 @@ if args.kill_in_write:
     # Crash while a checkpoint is being written: half the temp file is on disk, the rename never happens.
     real_fsync, calls = os.fsync, [0]
     def fsync(fd):
-        if os.path.isfile(f'/proc/self/fd/{fd}') and os.readlink(f'/proc/self/fd/{fd}').endswith('.tmp'):
+        if os.path.isfile(f'/proc/self/fd/{fd}') and os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith('.ckpt-'):
             calls[0] += 1
             if calls[0] == args.kill_in_write:
                 os.ftruncate(fd, os.fstat(fd).st_size//2)
@@ -60,7 +61,8 @@ class ScaledMP(MixedPrecision):
     def make_scaler(self): return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs)
 
 mp, ema = ScaledMP(growth_interval=5), EMACB(0.9)
-cbs = [mp, ema, one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2), Kill()]
+cbs = [mp, ema, one_cycle, MetricsCB(accuracy=MulticlassAccuracy()), CheckpointCB(args.ckpt, every_n_batches=args.every, keep=2),
+       CSVLoggerCB(args.ckpt + '.csv'), Kill()] + [GradAccumCB(args.accum)]*(args.accum > 1)
 learn = Learner(model, dls, F.cross_entropy, lr=0.05, cbs=cbs, opt_func=lambda ps, lr: optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=1e-4))
 learn.fit(args.epochs, cbs=ResumeCB('latest') if args.resume else None)
 torch.save({'model': learn.model.state_dict(), 'history': learn.metrics.history, 'ema': ema.ema_model.state_dict(),
