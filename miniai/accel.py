@@ -80,7 +80,7 @@ class MixedPrecision(_AmpCB):
     def __init__(self, n_inp=1, dtype='auto', **scaler_kwargs):
         super().__init__(n_inp)
         self.dtype = check_choice(dtype, 'dtype', ('auto', 'fp16', 'bf16'), 'MixedPrecision')
-        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # a typo fails now
+        try: torch.amp.GradScaler('cpu', **scaler_kwargs)  # fail on a typo now
         except TypeError as e: raise TypeError(f"MixedPrecision(**scaler_kwargs): {e}") from None
         self.scaler_kwargs, self.scaler, self.device_type, self.amp_dtype, self.precision = scaler_kwargs, *[None]*4
         self.use_scaler = self._warned = self.step_skipped = False
@@ -104,11 +104,11 @@ class MixedPrecision(_AmpCB):
         if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
         self.precision = {'no': 'fp32'}.get(p, p)  # checkpoints compare it
-        self.use_scaler = (fresh := self.make_scaler()) is not None
+        learn.scaler = fresh = self.make_scaler()
+        self.use_scaler = fresh is not None
         if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # not a stopped step's books
         self.scaler = fresh or self.scaler
         if self.scaler is not None: self.made('scaler')
-        learn.scaler = self.scaler if self.use_scaler else None
         self._skips = self._skips.to(dev)
         self._at_fit = self._skips.clone()
 
@@ -136,7 +136,6 @@ class MixedPrecision(_AmpCB):
         if self.use_scaler and (n := int(self._skips - self._at_fit)):
             warnings.warn(f"MixedPrecision: {n} step(s) skipped for inf/NaN gradients in this fit")
 
-
 # %% ../nbs/14_accel.ipynb #d5f5f748
 class _NoStep:
     def __init__(self, opt): self.opt = opt
@@ -152,18 +151,17 @@ class GradAccumCB(Callback):
     def before_fit(self, learn): self.count, self.group, self.n_batches = 0, self.n, None
 
     def before_epoch(self, learn):
-        if not learn.training: return
-        try: self.n_batches, self.count = len(learn.dl), 0  # before ProgressCB wraps it
-        except TypeError: self.n_batches = None  # groups run on across epochs
+        if learn.training:
+            try: self.n_batches, self.count = len(learn.dl), 0  # before ProgressCB wraps it
+            except TypeError: self.n_batches = None  # groups run on across epochs
 
     def before_batch(self, learn):
         if not learn.training: return
         if self.count == 0:  # a new group; the epoch's last may be shorter
             self.group = self.n if self.n_batches is None else min(self.n, self.n_batches - learn.iter)
-        self.count += 1
-        learn.will_step = self.count == self.group
-        if learn.will_step: self.count = 0
-        else: learn.opt = _NoStep(learn.opt)
+        self.count = (self.count + 1) % self.group
+        learn.will_step = self.count == 0
+        if not learn.will_step: learn.opt = _NoStep(learn.opt)
 
     def after_loss(self, learn):
         if learn.training: self.true_loss, learn.loss = learn.loss, learn.loss/self.group
@@ -179,7 +177,7 @@ class GradAccumCB(Callback):
     def cleanup_fit(self, learn): vars(learn).pop('will_step', None)
 
 class GradClipCB(Callback):
-    "Clip the gradient norm to `max_norm` before each optimizer step, unscaled first under a GradScaler."
+    "Clip the gradient norm to `max_norm` before each step (unscaled first under a GradScaler)."
     order = 1  # after the callbacks that make or restore the gradients
     def __init__(self, max_norm=1.0, norm_type=2.0):
         self.max_norm, self.norm_type = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), norm_type
@@ -190,17 +188,16 @@ class GradClipCB(Callback):
         if getattr(learn, 'scaler', None) is not None: learn.scaler.unscale_(learn.opt)
         self.norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-
 # %% ../nbs/14_accel.ipynb #a992cecc
 class EMACB(Callback):
-    "Keep `ema_model`, an exponential moving average of the model's weights and buffers; `warmup` grows the decay."
+    "Keep `ema_model`, an exponential moving average of the model's weights and buffers."
     order = DeviceCB.order + 2  # after AccelerateCB, which may wrap the model
 
     def __init__(self, decay=0.999, warmup=True):
         self.decay, self.warmup, self.ema_model = check_float(decay, 'decay', '[0, 1)', 'EMACB'), warmup, None
 
     def decay_at(self, n):
-        "The decay after `n` updates: `min(decay, (1+n)/(10+n))` with warm-up."
+        "The decay after `n` updates: `min(decay, (1+n)/(10+n))` with `warmup`."
         return min(self.decay, (1 + n)/(10 + n)) if self.warmup else self.decay
 
     def _average(self, ema_params, params, n_averaged):  # for AveragedModel, after its first copy
@@ -219,9 +216,9 @@ class EMACB(Callback):
         self._trainer = next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None)
 
     def after_step(self, learn):
-        if not getattr(learn, 'will_step', True): return  # accumulating
-        self._skip = getattr(self._trainer, 'step_skipped', False)
-        self.ema_model.update_parameters(self._src)
+        if getattr(learn, 'will_step', True):  # not accumulating
+            self._skip = getattr(self._trainer, 'step_skipped', False)
+            self.ema_model.update_parameters(self._src)
 
     def state_dict(self): return dict(ema=self.state_of('ema_model'))
     def load_state_dict(self, sd): self.load_or_keep('ema_model', sd['ema'])
@@ -230,7 +227,7 @@ class EMACB(Callback):
 class _Share(TensorDL):
     def __init__(self, dl, acc):
         vars(self).update(vars(dl))  # the same images, bs, generator
-        self.acc, small = acc, min(dl.bs, (0 if dl.drop_last else len(dl.x) % dl.bs) or dl.bs)
+        self.acc, small = acc, (not dl.drop_last and len(dl.x) % dl.bs) or dl.bs
         if small < acc.num_processes:
             raise ValueError(f"AccelerateCB: bs={dl.bs} leaves a batch of {small}, too small to share between "
                              f"{acc.num_processes} processes; pick another bs")
@@ -267,9 +264,8 @@ class AccelerateCB(_AmpCB):
     def before_fit(self, learn):
         super().before_fit(learn)
         acc = self.acc
-        if acc.state.mixed_precision != self.mixed_precision:
-            raise ValueError(f"a later AccelerateCB set accelerate's precision to {acc.state.mixed_precision!r}; "
-                             "make this one again")
+        if (mp := acc.state.mixed_precision) != self.mixed_precision:
+            raise ValueError(f"a later AccelerateCB set accelerate's precision to {mp!r}; make this one again")
         if clash := [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (GradAccumCB, GradClipCB))]:
             raise ValueError(f"AccelerateCB accumulates and clips: remove {clash}, pass it max_norm= etc.")
         now = lambda d: torch.device('cuda', torch.cuda.current_device()) if str(d) == 'cuda' else d  # a bare 'cuda'
@@ -294,14 +290,13 @@ class AccelerateCB(_AmpCB):
             self._fit.enter_context(contextlib.redirect_stdout(self._fit.enter_context(open(os.devnull, 'w'))))
 
     def _loaders(self, dls):
-        n, out = self.acc.num_processes, []
-        for dl in getattr(dls, 'dls', None) or (dls.train, dls.valid):
-            if isinstance(dl, DataLoader): dl = self.acc.prepare(dl)
-            elif n > 1 and isinstance(dl, TensorDL): dl = _Share(dl, self.acc)
-            elif n > 1: raise TypeError(f"AccelerateCB can't share a {type(dl).__name__} between {n} processes; "
-                                        "use a torch DataLoader or a TensorDL")
-            out.append(dl)
-        return DataLoaders(*out)
+        def share(dl, n=self.acc.num_processes):
+            if isinstance(dl, DataLoader): return self.acc.prepare(dl)
+            if n > 1 and isinstance(dl, TensorDL): return _Share(dl, self.acc)
+            if n > 1: raise TypeError(f"AccelerateCB can't share a {type(dl).__name__} between {n} processes; "
+                                      "use a torch DataLoader or a TensorDL")
+            return dl
+        return DataLoaders(*map(share, getattr(dls, 'dls', None) or (dls.train, dls.valid)))
 
     def before_epoch(self, learn):  # the epoch's last batch ends a group
         try: self.last, self.acc.step = len(learn.dl) - 1, 0
@@ -347,7 +342,6 @@ class AccelerateCB(_AmpCB):
     def cleanup_fit(self, learn):
         self._fit.close()
         vars(learn).pop('will_step', None)
-
 
 # %% ../nbs/14_accel.ipynb #f7ad3f02
 class MultDL:

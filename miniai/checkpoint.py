@@ -8,6 +8,7 @@ __all__ = ['CKPT_VERSION', 'checkpoint', 'save', 'read_checkpoint', 'apply_check
            'TensorBoardCB', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/05_checkpoint.ipynb #0fddef9b
+import contextlib
 import os
 import re
 import signal
@@ -37,32 +38,33 @@ CKPT_VERSION = 1
 def _procs():  # (this process's index, how many processes train together)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
-def _all(x):  # every process's `x`, in a list, when several train together
+def _all(x):  # every process's `x` in a list, when several train together
     if (n := _procs()[1]) == 1: return x
     dist.all_gather_object(out := [None]*n, x)
     return out
 
-def _precision(learn):  # the training step's: 'fp32', 'bf16' or 'fp16'; None before a fit
+def _precision(learn):  # the training step's: 'fp32', 'bf16' or 'fp16'
     return getattr(next((cb for cb in learn.cbs if isinstance(cb, TrainCB)), None), 'precision', 'fp32')
 
-def _cb_key(learn, cb):  # the class name, numbered if several of a class have state
-    same = [c for c in learn.cbs if type(c) is type(cb) and hasattr(c, 'state_dict')]
-    return type(cb).__name__ if len(same) == 1 else f'{type(cb).__name__}_{same.index(cb)}'
+def _stateful(learn):  # the callbacks with state, by class name (numbered if a class has several)
+    cbs = [cb for cb in learn.cbs if hasattr(cb, 'state_dict')]
+    nms = [type(cb).__name__ for cb in cbs]
+    return {nm if nms.count(nm) == 1 else f'{nm}_{nms[:i].count(nm)}': cb for i, (nm, cb) in enumerate(zip(nms, cbs))}
 
 @fc.patch
 def checkpoint(self: Learner, epoch=None, done=0, epoch_rng=None):
-    "The whole training state as plain data, `done` training batches into `epoch` (which began in `epoch_rng`)."
+    "The whole training state as plain data, `done` batches into `epoch` (which began in `epoch_rng`)."
     if done and epoch_rng is None: raise ValueError("a mid-epoch checkpoint needs epoch_rng; save it with CheckpointCB")
     if self.opt is not None and not hasattr(self.opt, 'state_dict'):
         raise TypeError(f"the optimizer {type(self.opt).__name__} has no state_dict() to save; use a torch.optim one")
     n = getattr(self, 'n_epochs', None)
     return dict(version=CKPT_VERSION, epoch=(n or 0) if epoch is None else epoch, done=done, n_epochs=n,
                 model=self.model.state_dict(), opt=None if self.opt is None else self.opt.state_dict(),
-                cbs={_cb_key(self, cb): cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')},
+                cbs={k: cb.state_dict() for k, cb in _stateful(self).items()},
                 precision=_precision(self), procs=_procs()[1], rng=_all(get_rng_state(**_rng_args(self))),
                 epoch_rng=_all(epoch_rng if done else None))
 
-def _write_atomic(path, write):  # write(f) to a temp file beside `path`, made durable, then renamed to `path`
+def _write_atomic(path, write):  # write(f) to a temp file beside `path`, fsync it, rename it to `path`
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
@@ -71,10 +73,8 @@ def _write_atomic(path, write):  # write(f) to a temp file beside `path`, made d
             write(f)
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
+    finally: tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)  # makes the rename durable
     try: os.fsync(fd)
     finally: os.close(fd)
 
@@ -82,7 +82,7 @@ def _write_atomic(path, write):  # write(f) to a temp file beside `path`, made d
 def save(self: Learner, path, epoch=None, done=0, epoch_rng=None):
     "Write `checkpoint(epoch, done, epoch_rng)` to `path` atomically, from the main process; returns the path."
     ck = self.checkpoint(epoch, done, epoch_rng)  # in every process: it gathers their random states
-    if _procs()[0] == 0: _write_atomic(path, lambda f: torch.save(ck, f))
+    if not _procs()[0]: _write_atomic(path, lambda f: torch.save(ck, f))
     if _procs()[1] > 1: dist.barrier()  # then every process sees the file
     return Path(path)
 
@@ -107,7 +107,7 @@ def apply_checkpoint(learn, ck, with_opt=True):
     if with_opt and ck['opt'] is not None:
         _setup_opt(learn, None, False)  # as fit would make it
         if learn.opt is not None: learn.opt.load_state_dict(ck['opt'])
-    have = {_cb_key(learn, cb): cb for cb in learn.cbs if hasattr(cb, 'state_dict')}
+    have = _stateful(learn)
     for k, sd in ck['cbs'].items():
         if hasattr(have.get(k), 'load_state_dict'): have[k].load_state_dict(sd)
     if lost := sorted(set(ck['cbs']) - set(have)):
@@ -123,7 +123,7 @@ def load(self: Learner, path, with_opt=True):
 
 # %% ../nbs/05_checkpoint.ipynb #a51af5e1
 def ckpt_name(epoch, done):
-    "The file name of the checkpoint `done` training batches into `epoch`, sorting in training order."
+    "The file name of the checkpoint `done` batches into `epoch`; names sort in training order."
     return f'ckpt-e{epoch:04d}-b{done:06d}.pt'
 
 def ckpt_position(path):
@@ -132,8 +132,8 @@ def ckpt_position(path):
     return m and tuple(map(int, m.groups()))
 
 def ckpt_where(path):
-    "Where in training the checkpoint file `path` was saved, in words."
-    if (pos := ckpt_position(path)) is None: return Path(path).name
+    "Where in training `path` was saved, in words."
+    if not (pos := ckpt_position(path)): return Path(path).name
     e, done = pos
     return f"epoch {e}, batch {done}" if done or not e else f"the end of epoch {e-1}"
 
@@ -145,7 +145,7 @@ def lock_folder(folder):
     "Lock `folder` while the file returned is open; refuse it while a live run holds the lock."
     Path(folder).mkdir(parents=True, exist_ok=True)
     f = open(Path(folder)/'lock', 'a')
-    try: fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the system lets go when the process ends, anyhow
+    try: fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends, however
     except BlockingIOError:
         f.close()
         raise ValueError(f"{folder} is being written by a live run; wait for it to end, or stop it") from None
@@ -154,32 +154,29 @@ def lock_folder(folder):
 class FitInterrupted(KeyboardInterrupt): "Ctrl-C in `fit` under `CheckpointCB(on_interrupt=True)`."
 
 class CheckpointCB(Callback):
-    "Save to `path` every `every_n_batches` training batches and/or epoch, keeping `keep`; on Ctrl-C if asked."
+    "Save to `path` every `every_n_batches` batches and/or epoch, keeping `keep`; on Ctrl-C if asked."
     order = 100  # last: the batch is finished
     def __init__(self, path='checkpoints', every_n_batches=None, every_epoch=True, keep=3, on_interrupt=False):
-        if every_n_batches is not None:
-            try: check_int(every_n_batches, 'every_n_batches', 1, where='CheckpointCB')
-            except ValueError as e: raise ValueError(f"{e}; or None") from None
+        if every_n_batches is not None: check_int(every_n_batches, 'every_n_batches (or None)', 1, 'CheckpointCB')
         self.path, self.every_n_batches, self.every_epoch = Path(path), every_n_batches, every_epoch
-        self.keep, self.on_interrupt = check_int(keep, 'keep', 1, where='CheckpointCB'), on_interrupt
-        self.epoch_rng = self.last = None
+        self.keep, self.on_interrupt = check_int(keep, 'keep', 1, 'CheckpointCB'), on_interrupt
+        self.epoch_rng = None
 
     def before_fit(self, learn):
-        self.stopping, self.asked, self.due, self._old = False, 0, False, None
-        self.idle = any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find's run: no saves
-        self._lock = None if self.idle or _procs()[0] else lock_folder(self.path)
+        self.stopping, self.asked, self.due, self._fit = False, 0, False, contextlib.ExitStack()
+        self.idle = any(isinstance(c, LRFinderCB) for c in learn.cbs)  # lr_find: no saves
+        if not (self.idle or _procs()[0]): self._fit.enter_context(lock_folder(self.path))
         if self.on_interrupt and not self.idle and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._on_sigint)
-    def cleanup_fit(self, learn):
-        if self._old is not None: signal.signal(signal.SIGINT, self._old)
-        if self._lock: self._lock.close()
+            if (old := signal.signal(signal.SIGINT, self._on_sigint)) is not None:
+                self._fit.callback(signal.signal, signal.SIGINT, old)
+    def cleanup_fit(self, learn): self._fit.close()
 
     def _on_sigint(self, signum, frame):
         if self.asked and (_procs()[1] == 1 or time.monotonic() - self.asked > 1): raise self.interrupted()
         if self.asked: return  # several processes: a launcher passes the same Ctrl-C on
         self.asked = time.monotonic()
-        if _procs()[0] == 0: print("\nstopping at the next step to save a checkpoint (Ctrl-C again to stop at once)",
-                                   file=sys.stderr)
+        if not _procs()[0]: print("\nstopping at the next step to save a checkpoint (Ctrl-C again to stop at once)",
+                                  file=sys.stderr)
 
     def _stop(self, learn):  # several processes stop at the same batch
         self.stopping = bool(self.asked)
@@ -195,41 +192,40 @@ class CheckpointCB(Callback):
         return FitInterrupted("interrupted before the first checkpoint; nothing was saved" if f is None else
                               f"interrupted; saved the training state at {ckpt_where(f)} in {self.path}")
 
-    def before_epoch(self, learn):  # a mid-epoch save needs the state the epoch's shuffle came from
-        if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])  # not the GPU's
+    def before_epoch(self, learn):  # a mid-epoch save needs the state the shuffle came from (not the GPU's)
+        if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])
 
     def save_now(self, learn, epoch, done):
-        "Save `learn`, `done` training batches into `epoch`, keeping the newest `keep` files."
+        "Save `done` batches into `epoch`, keeping the newest `keep` files; then stop if asked."
         if self.idle: return
         _raise_if_not_finite(learn)  # never save weights a NaN loss has reached
-        self.last = learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng if done else None)
+        learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng)
         self.due = False
-        for old in ckpt_files(self.path)[:-self.keep] if _procs()[0] == 0 else []: old.unlink(missing_ok=True)
+        for old in ckpt_files(self.path)[:-self.keep] if not _procs()[0] else []: old.unlink(missing_ok=True)
+        if self.stopping: raise self.interrupted()
 
     def after_batch(self, learn):
         if not learn.training or self.idle: return
         self.due |= bool((n := self.every_n_batches) and (learn.iter+1) % n == 0)
-        if (self._stop(learn) or self.due) and getattr(learn, 'will_step', True):  # not inside an accumulation group
+        if (self._stop(learn) or self.due) and getattr(learn, 'will_step', True):  # not amid an accumulation group
             self.save_now(learn, learn.epoch, learn.iter+1)
-            if self.stopping: raise self.interrupted()
 
     def after_epoch(self, learn):
         if self.idle or learn.training and learn.do_valid: return
         if self._stop(learn) or self.every_epoch: self.save_now(learn, learn.epoch+1, 0)
-        if self.stopping: raise self.interrupted()
 
     def latest(self):
         "The newest checkpoint file in `path`, or None."
         return (ckpt_files(self.path) or [None])[-1]
 
 class ResumeCB(Callback):
-    "Continue training exactly where checkpoint `resume` (a file, a folder, or 'latest') stopped."
+    "Continue exactly where checkpoint `resume` (a file, a folder, or 'latest') stopped."
     order = CheckpointCB.order - 1  # after the other before_fits, before CheckpointCB
     def __init__(self, resume='latest'): self.resume = resume
 
     def before_fit(self, learn):
         f = self.resume
-        if f == 'latest':  # the newest in CheckpointCB's folder
+        if f == 'latest':
             if not (ccb := [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]):
                 raise ValueError("ResumeCB('latest') needs a CheckpointCB in cbs; or pass a checkpoint or folder")
             f = ccb[0].path
@@ -239,9 +235,8 @@ class ResumeCB(Callback):
         ck = learn.load(f)
         if (p := ck.get('precision')) not in (None, q := _precision(learn)):
             raise ValueError(f"{f}: the checkpoint trained in {p}, this run trains in {q}; resume it in {p}")
-        mine = (lambda x: x[_procs()[0]]) if ck.get('procs', 1) > 1 else (lambda x: x)  # this process's random state
-        self.start, self.done = ck['epoch'], ck['done']
-        self.rng, self.epoch_rng = mine(ck['rng']), mine(ck['epoch_rng'])
+        self.start, self.done, rngs = ck['epoch'], ck['done'], (ck['rng'], ck['epoch_rng'])
+        self.rng, self.epoch_rng = (x[_procs()[0]] for x in rngs) if ck.get('procs', 1) > 1 else rngs  # this process's
         learn.epochs = (e for e in learn.epochs if e >= self.start)
 
     def _resuming(self, learn): return learn.training and learn.epoch == self.start
@@ -255,28 +250,27 @@ class ResumeCB(Callback):
         raise CancelBatchException()
 
 # %% ../nbs/05_checkpoint.ipynb #3c5a9d11
-def _rows(hist, header):  # `MetricsCB.history` rows as CSV lines, in the table's columns
-    head = [','.join(hist[0]) + '\n'] if header and hist else []
-    return ''.join(head + [','.join(str(('eval', 'train')[v] if k == 'train' else v) for k, v in h.items()) + '\n'
-                           for h in hist])
+def _rows(hist, start=0):  # `MetricsCB.history[start:]` as CSV lines, after a header if start is 0
+    rows = [list(hist[0])] if hist and not start else []
+    rows += [[('eval', 'train')[v] if k == 'train' else v for k, v in h.items()] for h in hist[start:]]
+    return ''.join(','.join(map(str, r)) + '\n' for r in rows)
 
 class CSVLoggerCB(Callback):
     "Append each row of `MetricsCB`'s table to CSV file `path` as it is computed; the file holds the history."
     order = MetricsCB.order + 1
-    def __init__(self, path='metrics.csv'): self.path, self.n = Path(path), None
+    def __init__(self, path='metrics.csv'): self.path = Path(path)
     def before_fit(self, learn):
         if not isinstance(getattr(learn, 'metrics', None), MetricsCB):
             raise ValueError("CSVLoggerCB writes MetricsCB's rows: add MetricsCB() to cbs")
-        self.n = None
+        self.n = None  # the rows in the file
     def before_epoch(self, learn):  # the first: after ResumeCB has loaded the history
         if self.n is not None or _procs()[0]: return
-        hist = learn.metrics.history
-        _write_atomic(self.path, lambda f: f.write(_rows(hist, True).encode()))
-        self.n = len(hist)
+        _write_atomic(self.path, lambda f: f.write(_rows(learn.metrics.history).encode()))
+        self.n = len(learn.metrics.history)
     def after_epoch(self, learn):
         if _procs()[0]: return
-        with open(self.path, 'a') as f: f.write(_rows(learn.metrics.history[-1:], not self.n))
-        self.n += 1
+        with open(self.path, 'a') as f: f.write(_rows(learn.metrics.history, self.n))
+        self.n = len(learn.metrics.history)
 
 class TensorBoardCB(Callback):
     "Write each row of `MetricsCB`'s table to TensorBoard in `log_dir` (needs `pip install tensorboard`)."
@@ -286,7 +280,7 @@ class TensorBoardCB(Callback):
         self.log_dir, self.writer, self._make = log_dir, None, SummaryWriter
     def after_epoch(self, learn):
         if _procs()[0]: return
-        self.writer = self.writer or self._make(self.log_dir)  # by the main process only
+        self.writer = self.writer or self._make(self.log_dir)
         *vals, (_, e), (_, t) = learn.metrics.history[-1].items()  # the metrics, then 'epoch' and 'train'
         for k, v in vals: self.writer.add_scalar(f"{k}/{'train' if t else 'eval'}", v, e)
         self.writer.flush()
