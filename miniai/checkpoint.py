@@ -196,7 +196,7 @@ class CheckpointCB(Callback):
         if learn.training: self.epoch_rng = get_rng_state(_rng_args(learn)['generator'])
 
     def save_now(self, learn, epoch, done):
-        "Save `done` batches into `epoch`, keeping the newest `keep` files; then stop if asked."
+        "Save `learn`, `done` batches into `epoch`, keeping the newest `keep` files; then stop if asked."
         if self.idle: return
         _raise_if_not_finite(learn)  # never save weights a NaN loss has reached
         learn.save(self.path/ckpt_name(epoch, done), epoch, done, self.epoch_rng)
