@@ -48,7 +48,7 @@ def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
 
 def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, device=None, seed=None):
     "Train `fid_classifier` on Fashion-MNIST; returns `(model, valid accuracy)`."
-    check_int(bs, 'bs', 1, 'train_fid_classifier')
+    for nm, v in (('epochs', epochs), ('bs', bs)): check_int(v, nm, 1, 'train_fid_classifier')  # before loading data
     if seed is not None: torch.manual_seed(seed)
     arrays = fashion_mnist_arrays(source)
     (xt, yt), (xv, yv) = arrays['train'], arrays['valid']
