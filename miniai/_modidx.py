@@ -303,6 +303,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                                  'miniai.datasets._sample_arrays': ('datasets.html#_sample_arrays', 'miniai/datasets.py'),
                                  'miniai.datasets._sample_dd': ('datasets.html#_sample_dd', 'miniai/datasets.py'),
                                  'miniai.datasets._sample_size': ('datasets.html#_sample_size', 'miniai/datasets.py'),
+                                 'miniai.datasets.check_pixels': ('datasets.html#check_pixels', 'miniai/datasets.py'),
                                  'miniai.datasets.collate_dict': ('datasets.html#collate_dict', 'miniai/datasets.py'),
                                  'miniai.datasets.fashion_dls': ('datasets.html#fashion_dls', 'miniai/datasets.py'),
                                  'miniai.datasets.fashion_mnist_arrays': ('datasets.html#fashion_mnist_arrays', 'miniai/datasets.py'),

@@ -26,14 +26,11 @@ from .callbacks import Callback
 def set_seed(seed, deterministic=False):
     "Seed Python, NumPy and PyTorch; `deterministic` also picks deterministic kernels."
     check_float(check_int(seed, 'seed', 0, 'set_seed'), 'seed', '[0, 4294967296)', 'set_seed')  # NumPy's limit
-    if deterministic:
-        # cuBLAS is deterministic only with a fixed workspace
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    if deterministic: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS needs a fixed workspace
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     if deterministic: torch.backends.cudnn.benchmark = False  # it may pick another algorithm each run
-    random.seed(seed)
-    np.random.seed(seed)
+    random.seed(seed); np.random.seed(seed)
     torch.manual_seed(seed)  # the CPU's and every GPU's generator
 
 # %% ../nbs/06_activations.ipynb #53989e08
@@ -87,18 +84,15 @@ def _cpu_stats(hook):
 class HooksCallback(Callback):
     "Hook `hookfunc` onto `mods` (or modules passing `mod_filter`) during `fit`."
     def __init__(self, hookfunc, mod_filter=fc.noop, on_train=True, on_valid=False, mods=None):
-        if not callable(hookfunc):
-            raise TypeError(f"HooksCallback needs a function f(hook, mod, inp, outp), got {hookfunc!r}")
+        if not callable(hookfunc): raise TypeError(f"HooksCallback needs f(hook, mod, inp, outp), got {hookfunc!r}")
         fc.store_attr()
         self.hooks = Hooks([], hookfunc)
 
     def before_fit(self, learn):
-        mods = self.mods if self.mods is not None else [m for m in learn.model.modules() if self.mod_filter(m)]
-        if not mods:
+        if not (mods := self.mods if self.mods is not None else [*filter(self.mod_filter, learn.model.modules())]):
             warnings.warn(f"{type(self).__name__} found no modules to hook; check mod_filter "
                           "(e.g. fc.risinstance(nn.ReLU)) or pass mods=[...]", stacklevel=2)
-        self._learn = learn
-        self.hooks = Hooks(mods, self._hookfunc)
+        self._learn, self.hooks = learn, Hooks(mods, self._hookfunc)
 
     def _hookfunc(self, hook, *args):
         if self.on_train if self._learn.training else self.on_valid: self.hookfunc(hook, *args)
@@ -128,8 +122,8 @@ class ActivationStats(HooksCallback):
             if hasattr(h, 'stats'): h.stats = _cpu_stats(h)
 
     def _recorded(self):
-        hooks = [h for h in self.hooks if hasattr(h, 'stats')]
-        if not hooks: raise ValueError("ActivationStats has nothing to plot; fit first, with a mod_filter that matches")
+        if not (hooks := [h for h in self.hooks if hasattr(h, 'stats')]):
+            raise ValueError("ActivationStats has nothing to plot; fit first, with a mod_filter that matches")
         return hooks
 
     def _per_layer(self, figsize, ylabel, draw):
@@ -158,8 +152,7 @@ class ActivationStats(HooksCallback):
         _, axs = plt.subplots(1, 2, figsize=figsize, layout='constrained')
         for i, h in enumerate(hooks):
             for ax, s in zip(axs, _cpu_stats(h)): ax.plot(s, label=f'layer {i}')
-        for ax, nm in zip(axs, ('mean', 'std')):
-            ax.set(title=f'{nm}s', xlabel='batch', ylabel=f'{nm} of activations')
+        for ax, nm in zip(axs, ('mean', 'std')): ax.set(title=f'{nm}s', xlabel='batch', ylabel=f'{nm} of activations')
         axs[1].legend()
         return axs
 

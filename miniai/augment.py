@@ -43,9 +43,8 @@ class Dropout(nn.Module):
 class Dropout2d(Dropout):
     "Zero whole channels with probability `p` while training."
     def mask_shape(self, x):
-        if x.ndim < 3:
-            raise ValueError(f"Dropout2d needs (N, C, H, W) feature maps, got shape {tuple(x.shape)}; "
-                             "use Dropout for (N, features)")
+        if x.ndim < 3: raise ValueError(f"Dropout2d needs (N, C, H, W) feature maps, got {tuple(x.shape)}; "
+                                        "use Dropout for (N, features)")
         return x.shape[:2] + (1,)*(x.ndim - 2)
 
 # %% ../nbs/10_augment.ipynb #c0bf1f37
@@ -67,9 +66,7 @@ def _pick(x, rows, cols):
     return x[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[:, None, None],
              rows, cols]
 
-def hflip(x):
-    "Mirror the images left to right."
-    return x.flip(-1)
+def hflip(x): return x.flip(-1)  # mirror left to right
 
 def rand_flip(x, p=0.5):
     "Mirror each image left to right with probability `p`."
@@ -92,8 +89,7 @@ def rand_crop(x, pad=4):
     _check_images(x, 'rand_crop')
     check_int(pad, 'pad', 0, 'rand_crop')
     if pad == 0: return x
-    n, c, h, w = x.shape
-    dev = x.device
+    (n, c, h, w), dev = x.shape, x.device
     padded = x.amin(dim=(2, 3), keepdim=True).expand(n, c, h + 2*pad, w + 2*pad).clone()
     padded[:, :, pad:pad + h, pad:pad + w] = x
     dy, dx = torch.randint(0, 2*pad + 1, (2, n), device=dev)
@@ -182,8 +178,7 @@ class _StopBeforePredict(Callback):
 @contextmanager
 def _unchanged(learn):
     "Run `fit` for a look: a throwaway optimizer, and every module's mode put back."
-    opt = learn.opt
-    learn.opt = None  # fit makes a throwaway one for schedulers to change
+    opt, learn.opt = learn.opt, None  # fit makes a throwaway one for schedulers to change
     try:
         with model_mode(learn.model, learn.model.training): yield
     finally: learn.opt = opt
@@ -258,9 +253,7 @@ MCDropout = namedtuple('MCDropout', 'probs spread targs')
 
 def _mc_summary(all_probs, targs):
     probs = all_probs.mean(0)
-    top = probs.argmax(-1)
-    spread = all_probs.gather(-1, top[None, :, None].expand(len(all_probs), -1, 1))[..., 0].std(0)
-    return MCDropout(probs, spread, targs)
+    return MCDropout(probs, all_probs.take_along_dim(probs.argmax(-1)[None, :, None], -1)[..., 0].std(0), targs)
 
 def _model_passes(model, dl, n):
     dev, probs, targs = model_device(model), [], []

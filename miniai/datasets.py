@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['FASHION_CLASSES', 'FMNIST_HUB_ID', 'DATA_SOURCES', 'SAMPLE_TEST_SIZE', 'FMNIST_MEAN', 'FMNIST_STD',
            'HubUnreachableError', 'sample_path', 'load_fashion_mnist', 'show_image', 'subplots', 'get_grid',
-           'show_images', 'inplace', 'collate_dict', 'DataLoaders', 'TensorDL', 'fashion_mnist_arrays', 'fashion_dls']
+           'show_images', 'inplace', 'collate_dict', 'DataLoaders', 'check_pixels', 'TensorDL', 'fashion_mnist_arrays',
+           'fashion_dls']
 
 # %% ../nbs/02_datasets.ipynb #8c003b2d
 import math
@@ -173,8 +174,7 @@ def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kw
     if nrows is None and ncols is None: nrows = int(math.sqrt(n))
     if nrows is None: nrows = math.ceil(n/ncols)
     if ncols is None: ncols = math.ceil(n/nrows)
-    if nrows*ncols < n:
-        raise ValueError(f'A {nrows}x{ncols} grid has fewer than n={n} cells; pass larger nrows/ncols, or one')
+    if nrows*ncols < n: raise ValueError(f'A {nrows}x{ncols} grid has fewer than n={n} cells; pass bigger nrows/ncols')
     fig, axs = subplots(nrows, ncols, **kwargs)
     axs = np.atleast_1d(axs).ravel()
     for ax in axs[n:]: ax.set_axis_off()
@@ -183,8 +183,7 @@ def get_grid(n, nrows=None, ncols=None, title=None, weight='bold', size=14, **kw
 
 def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
     "Show `ims` in a grid, with optional `titles`."
-    ims = list(ims)
-    titles = [] if titles is None else list(titles)
+    ims, titles = list(ims), list(titles or [])
     if len(titles) > len(ims): raise ValueError(f'show_images: {len(titles)} titles for {len(ims)} images')
     _, axs = get_grid(len(ims), nrows, ncols, **kwargs)
     for im, title, ax in zip_longest(ims, titles, axs): show_image(im, ax=ax, title=title)
@@ -205,10 +204,7 @@ def inplace(f):
 def collate_dict(ds):
     "Collate to a tuple of tensors, one per column of `ds`."
     keys = list(ds.features)
-    def _f(b):
-        batch = default_collate(b)
-        return tuple(batch[k] for k in keys)
-    return _f
+    return lambda b: tuple(default_collate(b)[k] for k in keys)
 
 class DataLoaders:
     "A training and a validation DataLoader (`.train`, `.valid`)."
@@ -226,15 +222,20 @@ class DataLoaders:
                      for k in splits])
 
 # %% ../nbs/02_datasets.ipynb #be437589
+def check_pixels(x, where):
+    "`x` as a tensor, if it holds uint8 pixels shaped (N,H,W) or (N,C,H,W); else a clear `TypeError`."
+    x = torch.as_tensor(x)
+    if x.dtype != torch.uint8 or x.ndim not in (3, 4):
+        raise TypeError(f'{where} wants uint8 pixels shaped (N,H,W) or (N,C,H,W), got {x.dtype} {tuple(x.shape)}; '
+                        'pass the 0-255 images')
+    return x
+
 class TensorDL:
     "Batches `(xb, yb)` cut straight from uint8 images `x` and labels `y`, on their device."
     def __init__(self, x, y, bs=256, shuffle=False, drop_last=False, mean=None, std=None, flat=False, seed=None,
                  pin_memory=None):
-        x = torch.as_tensor(x)
+        x = check_pixels(x, 'TensorDL')
         y = torch.as_tensor(y, device=x.device)
-        if x.dtype != torch.uint8 or x.ndim not in (3, 4):
-            raise TypeError(f'TensorDL wants uint8 pixels shaped (N,H,W) or (N,C,H,W), got {x.dtype} {tuple(x.shape)}; '
-                            'pass the 0-255 images')
         if len(x) != len(y): raise ValueError(f'TensorDL: x has {len(x)} images but y has {len(y)} labels')
         self.bs = self.batch_size = check_int(bs, 'bs', 1, 'TensorDL')
         if (mean is None) != (std is None): raise ValueError('TensorDL: pass both mean and std, or neither')
@@ -246,14 +247,11 @@ class TensorDL:
         # one generator for life: a new order each epoch, the same orders for the same seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
-    def __len__(self):
-        n = len(self.x)
-        return n//self.bs if self.drop_last else math.ceil(n/self.bs)
+    def __len__(self): return (math.floor if self.drop_last else math.ceil)(len(self.x)/self.bs)
 
     def order(self):
         "One epoch's indices: a new permutation if shuffling, else 0..N-1."
-        n = len(self.x)
-        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        return torch.randperm(len(self.x), generator=self.generator) if self.shuffle else torch.arange(len(self.x))
 
     def get_batch(self, idx):
         "Images `idx` as normalised floats with a channel dim (or flat), and their labels."

@@ -52,14 +52,14 @@ class NoiseSched:
 
 def linear_sched(n_steps=1000, beta_min=1e-4, beta_max=0.02):
     "The paper's schedule: `n_steps` betas evenly spaced from `beta_min` to `beta_max`."
-    check_int(n_steps, 'n_steps', 1, where='linear_sched')
+    check_int(n_steps, 'n_steps', 1, 'linear_sched')
     check_float(beta_max, 'beta_max', f'[{check_float(beta_min, "beta_min", "(0, 1)")}, 1)', 'linear_sched')
     return NoiseSched(torch.linspace(beta_min, beta_max, n_steps, dtype=torch.float64))
 
 # %% ../nbs/13_ddpm.ipynb #43474e4f
 def cosine_sched(n_steps=1000, s=0.008, max_beta=0.999):
     "Improved DDPM's schedule: abar follows cos² of t/T, betas capped at `max_beta`."
-    check_int(n_steps, 'n_steps', 1, where='cosine_sched'), check_float(max_beta, 'max_beta', '(0, 1)', 'cosine_sched')
+    check_int(n_steps, 'n_steps', 1, 'cosine_sched'), check_float(max_beta, 'max_beta', '(0, 1)', 'cosine_sched')
     u = torch.arange(n_steps + 1, dtype=torch.float64)/n_steps
     f = torch.cos((u + s)/(1 + s)*math.pi/2)**2
     return NoiseSched((1 - f[1:]/f[:-1]).clamp(max=max_beta))
@@ -67,7 +67,7 @@ def cosine_sched(n_steps=1000, s=0.008, max_beta=0.999):
 # %% ../nbs/13_ddpm.ipynb #0bdc158f
 def respace(sched, n_steps):
     "A schedule of `n_steps` steps whose abar equals `sched`'s at evenly spaced steps."
-    check_int(n_steps, 'n_steps', 1, where='respace')
+    check_int(n_steps, 'n_steps', 1, 'respace')
     if n_steps > len(sched): raise ValueError(f"respace: n_steps={n_steps} is more than the schedule's {len(sched)}")
     ts = torch.linspace(0, len(sched) - 1, n_steps, dtype=torch.float64).round().long()
     abar = sched._abar64[ts]
@@ -126,8 +126,7 @@ def ddpm_unet(channels=(32, 64, 128, 128), layers=2, groups=8, attn=False, in_ch
     "A `UNet` with `layers` plain resnet blocks per level, of widths `channels`, for `size`² images."
     if bad := [c for c in channels if c % groups]:
         raise ValueError(f"GroupNorm's groups={groups} doesn't divide {bad}; pick groups that divides every width")
-    n = len(channels)
-    _check_halvable(size, size, n)
+    _check_halvable(size, size, n := len(channels))
     return UNet(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
                 layers_per_block=layers, norm_num_groups=groups, down_block_types=('DownBlock2D',)*n,
                 up_block_types=('UpBlock2D',)*n, add_attention=attn)
@@ -137,9 +136,7 @@ def init_ddpm(model):
     zero = [m.conv2 for m in model.modules() if isinstance(m, ResnetBlock2D)]
     if not zero or not isinstance(getattr(model, 'conv_out', None), nn.Conv2d):
         raise TypeError(f"init_ddpm expects a diffusers UNet2DModel; got {type(model).__name__}")
-    for c in zero + [model.conv_out]:
-        nn.init.zeros_(c.weight)
-        if c.bias is not None: nn.init.zeros_(c.bias)
+    for p in (p for c in zero + [model.conv_out] for p in c.parameters()): nn.init.zeros_(p)
     for m in model.modules():
         if isinstance(m, Downsample2D) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
             nn.init.orthogonal_(m.conv.weight)
@@ -213,10 +210,9 @@ def _progress(steps, on, what):  # a bar, or where none can redraw, a line with 
     if not on: yield from steps; return
     if IN_NOTEBOOK or sys.stdout.isatty(): yield from progress_bar(steps, total=len(steps)); return
     n, t0 = len(steps), time.perf_counter()
-    every = max(1, n//10)
     for i, s in enumerate(steps):
         yield s
-        if (i + 1) % every == 0 or i + 1 == n:
+        if (i + 1) % max(1, n//10) == 0 or i + 1 == n:
             secs = time.perf_counter() - t0
             print(f"{what}: step {i + 1}/{n}, {secs:.0f}s, about {secs/(i + 1)*(n - i - 1):.0f}s left", flush=True)
 
@@ -243,7 +239,7 @@ def _walk(model, shape, sched, ts, step, generator, return_traj, traj_every, pai
             x = x_prev
     if not return_traj: return x
     t, xt, x0 = zip(*rec)
-    return x, Traj(list(t), to_cpu(torch.stack(xt)), to_cpu(torch.stack(x0)))
+    return x, Traj(list(t), *(to_cpu(torch.stack(o)) for o in (xt, x0)))
 
 def sample(model, shape, sched, generator=None, return_traj=False, clip=True, var='small', traj_every=1,
            pair_input=None, progress=False):
@@ -256,7 +252,7 @@ def sample(model, shape, sched, generator=None, return_traj=False, clip=True, va
 # %% ../nbs/13_ddpm.ipynb #933d5314
 def ddim_timesteps(n_steps, steps):
     "`steps` evenly spaced steps of `n_steps`, from `n_steps-1` down (diffusers' 'trailing')."
-    check_int(steps, 'steps', 1, where='DDIM')
+    check_int(steps, 'steps', 1, 'DDIM')
     if steps > n_steps: raise ValueError(f"DDIM needs 1 <= steps <= the schedule's {n_steps} steps; got {steps!r}")
     return [round(n_steps - i*n_steps/steps) - 1 for i in range(steps)]
 

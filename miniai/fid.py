@@ -19,16 +19,14 @@ import miniai
 from .augment import capture_preds
 from .checks import check_int
 from .conv import model_device, model_dtype, model_mode, to_cpu
-from .datasets import DataLoaders, fashion_mnist_arrays
+from .datasets import DataLoaders, check_pixels, fashion_mnist_arrays
 from .learner import Callback, DeviceCB, Learner
 from .recipe import cnn_classifier, std_learner
 
 # %% ../nbs/12_fid.ipynb #8e41b95a
 def ddpm_images(x, pad=2):
     "uint8 images (N,[C,]H,W) as floats (N,C,H+2*pad,W+2*pad) in [-1, 1], padded with -1."
-    x = torch.as_tensor(x)
-    if x.dtype != torch.uint8 or x.ndim not in (3, 4):
-        raise TypeError(f"ddpm_images wants uint8 pixels shaped (N,H,W) or (N,C,H,W); got {x.dtype} {tuple(x.shape)}")
+    x = check_pixels(x, 'ddpm_images')
     check_int(pad, 'pad', where='ddpm_images')
     if x.ndim == 3: x = x.unsqueeze(1)
     x = x.float().div(127.5).sub(1)
@@ -50,7 +48,7 @@ def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
 
 def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, device=None, seed=None):
     "Train `fid_classifier` on Fashion-MNIST; returns `(model, valid accuracy)`."
-    check_int(bs, 'bs', 1, where='train_fid_classifier')
+    for nm, v in (('epochs', epochs), ('bs', bs)): check_int(v, nm, 1, 'train_fid_classifier')  # before loading data
     if seed is not None: torch.manual_seed(seed)
     arrays = fashion_mnist_arrays(source)
     (xt, yt), (xv, yv) = arrays['train'], arrays['valid']
@@ -83,8 +81,8 @@ def load_fid_classifier(path=None):
 
 # %% ../nbs/12_fid.ipynb #0745ac61
 def _check_feats(a, b):
-    a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+    a, b = (torch.as_tensor(o).double().cpu() for o in (a, b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"need two feature matrices (items, features) with >= 2 items and equal features; got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     return a, b

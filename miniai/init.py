@@ -80,8 +80,7 @@ class BatchTransformCB(Callback):
         self.tfm, self.on_train, self.on_val = tfm, on_train, on_val
 
     def before_batch(self, learn):
-        if self.on_train if learn.training else self.on_val:
-            learn.batch = self.tfm(learn.batch)
+        if self.on_train if learn.training else self.on_val: learn.batch = self.tfm(learn.batch)
 
 # %% ../nbs/07_init.ipynb #6a5fe0f7
 LSUVResult = namedtuple('LSUVResult', 'iters mean std converged')
@@ -94,8 +93,7 @@ def lsuv_init(model, m, m_in, xb, tol=1e-3, max_iters=50):
         if not isinstance(o, nn.Module): raise TypeError(f"lsuv_init: {nm} must be a module, got {type(o).__name__}")
     if not isinstance(getattr(m_in, 'weight', None), torch.Tensor):
         raise TypeError(f"lsuv_init: m_in ({type(m_in).__name__}) has no weight; pass the layer feeding m")
-    check_float(tol, 'tol', '(0, inf)', 'lsuv_init')
-    check_int(max_iters, 'max_iters', 1, 'lsuv_init')
+    check_float(tol, 'tol', '(0, inf)', 'lsuv_init'), check_int(max_iters, 'max_iters', 1, 'lsuv_init')
     xb = to_device(xb, model_device(model))  # the course passes xb on the GPU
     bias = getattr(m_in, 'bias', None)
     with Hook(m, _lsuv_stats) as h, torch.no_grad():
@@ -137,7 +135,5 @@ def clean_ipython_hist():
 
 def clean_mem():
     "Free what old outputs and the last traceback hold, and empty the CUDA cache."
-    clean_tb()
-    clean_ipython_hist()
-    gc.collect()
+    clean_tb(); clean_ipython_hist(); gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()

@@ -40,11 +40,9 @@ class ResBlock(nn.Module):
 # %% ../nbs/09_resnet.ipynb #5b27c1a2
 def fmnist_resnet(act=act_gr, nfs=(8, 16, 32, 64, 128, 256), norm=nn.BatchNorm2d):
     "A ResNet for 1×28×28 images: a ResBlock per width in `nfs`, then 10 logits."
-    nfs = tuple(nfs)
-    if not nfs: raise ValueError("fmnist_resnet: nfs needs at least one width, e.g. (8, 16, 32, 64)")
+    if not (nfs := tuple(nfs)): raise ValueError("fmnist_resnet: nfs needs at least one width, e.g. (8, 16, 32, 64)")
     for nf in nfs: check_int(nf, 'every width in nfs', 1, 'fmnist_resnet')
-    layers = [ResBlock(1, nfs[0], stride=1, act=act, norm=norm)]
-    layers += [ResBlock(ni, nf, stride=2, act=act, norm=norm) for ni, nf in zip(nfs, nfs[1:])]
+    layers = [ResBlock(ni, nf, 2 if i else 1, act=act, norm=norm) for i, (ni, nf) in enumerate(zip((1,) + nfs, nfs))]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nfs[-1], 10, bias=norm is None)]
     if norm is not None: layers.append(nn.BatchNorm1d(10))
     return nn.Sequential(*layers)

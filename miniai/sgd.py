@@ -113,9 +113,7 @@ class RecorderCB(Callback):
             if not callable(f): raise TypeError(f"RecorderCB: {k}={f!r} is not a function of a param group, e.g. _lr")
         self.d = d
 
-    def before_fit(self, learn):
-        self.recs = {k: [] for k in self.d}
-        self.pg = learn.opt.param_groups[0]
+    def before_fit(self, learn): self.recs, self.pg = {k: [] for k in self.d}, learn.opt.param_groups[0]
 
     def after_step(self, learn):
         g = _Group(learn.opt.param_groups[0])
@@ -125,12 +123,9 @@ class RecorderCB(Callback):
 
     def plot(self, axs=None):
         "One plot per recorded value, by step."
-        if axs is None:
-            _, axs = plt.subplots(1, len(self.recs), figsize=(4*len(self.recs), 3), squeeze=False, layout='constrained')
-            axs = axs[0]
-        for ax, (k, v) in zip(axs, self.recs.items()):
-            ax.plot(v)
-            ax.set(title=k, xlabel='step', ylabel=k)
+        n = len(self.recs)
+        if axs is None: axs = plt.subplots(1, n, figsize=(4*n, 3), squeeze=False, layout='constrained')[1][0]
+        for ax, (k, v) in zip(axs, self.recs.items()): ax.plot(v); ax.set(title=k, xlabel='step', ylabel=k)
         return axs
 
 # %% ../nbs/08_sgd.ipynb #6b7e4112
@@ -145,9 +140,8 @@ class ParamSchedCB(_KeepsHypers):
     "Before each training batch, set `pname` ('lr', 'mom', ...) to `sched_func(pos)`."
     def __init__(self, pname, sched_func):
         if not isinstance(pname, str): raise TypeError(f"ParamSchedCB needs a setting name like 'lr', got {pname!r}")
-        if not callable(sched_func):
-            raise TypeError(f"ParamSchedCB: sched_func must be a function of pos in [0, 1], got {sched_func!r}; "
-                            "e.g. sched_cos(1e-2, 1e-4)")
+        if not callable(sched_func): raise TypeError(f"ParamSchedCB: sched_func must be a function of pos in [0, 1], "
+                                                     f"got {sched_func!r}; e.g. sched_cos(1e-2, 1e-4)")
         self.pname, self.sched_func = pname, sched_func
 
     def before_fit(self, learn):
@@ -155,14 +149,13 @@ class ParamSchedCB(_KeepsHypers):
         for g in opt.param_groups:
             if (('betas' in g or 'momentum' in g) if pname == 'mom' else pname in g): continue
             hint = "; use 'mom' for momentum or Adam's beta1" if pname in ('momentum', 'betas', 'beta1') else ''
-            keys = sorted(set(g) - {'params'})
-            raise ValueError(f"ParamSchedCB: {type(opt).__name__} has no {pname!r}, only {keys}{hint}")
+            raise ValueError(f"ParamSchedCB: {type(opt).__name__} has no {pname!r}, only {sorted(set(g) - {'params'})}"
+                             + hint)
         super().before_fit(learn)
         try: self.n_iter = len(learn.dls.train)
         except TypeError: raise TypeError("ParamSchedCB needs len(dls.train) to know where training is") from None
 
     def before_batch(self, learn):
         if not learn.training: return
-        pos = (learn.epoch + learn.iter/self.n_iter)/learn.n_epochs
-        v = self.sched_func(pos)
+        v = self.sched_func((learn.epoch + learn.iter/self.n_iter)/learn.n_epochs)
         for g in learn.opt.param_groups: _set_hyper(g, self.pname, v)

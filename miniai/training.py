@@ -49,9 +49,7 @@ class BatchSampler:
     "Lists of `bs` indices from `sampler`; the last one is shorter unless `drop_last`"
     def __init__(self, sampler, bs, drop_last=False):
         self.sampler, self.bs, self.drop_last = sampler, check_int(bs, 'bs', 1, 'BatchSampler'), drop_last
-    def __len__(self):
-        n = len(self.sampler)
-        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
+    def __len__(self): return (math.floor if self.drop_last else math.ceil)(len(self.sampler) / self.bs)
     def __iter__(self):
         it = iter(self.sampler)
         while batch := list(islice(it, self.bs)):
@@ -65,9 +63,8 @@ def collate(b):
 class DataLoader:
     "`collate_fn([ds[i] for i in b])` for each index list `b` in `batchs`"
     def __init__(self, ds, batchs, collate_fn=collate):
-        if isinstance(batchs, int):
-            raise TypeError(f"DataLoader(ds, batchs) takes index lists, not {batchs}; "
-                            f"for a batch size use torch's DataLoader(ds, batch_size={batchs})")
+        if isinstance(batchs, int): raise TypeError(f"DataLoader(ds, batchs) takes index lists, not {batchs}; for a "
+                                                    f"batch size use torch's DataLoader(ds, batch_size={batchs})")
         self.ds, self.batchs, self.collate_fn = ds, batchs, collate_fn
     def __len__(self): return len(self.batchs)
     def __iter__(self):
@@ -79,10 +76,8 @@ def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
     for epoch in range(check_int(epochs, 'epochs', 1, 'fit')):
         model.train()
         for xb, yb in train_dl:
-            loss = loss_func(model(xb), yb)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+            loss_func(model(xb), yb).backward()
+            opt.step(); opt.zero_grad()
         model.eval()
         with torch.no_grad():
             # weighted by batch size, so a short last batch counts right
