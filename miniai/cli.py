@@ -36,18 +36,16 @@ def _channels(s):
     except ValueError: raise argparse.ArgumentTypeError(f"expected widths > 0 like 16,32, got {s!r}") from None
 
 # %% ../nbs/15_cli.ipynb #8729c0bc
-def _writable_dir(path, flag='--out'):
+def _writable_dir(path):
     "Check, leaving no trace, that folder `path` can be made and written to."
     path = Path(path)
     made = [p for p in (path, *path.parents) if not p.exists()]  # what this check creates, deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix='.miniai-probe-')
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(dir=path): pass
     except OSError as e:
         why = 'it is a file' if path.is_file() else (e.strerror or str(e))
-        raise CLIError(f"{flag} {path}: can't write there ({why}); pass a folder you can write to") from None
+        raise CLIError(f"--out {path}: can't write there ({why}); pass a folder you can write to") from None
     finally:
         for p in made:  # a run that fails later on must not leave empty folders behind
             try: p.rmdir()
@@ -60,17 +58,18 @@ def _check_device(device=None):
     from miniai.conv import default_device
     try: dev = torch.device(device) if device else default_device()
     except RuntimeError: dev = None
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    mps = torch.backends.mps.is_available()
-    if dev is None or dev.type == 'cuda' and (dev.index or 0) >= n or dev.type == 'mps' and not mps:
+    if dev is None or dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count() \
+            or dev.type == 'mps' and not torch.backends.mps.is_available():
         what = f'--device {device}' if device else f"MINIAI_DEVICE={os.environ.get('MINIAI_DEVICE')}"
         raise CLIError(f"{what}: no such device on this machine; use --device cpu, or unset MINIAI_DEVICE")
     return dev
 
 # %% ../nbs/15_cli.ipynb #8c9bf609
+def _command(sub, name, about):  # `miniai --help` and `miniai NAME --help` say the same
+    return sub.add_parser(name, allow_abbrev=False, help=about, description=about)
+
 def _add_fit_args(sub):
-    f = sub.add_parser('fit', allow_abbrev=False, help='train a Fashion-MNIST classifier',
-                       description="Train miniai's recipe into --out, with a checkpoint every epoch and on Ctrl-C.")
+    f = _command(sub, 'fit', 'train a Fashion-MNIST classifier, with a checkpoint each epoch')
     f.add_argument('--arch', help="resnet (the recipe, default) or cnn (small, quick)")
     f.add_argument('--norm', help="batch (default) or layer (GroupNorm in --arch cnn)")
     f.add_argument('--epochs', type=_positive(int), help='default: 16 on the sample, 5 on the full data')
@@ -80,14 +79,14 @@ def _add_fit_args(sub):
     f.add_argument('--seed', type=int, help='default: 42')
     f.add_argument('--out', type=Path, help='run folder (default: ./miniai-run)')
     f.add_argument('--resume', type=Path, metavar='DIR', help='carry on the interrupted run in DIR')
-    f.add_argument('--device', help='torch device (default: the best there is)')
     f.add_argument('--threads', type=_positive(int), help='torch CPU threads (default: fewer when busy)')
     f.add_argument('--accelerate', action='store_true', help="use AccelerateCB (on under accelerate launch)")
-    _add_precision(f)
+    _add_device(f, precision=None)
 
-def _add_precision(p, default=None):
-    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default=default,
-                   help='auto (default): fp16 on CUDA, bf16 on a CPU that has it natively, else fp32')
+def _add_device(p, precision='auto'):  # precision=False: no --precision
+    p.add_argument('--device', help='torch device (default: the best there is)')
+    if precision is not False: p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default=precision,
+                                              help='auto (default): fp16 on CUDA, bf16 on a CPU that has it, else fp32')
 
 def _run_fit(a):
     if a.resume and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
@@ -100,14 +99,13 @@ def _run_fit(a):
     except KeyboardInterrupt as e:
         if os.environ.get('RANK', '0') != '0': raise SystemExit(130) from None  # the main process of several reports
         from miniai.checkpoint import ckpt_files
-        if not ckpt_files(out/'checkpoints'):
-            raise KeyboardInterrupt('miniai: interrupted before the first checkpoint; nothing was saved') from None
-        raise KeyboardInterrupt(f"miniai: {e}\nminiai: resume with: miniai fit --resume {out}") from None
+        saved = ckpt_files(out/'checkpoints')
+        raise KeyboardInterrupt(f"miniai: {e}\nminiai: resume with: miniai fit --resume {out}" if saved else
+                                'miniai: interrupted before the first checkpoint; nothing was saved') from None
 
 # %% ../nbs/15_cli.ipynb #9836e145
 def _add_predict_args(sub):
-    p = sub.add_parser('predict', allow_abbrev=False, help='classify images with a model saved by fit',
-                       description="Classify the images of an .npz file into a CSV; print the accuracy if labelled.")
+    p = _command(sub, 'predict', 'classify the images of an .npz file with a model saved by fit')
     p.add_argument('--model', type=Path, required=True, help="folder written by 'miniai fit'")
     p.add_argument('--images', type=Path, required=True, help="an .npz with 'images' (N×28×28 uint8), maybe 'labels'")
     p.add_argument('--out', type=Path, help='CSV file (default: MODEL/predictions.csv)')
@@ -141,8 +139,7 @@ def _run_predict(a):
 
 # %% ../nbs/15_cli.ipynb #96bac3c1
 def _add_ddpm_args(sub):
-    d = sub.add_parser('ddpm', allow_abbrev=False, help='train a diffusion model, sample from it and score the samples',
-                       description='Train a DDPM, sample --n images, print their FID and KID, save all in --out.')
+    d = _command(sub, 'ddpm', 'train a DDPM, sample from it and score the samples (FID, KID)')
     d.add_argument('--epochs', type=_positive(int), help='default: 15 on the sample, 2 on the full data')
     d.add_argument('--steps', type=_positive(int), default=1000, help='diffusion steps T (default: 1000)')
     d.add_argument('--sched', choices=['linear', 'cosine'], default='linear')
@@ -157,8 +154,7 @@ def _add_ddpm_args(sub):
     d.add_argument('--n-train', type=_positive(int), help='train on the first N images only')
     d.add_argument('--data', help="as for fit")
     d.add_argument('--seed', type=int, default=42, help='default: 42')
-    d.add_argument('--device', help='torch device (default: the best there is)')
-    _add_precision(d, 'auto')
+    _add_device(d)
 
 def _run_ddpm(a):
     _writable_dir(a.out)
@@ -175,8 +171,7 @@ def _run_ddpm(a):
     print(f"saved the model, samples and pictures to {out}; draw more with: miniai sample --model {out}")
 
 def _add_sample_args(sub):
-    s = sub.add_parser('sample', allow_abbrev=False, help="draw new images from a model saved by 'miniai ddpm'",
-                       description="Save a labelled grid of new samples from a folder written by 'miniai ddpm'.")
+    s = _command(sub, 'sample', "draw new images from a model saved by 'miniai ddpm'")
     s.add_argument('--model', type=Path, required=True, help="folder written by 'miniai ddpm'")
     s.add_argument('--n', type=_positive(int), default=64, help='default: 64')
     for o, kw in (('--sampler', dict(choices=['ddim', 'ddpm'])), ('--ddim-steps', dict(type=_positive(int))),
@@ -184,7 +179,7 @@ def _add_sample_args(sub):
     s.add_argument('--weights', choices=['ema', 'raw'], default='ema')
     s.add_argument('--seed', type=int, default=0, help='default: 0')
     s.add_argument('--out', type=Path, help='PNG file (default: MODEL/samples-SEED.png)')
-    s.add_argument('--device', help='torch device (default: the best there is)')
+    _add_device(s, precision=False)
 
 def _run_sample(a):
     out = a.out or a.model/f'samples-{a.seed}.png'

@@ -200,12 +200,6 @@ class TerminateOnNaNCB(Callback):
             raise CancelFitException()
 
 # %% ../nbs/04_learner.ipynb #b65c6c38
-def _opt_state_to(opt, dev):  # a hand-written optimizer may have no `.state`
-    state = getattr(opt, 'state', None)
-    for s in state.values() if isinstance(state, dict) else []:
-        for k, v in s.items():
-            if isinstance(v, torch.Tensor) and v.ndim: s[k] = v.to(dev)  # 0-dim step counts stay on the CPU
-
 class DeviceCB(Callback):
     "Move the model, optimizer state and each batch to `device` (default: `default_device()`)."
     order = -10
@@ -216,7 +210,8 @@ class DeviceCB(Callback):
         if self.dev.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f"DeviceCB(device={self.device!r}): this machine has no usable CUDA GPU; use device='cpu'")
         learn.model.to(self.dev)
-        _opt_state_to(learn.opt, self.dev)  # an earlier fit's momentum
+        if hasattr(learn.opt, 'load_state_dict'):  # torch moves an earlier fit's state to the parameters' device
+            learn.opt.load_state_dict(learn.opt.state_dict())
 
     def before_batch(self, learn): learn.batch = to_device(learn.batch, self.dev, self.non_blocking)
 
@@ -313,10 +308,9 @@ class ProgressCB(Callback):
             self.metrics.logger = self.log_row
 
     def log_row(self, d):
-        if self.first and not self.bars: self._widths = [max(8, len(k)) for k in d]
         for row in ([list(d)] if self.first else []) + [[str(v) for v in d.values()]]:
             if self.bars: self.mbar.write(row, table=True)
-            else: print('  '.join(v.ljust(w) for v, w in zip(row, self._widths)).rstrip(), flush=True)
+            else: print('  '.join(v.ljust(max(8, len(k))) for v, k in zip(row, d)).rstrip(), flush=True)
         self.first = False
 
     def before_epoch(self, learn):
