@@ -67,8 +67,9 @@ def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2
     cbs = [augment_cb(RandCrop(pad), RandFlip()), MetricsCB(accuracy=MulticlassAccuracy())] + \
           [ProgressCB()]*progress + list(fc.L(cbs))
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
-    return std_learner(recipe_model(nfs, drop), dls, loss, epochs, lr, cbs, device, wd=wd, eps=eps, accel=accel,
-                       precision=precision)
+    fmt = torch.channels_last if precision == 'bf16' else torch.preserve_format  # faster there (benchmarks/RESULTS.md)
+    return std_learner(recipe_model(nfs, drop).to(memory_format=fmt), dls, loss, epochs, lr, cbs, device, wd=wd,
+                       eps=eps, accel=accel, precision=precision)
 
 def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, precision='auto', **kwargs):
     "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: `fashion_dls(bs, source)`); returns the `Learner`."
