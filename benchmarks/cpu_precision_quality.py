@@ -7,7 +7,8 @@ Every fp32 run has a bf16 twin (same job, same seed) started at the same moment 
 torch thread, so both see the same machine load; all the pairs run at once. The recipe's result is the held-out
 accuracy of `fit_recipe`'s default on the sample's last 1,000 images; the DDPM's is `run_ddpm`'s FID and KID
 (miniai's own classifier, 500 DDIM samples against the 1,000 held-out images). Times are each process's whole run:
-data, training, evaluation, and for the DDPM sampling and scoring. A run that finishes first leaves its twin more
+data, training, evaluation, and for the DDPM sampling and scoring, as wall time and as the process's CPU time (one
+thread, so its CPU time is its work, whatever else the machine runs). A run that finishes first leaves its twin more
 CPU, which favours fp32, so the ratios are if anything pessimistic for bf16. Prints one line per run and a table.
 """
 import argparse
@@ -26,14 +27,14 @@ from miniai.recipe import fit_recipe
 from miniai.datasets import fashion_dls
 t = time.time()
 learn = fit_recipe(dls=fashion_dls(bs=128, source='sample', seed={seed}), seed={seed}, precision={p!r}, progress=False)
-print(json.dumps(dict(acc=learn.metrics.history[-1]['accuracy'], seconds=time.time() - t)))
+print(json.dumps(dict(acc=learn.metrics.history[-1]['accuracy'], seconds=time.time() - t, cpu=time.process_time())))
 """
 DDPM = """
 import json, sys, time, torch
 from miniai.ddpm_run import run_ddpm
 t = time.time()
 out, s = run_ddpm({out!r}, data='sample', seed={seed}, precision={p!r}, epochs={epochs}, progress=False)
-print(json.dumps(dict(fid=s['fid'], kid=s['kid'], seconds=time.time() - t)))
+print(json.dumps(dict(fid=s['fid'], kid=s['kid'], seconds=time.time() - t, cpu=time.process_time())))
 """
 
 
@@ -60,12 +61,12 @@ def main(argv=None):
         if proc.returncode: sys.exit(f'{key} failed:\n{err[-3000:]}')
         res[key] = json.loads(out.strip().splitlines()[-1])
         print(key, res[key], time.strftime('%H:%M:%S'), flush=True)
-    print(f'\n| job | seed | fp32 | bf16 | fp32 time | bf16 time | ratio |\n|---|---|---|---|---|---|---|')
+    print('\n| job | seed | fp32 | bf16 | fp32 time (CPU) | bf16 time (CPU) | ratio (CPU) |\n' + '|---'*7 + '|')
     for job, seed, _ in [k for k in res if k[2] == 'fp32']:
         f, b = res[(job, seed, 'fp32')], res[(job, seed, 'bf16')]
         q = (lambda r: f"{r['acc']:.4f}") if job == 'recipe' else (lambda r: f"FID {r['fid']:.2f}, KID {r['kid']:.4f}")
-        print(f"| {job} | {seed} | {q(f)} | {q(b)} | {f['seconds']:.0f} s | {b['seconds']:.0f} s | "
-              f"{b['seconds']/f['seconds']:.2f} |")
+        print(f"| {job} | {seed} | {q(f)} | {q(b)} | {f['seconds']:.0f} s ({f['cpu']:.0f} s) | {b['seconds']:.0f} s "
+              f"({b['cpu']:.0f} s) | {b['seconds']/f['seconds']:.2f} ({b['cpu']/f['cpu']:.2f}) |")
     print(machine())
 
 
