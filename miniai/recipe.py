@@ -67,8 +67,9 @@ def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2
     cbs = [augment_cb(RandCrop(pad), RandFlip()), MetricsCB(accuracy=MulticlassAccuracy())] + \
           [ProgressCB()]*progress + list(fc.L(cbs))
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
-    return std_learner(recipe_model(nfs, drop), dls, loss, epochs, lr, cbs, device, wd=wd, eps=eps, accel=accel,
-                       precision=precision)
+    fmt = torch.channels_last if precision == 'bf16' else torch.preserve_format  # faster in bf16 only
+    return std_learner(recipe_model(nfs, drop).to(memory_format=fmt), dls, loss, epochs, lr, cbs, device, wd=wd,
+                       eps=eps, accel=accel, precision=precision)
 
 def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, precision='auto', **kwargs):
     "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: `fashion_dls(bs, source)`); returns the `Learner`."
@@ -151,7 +152,7 @@ FIT_DEFAULTS = dict(arch='resnet', norm='batch', epochs=None, bs=128, lr=2e-2, s
 
 def _resume_config(out, given):  # the settings of the interrupted run in `out`, which `given` ones must agree with
     if not out.is_dir(): raise FileNotFoundError(f"--resume {out}: no such folder; pass an interrupted run's --out")
-    cfg = {'precision': 'fp32', **read_config(out)}  # runs from before precisions were recorded
+    cfg = {'precision': 'fp32', **read_config(out)}  # older runs: fp32
     if not ckpt_files(out/'checkpoints'):
         if (out/'model.pt').exists(): raise ValueError(f"--resume {out}: that run has finished (model.pt is there)")
         raise ValueError(f"--resume {out}: no checkpoint in {out/'checkpoints'}; start the run again without --resume")
@@ -243,8 +244,8 @@ def load_classifier(path):
 def classify(model, cfg, x, bs=512, tta=None, device=None):
     "Classes of uint8 images `x` (N,28,28); `tta` (default `cfg['flips']`) adds mirror images."
     dl = TensorDL(x, torch.zeros(len(x), dtype=torch.long), bs, mean=cfg['mean'], std=cfg['std'])
-    p = cfg.get('precision', 'fp32')  # fit's validation ran in it, where this machine has it: the same accuracy
-    p = p if pick_precision('auto', device)[0] == p else 'fp32'
+    p = pick_precision('auto', device)[0]  # fit's validation's, where this machine has it: the same accuracy
+    p = p if cfg.get('precision') == p else 'fp32'
     learn = Learner(model, DataLoaders([], dl), F.cross_entropy, cbs=[DeviceCB(device), _step(p)], opt_func=None)
     probs = flip_tta(learn)[0] if (cfg['flips'] if tta is None else tta) else capture_preds(learn)[0]
     return probs.argmax(1)

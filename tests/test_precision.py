@@ -86,3 +86,21 @@ def test_resume_keeps_the_runs_precision_and_refuses_another(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     assert err.rstrip().endswith('the end of epoch 0, fp32') and 'training in' not in err, err
     assert config(out)['precision'] == 'fp32' and config(out)['resumed']
+
+
+def test_bf16_recipe_is_channels_last_and_its_weights_load_into_either_layout(tmp_path):
+    from miniai.datasets import fashion_dls
+    from miniai.recipe import build_model, load_run, recipe_learner, save_run
+    dls = fashion_dls(bs=64, source='sample', seed=0)
+    cl, plain = (recipe_learner(dls, 1, precision=p, progress=False).model for p in ('bf16', 'fp32'))
+    is_cl = lambda m: [not w.is_contiguous() for w in m.parameters() if w.ndim == 4 and w.shape[1] > 1 and w.shape[2] > 1]
+    assert all(is_cl(cl)) and not any(is_cl(plain))  # (1 input channel or a 1×1 kernel: the layouts are the same)
+    save_run(tmp_path/'cl', dict(arch='resnet', nfs=None, norm='batch'), model=cl)
+    loaded, _ = load_run(tmp_path/'cl', lambda c: build_model())  # a fresh, contiguous model
+    x = torch.randn(8, 1, 28, 28)
+    cl.eval()
+    torch.testing.assert_close(loaded(x), cl(x), rtol=1e-5, atol=1e-5)  # the same model: only the layout differs
+    plain.load_state_dict(cl.state_dict())
+    cl.load_state_dict(loaded.state_dict())  # and back into channels_last, which it keeps
+    assert all(is_cl(cl))
+    torch.testing.assert_close(plain.eval()(x), cl(x), rtol=1e-5, atol=1e-5)

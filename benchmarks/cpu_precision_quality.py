@@ -1,0 +1,73 @@
+"""Quality and whole-run time of the main jobs in fp32 and in bf16 (autocast, + channels_last for the recipe's ResNet).
+
+    python benchmarks/cpu_precision_quality.py                      # the recipe, seeds 42 and 0; the DDPM, seed 42
+    python benchmarks/cpu_precision_quality.py --ddpm-epochs 15 --ddpm-seeds 42 0   # the `miniai ddpm` default
+
+Every fp32 run has a bf16 twin (same job, same seed) started at the same moment in its own process, each on one
+torch thread, so both see the same machine load; all the pairs run at once. The recipe's result is the held-out
+accuracy of `fit_recipe`'s default on the sample's last 1,000 images; the DDPM's is `run_ddpm`'s FID and KID
+(miniai's own classifier, 500 DDIM samples against the 1,000 held-out images). Times are each process's whole run:
+data, training, evaluation, and for the DDPM sampling and scoring, as wall time and as the process's CPU time (one
+thread, so its CPU time is its work, whatever else the machine runs). A run that finishes first leaves its twin more
+CPU, which favours fp32, so the ratios are if anything pessimistic for bf16. Prints one line per run and a table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import machine
+
+RECIPE = """
+import json, sys, time, torch
+from miniai.recipe import fit_recipe
+from miniai.datasets import fashion_dls
+t = time.time()
+learn = fit_recipe(dls=fashion_dls(bs=128, source='sample', seed={seed}), seed={seed}, precision={p!r}, progress=False)
+print(json.dumps(dict(acc=learn.metrics.history[-1]['accuracy'], seconds=time.time() - t, cpu=time.process_time())))
+"""
+DDPM = """
+import json, sys, time, torch
+from miniai.ddpm_run import run_ddpm
+t = time.time()
+out, s = run_ddpm({out!r}, data='sample', seed={seed}, precision={p!r}, epochs={epochs}, progress=False)
+print(json.dumps(dict(fid=s['fid'], kid=s['kid'], seconds=time.time() - t, cpu=time.process_time())))
+"""
+
+
+def start(code):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore'}
+    return subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--recipe-seeds', type=int, nargs='*', default=[42, 0])
+    p.add_argument('--ddpm-seeds', type=int, nargs='*', default=[42])
+    p.add_argument('--ddpm-epochs', type=int, default=15, help='default: 15, the default on the sample')
+    a = p.parse_args(argv)
+    print(machine())
+    tmp = tempfile.mkdtemp()
+    jobs = [(('recipe', s, pr), start(RECIPE.format(seed=s, p=pr))) for s in a.recipe_seeds for pr in ('fp32', 'bf16')]
+    jobs += [(('ddpm', s, pr), start(DDPM.format(seed=s, p=pr, epochs=a.ddpm_epochs, out=f'{tmp}/ddpm-{s}-{pr}')))
+             for s in a.ddpm_seeds for pr in ('fp32', 'bf16')]
+    res = {}
+    for key, proc in jobs:
+        out, err = proc.communicate()
+        if proc.returncode: sys.exit(f'{key} failed:\n{err[-3000:]}')
+        res[key] = json.loads(out.strip().splitlines()[-1])
+        print(key, res[key], time.strftime('%H:%M:%S'), flush=True)
+    print('\n| job | seed | fp32 | bf16 | fp32 time (CPU) | bf16 time (CPU) | ratio (CPU) |\n' + '|---'*7 + '|')
+    for job, seed, _ in [k for k in res if k[2] == 'fp32']:
+        f, b = res[(job, seed, 'fp32')], res[(job, seed, 'bf16')]
+        q = (lambda r: f"{r['acc']:.4f}") if job == 'recipe' else (lambda r: f"FID {r['fid']:.2f}, KID {r['kid']:.4f}")
+        print(f"| {job} | {seed} | {q(f)} | {q(b)} | {f['seconds']:.0f} s ({f['cpu']:.0f} s) | {b['seconds']:.0f} s "
+              f"({b['cpu']:.0f} s) | {b['seconds']/f['seconds']:.2f} ({b['cpu']/f['cpu']:.2f}) |")
+    print(machine())
+
+
+if __name__ == '__main__': main()
