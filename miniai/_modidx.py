@@ -376,7 +376,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                             'miniai.fid._FeatsCB.get_loss': ('fid.html#_featscb.get_loss', 'miniai/fid.py'),
                             'miniai.fid._FeatsCB.predict': ('fid.html#_featscb.predict', 'miniai/fid.py'),
                             'miniai.fid._check_feats': ('fid.html#_check_feats', 'miniai/fid.py'),
-                            'miniai.fid._fid_from_stats': ('fid.html#_fid_from_stats', 'miniai/fid.py'),
                             'miniai.fid._sqrt_psd': ('fid.html#_sqrt_psd', 'miniai/fid.py'),
                             'miniai.fid._stats': ('fid.html#_stats', 'miniai/fid.py'),
                             'miniai.fid.ddpm_images': ('fid.html#ddpm_images', 'miniai/fid.py'),

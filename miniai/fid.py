@@ -72,7 +72,7 @@ def save_fid_classifier(model, path, nfs=(16, 32, 64, 128)):
 
 def load_fid_classifier(path=None):
     "The `fid_classifier` saved in `path` (default: the one miniai ships), in eval mode."
-    path = Path(path) if path is not None else FID_CLASSIFIER_PATH
+    path = Path(path or FID_CLASSIFIER_PATH)
     if not path.exists(): raise FileNotFoundError(f"no FID classifier at {path}; make one with save_fid_classifier")
     with np.load(path) as d:
         model = fid_classifier(tuple(int(n) for n in d['_nfs']))
@@ -93,16 +93,13 @@ def _sqrt_psd(m):  # of a symmetric positive semi-definite matrix
 
 def _stats(feats): return feats.mean(0), torch.cov(feats.T)
 
-def _fid_from_stats(mu_a, ca, mu_b, cb):
+def fid(feats_a, feats_b):
+    "Fréchet distance between Gaussians fitted to two feature sets (rows are items), in float64."
+    (mu_a, ca), (mu_b, cb) = map(_stats, _check_feats(feats_a, feats_b))
     sa = _sqrt_psd(ca)
     m = sa@cb@sa
     tr_sqrt = torch.linalg.eigvalsh((m + m.T)/2).clamp(min=0).sqrt().sum()  # tr((ca cb)^½) without a matrix sqrt
     return ((mu_a - mu_b).pow(2).sum() + ca.trace() + cb.trace() - 2*tr_sqrt).item()
-
-def fid(feats_a, feats_b):
-    "Fréchet distance between Gaussians fitted to two feature sets (rows are items), in float64."
-    a, b = _check_feats(feats_a, feats_b)
-    return _fid_from_stats(*_stats(a), *_stats(b))
 
 # %% ../nbs/12_fid.ipynb #00f25883
 def kid(feats_a, feats_b):
@@ -138,7 +135,6 @@ class ImageEval:
         # inference only, as in the course: no optimizer, and fit runs with train=False
         self.learn = Learner(model, DataLoaders([], real), loss_func=None, cbs=[self._feats_cb] + cbs, opt_func=None)
         self.feats = self._run(real)
-        self.stats = _stats(self.feats)
 
     def _dl(self, x): return DataLoader(TensorDataset(x), self.bs)
 
@@ -153,8 +149,7 @@ class ImageEval:
 
     def fid(self, samp):
         "FID of images `samp` against the real images."
-        a, _ = _check_feats(self.get_feats(samp), self.feats)
-        return _fid_from_stats(*_stats(a), *self.stats)
+        return fid(self.get_feats(samp), self.feats)
 
     def kid(self, samp):
         "KID of images `samp` against the real images."

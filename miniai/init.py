@@ -121,17 +121,13 @@ def clean_tb():
 def clean_ipython_hist():
     "Drop IPython's references to earlier outputs and inputs (`Out`, `_N`, `_iN`...)."
     ipy = sys.modules.get('IPython')  # never imported: not an IPython session
-    ip = ipy.get_ipython() if ipy is not None else None
-    if ip is None: return
-    for ns in (ip.user_ns, getattr(ip, 'user_ns_hidden', {})):
+    if (ip := ipy and ipy.get_ipython()) is None: return
+    for ns in (ip.user_ns, ip.user_ns_hidden):
         for k in [k for k in ns if re.fullmatch(r'_i?\d+', k)]: del ns[k]
-        for k in ('_', '__', '___', '_i', '_ii', '_iii'):
-            if k in ns: ns[k] = ''
-    hm, dh = getattr(ip, 'history_manager', None), getattr(ip, 'displayhook', None)
-    if hm is not None: hm.output_hist.clear()  # this dict is `Out`
-    if dh is not None: dh._, dh.__, dh.___ = '', '', ''  # the displayhook's own copies
-    last = getattr(ip, 'last_execution_result', None)
-    if last is not None: last.result = None
+        ns.update({k: '' for k in ('_', '__', '___', '_i', '_ii', '_iii') if k in ns})
+    ip.history_manager.output_hist.clear()  # this dict is `Out`
+    ip.displayhook._, ip.displayhook.__, ip.displayhook.___ = '', '', ''  # the displayhook's own copies
+    if ip.last_execution_result is not None: ip.last_execution_result.result = None
 
 def clean_mem():
     "Free what old outputs and the last traceback hold, and empty the CUDA cache."
