@@ -278,8 +278,8 @@ class MetricsCB(Callback):
         if self.metrics:
             p, y = torch.cat(preds), torch.cat(ys)
             for m in self.metrics.values(): m.update(p, y)
-        w = torch.tensor(ns, dtype=torch.float32, device=losses[0].device)
-        self.loss.update(torch.stack(losses).float(), weight=w)
+        w = torch.tensor(ns, dtype=torch.float64, device=losses[0].device)
+        self.loss.update(torch.stack(losses).double(), weight=w)  # float64: exact, however a checkpoint split it
 
     def after_epoch(self, learn):
         self._flush()

@@ -199,6 +199,20 @@ def test_metrics_have_a_train_and_a_valid_row_per_epoch_equal_to_a_direct_comput
     assert metrics.history[-1]['accuracy'] == pytest.approx((out.argmax(1) == yv).float().mean().item(), abs=1e-6)
     assert metrics.history[-1]['loss'] == pytest.approx(F.cross_entropy(out, yv).item(), abs=1e-4)
 
+def test_the_mean_loss_does_not_depend_on_where_the_buffer_was_flushed():
+    "A checkpoint flushes MetricsCB's buffer early; a resumed epoch must still report exactly the same mean loss."
+    g = torch.Generator().manual_seed(0)
+    batch = [SimpleNamespace(preds=torch.randn(4, 2), loss=torch.rand((), generator=g)*3, batch=(torch.zeros(4), torch.zeros(4)))
+             for _ in range(200)]
+    def mean_loss(buffer):
+        m = MetricsCB(buffer=buffer)
+        m.logger = lambda row: None
+        m.before_epoch(None)
+        for b in batch: m.after_batch(b)
+        m.after_epoch(SimpleNamespace(epoch=0, training=True))
+        return m.history[0]['loss']
+    assert len({mean_loss(n) for n in (1, 3, 7, 32, 200)}) == 1
+
 class SkipFirstEpoch(Callback):
     "05_checkpoint's naive resume: cancel every batch of epoch 0 below `n`, validation included."
     def __init__(self, n=5): self.n = n
