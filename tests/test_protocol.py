@@ -149,7 +149,7 @@ STACKS = {
     'accelerate': Stack(lambda tmp: [AccelerateCB(cpu=True), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]),
     'checkpoint': Stack(lambda tmp: [TrainCB(), EMACB(0.9), MetricsCB(), ProgressCB(),
                                      CheckpointCB(tmp/'ckpt', every_n_batches=1, keep=100, on_interrupt=True),
-                                     CSVLoggerCB(tmp/'metrics.csv'), *[TensorBoardCB(tmp/'tb')]*HAVE_TB],
+                                     CSVLoggerCB(tmp/'metrics.csv'), *([TensorBoardCB(tmp/'tb')] if HAVE_TB else [])],
                       setup=with_checkpoints),
     'ddpm': Stack(lambda tmp: [TrainCB(), DDPMCB(n_steps=20), DDPMCB2(), EMACB(0.9), MetricsCB(), ProgressCB()],
                   model=DDPMModel, loss=F.mse_loss),
