@@ -1,4 +1,5 @@
-"""What the benchmark scripts share (they aren't part of the package): `machine()`, the one line saying what a run ran on.
+"""What the benchmark scripts share (they aren't part of the package): `machine()`, \
+the one line saying what a run ran on.
 
 Each script imports it with `from _common import machine`, which works because Python puts a script's own folder
 first on `sys.path` (`python benchmarks/recipe.py`)."""
@@ -20,17 +21,20 @@ def cpu_model():
 
 def _gpu(device):
     if device is None:
-        return f'GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})' if torch.cuda.is_available() else 'no GPU'
+        return (f'GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})' if torch.cuda.is_available()
+                else 'no GPU')
     device = torch.device(device)
     if device.type == 'cuda': return f'GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
     return 'GPU present, not used' if torch.cuda.is_available() else 'no GPU used'
 
 
 def machine(device=None):
-    "One line: OS, CPU model, cores (usable by this process), torch threads, GPU, Python and torch versions, load average."
+    ("One line: OS, CPU model, cores (usable by this process), torch threads, GPU, Python and torch versions, "
+     "load average.")
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else cores
     load = ', '.join(f'{x:.2f}' for x in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
     return (f'{platform.platform()} | {cpu_model()} | {cores} cores ({usable} usable) | torch threads '
-            f'{torch.get_num_threads()} | {_gpu(device)} | Python {platform.python_version()} | torch {torch.__version__} | '
+            f'{torch.get_num_threads()} | {_gpu(device)} | Python {platform.python_version()} | '
+            f'torch {torch.__version__} | '
             f'load average {load}')

@@ -67,7 +67,8 @@ def rate(dl, n_batches):
 
 
 def check_same_batches(ours, course):
-    "All routes must give the same kind of batch: (256,1,28,28) float32, int64 labels, and ours bitwise equal to the course's."
+    ("All routes must give the same kind of batch: (256,1,28,28) float32, int64 labels, "
+     "and ours bitwise equal to the course's.")
     xb, yb = next(iter(ours))
     xc, yc = next(iter(course))
     for name, (x, y) in dict(ours=(xb, yb), course=(xc, yc)).items():
@@ -75,7 +76,8 @@ def check_same_batches(ours, course):
             raise AssertionError(f'{name} gives {tuple(x.shape)} {x.dtype}, {y.dtype}')
     first_ours = ours.get_batch(torch.arange(4))[0]  # the same four images through both routes
     first_course = collate_dict(course.dataset)([course.dataset[i] for i in range(4)])[0]
-    if not torch.equal(first_ours, first_course): raise AssertionError('the two routes normalise differently')  # bitwise
+    if not torch.equal(first_ours, first_course):  # bitwise
+        raise AssertionError('the two routes normalise differently')
 
 
 def main():
@@ -92,7 +94,8 @@ def main():
     course = course_dl()
     bare = Bare(ours.x.view(len(ours.x), -1), ours.y)  # the same uint8 tensor ours cuts from
     check_same_batches(ours, course)
-    print(f'same batches checked: ours and course both give ({BS},1,28,28) float32, bitwise equal; train split {len(ours.x)} '
+    print(f'same batches checked: ours and course both give ({BS},1,28,28) float32, bitwise equal; '
+          f'train split {len(ours.x)} '
           f'images = {len(ours)} batches per epoch\n')
 
     loaders = dict(ours=(ours, args.fast_batches), bare=(bare, args.fast_batches),
@@ -109,7 +112,8 @@ def main():
     print(f"{'route':8s} {'batches/s (wall)':>17s} {'batches/s (CPU)':>16s} {'batches timed':>14s}")
     for k, (w, c) in med.items():
         print(f'{k:8s} {1/w:17.1f} {1/c:16.1f} {args.rounds * loaders[k][1]:14d}')
-    oc_w, oc_c, ob_w, ob_c = pair('ours', 'course', 0), pair('ours', 'course', 1), pair('ours', 'bare', 0), pair('ours', 'bare', 1)
+    oc_w, oc_c, ob_w, ob_c = (pair('ours', 'course', 0), pair('ours', 'course', 1),
+                              pair('ours', 'bare', 0), pair('ours', 'bare', 1))
     print(f'\nours/course: {oc_w:.0f}x wall, {oc_c:.0f}x CPU  (goal >= {GOAL_COURSE}x: '
           f'{"met" if oc_w >= GOAL_COURSE else "NOT met"}, judged on wall clock; CPU time counts every thread)')
     print(f'ours/bare:   {ob_w:.2f} wall, {ob_c:.2f} CPU  (the fraction of the bare loop\'s rate we reach)')

@@ -1,4 +1,5 @@
-"""DDPM sample quality on a CPU (the first study; `miniai ddpm` now prints FID/KID itself): FID/KID and time of DDPM (1000 steps) vs DDIM (100, 50 steps), raw vs EMA weights.
+"""DDPM sample quality on a CPU (the first study; `miniai ddpm` now prints FID/KID itself): \
+FID/KID and time of DDPM (1000 steps) vs DDIM (100, 50 steps), raw vs EMA weights.
 
     python benchmarks/ddpm_fid.py             # the measured configuration, ~27 min on 1 core (AMD EPYC)
     python benchmarks/ddpm_fid.py --small     # a ~1 minute smoke run (tiny model, N=32); numbers mean nothing
@@ -9,7 +10,8 @@ and scaled to [-1, 1]):
 
 1. trains a small noise-predicting UNet with `miniai.ddpm_run.train_ddpm` (paper's 1000-step linear schedule, Adam,
    one-cycle lr, EMA copy of the weights), seed 0;
-2. trains the FID classifier with `miniai.fid.train_fid_classifier` (seed 0) and builds `ImageEval` on the held-out images
+2. trains the FID classifier with `miniai.fid.train_fid_classifier` (seed 0) and builds `ImageEval` \
+on the held-out images
    `valid[N:]` (the reference set);
 3. generates N images per row, each row from a generator seeded the same way, so every row starts from the same
    x_T (and raw/EMA rows of one sampler follow exactly the same noise), in chunks of `--chunk` images;
@@ -46,7 +48,8 @@ SMALL = dict(channels='8,16', layers=1, groups=4, epochs=1, bs=64, lr=2e-3, ema=
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--small', action='store_true', help='smoke run: ' + ' '.join(f'--{k.replace("_", "-")} {v}'
                    for k, v in SMALL.items()) + ' (explicit flags still win)')
     p.add_argument('--channels', help=f"UNet channels per level (default {FULL['channels']})")
@@ -58,13 +61,15 @@ def parse_args(argv=None):
     p.add_argument('--ema', type=float, help=f"EMA decay (default {FULL['ema']})")
     p.add_argument('--n-train', type=int, help='use only the first N training images (default: all 7,226)')
     p.add_argument('--n-steps', type=int, help='diffusion steps T of the linear schedule (default 1000)')
-    p.add_argument('--n', type=int, help=f"images per row, and real images for the real-vs-real row (default {FULL['n']})")
+    p.add_argument('--n', type=int,
+                   help=f"images per row, and real images for the real-vs-real row (default {FULL['n']})")
     p.add_argument('--chunk', type=int, help=f"images per sampling call (default {FULL['chunk']})")
     p.add_argument('--clf-epochs', type=int, help=f"FID classifier epochs (default {FULL['clf_epochs']})")
     p.add_argument('--ddpm-raw', choices=('auto', 'on', 'off'), default='auto',
                    help="the DDPM raw-weights row: 'auto' runs it if it should fit in --budget-min")
     p.add_argument('--ddim-rederive', choices=('on', 'off'), default='on',
-                   help="DDIM's eps re-derived from the clipped x0 ('on', ddim_sample's default since it was found to help; runs 1 and 2 in RESULTS.md were made before, as 'off')")
+                   help="DDIM's eps re-derived from the clipped x0 ('on', ddim_sample's default since it was found "
+                        "to help; runs 1 and 2 in RESULTS.md were made before, as 'off')")
     p.add_argument('--budget-min', type=float, help=f"time budget for 'auto' (default {FULL['budget_min']})")
     p.add_argument('--seed', type=int, default=0, help='seed for training, classifier and sampling (default 0)')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
@@ -119,7 +124,8 @@ def scores(ie, feats, boot, seed):
 
 
 def save_rows(rows, path, ncol=8):
-    "Save image rows [(label, images (n,1,32,32) in [-1,1])] as a PNG, `ncol` images a row, drawn as `show_images` does."
+    ("Save image rows [(label, images (n,1,32,32) in [-1,1])] as a PNG, `ncol` images a row, "
+     "drawn as `show_images` does.")
     import matplotlib.pyplot as plt
     fig, axs = get_grid(len(rows)*ncol, ncols=ncol, imsize=1)
     for r, (label, imgs) in enumerate(rows):
@@ -236,7 +242,8 @@ def main(argv=None):
     print('|---|---|---|---|---|---|---|---|')
     for kind, w, steps, f, fsd, k, ksd, secs in res:
         t = ('—', '—') if secs is None else (f'{secs:.0f}', f'{secs/a.n:.3f}')
-        print(f'| {kind} | {w} | {steps} | {a.n} | {f:.2f} ± {fsd:.2f} | {k*1e3:.2f} ± {ksd*1e3:.2f} | {t[0]} | {t[1]} |')
+        print(f'| {kind} | {w} | {steps} | {a.n} | {f:.2f} ± {fsd:.2f} | {k*1e3:.2f} ± {ksd*1e3:.2f} | '
+              f'{t[0]} | {t[1]} |')
     return res
 
 

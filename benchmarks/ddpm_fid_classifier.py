@@ -19,7 +19,8 @@ from miniai.fid import FID_CLASSIFIER_PATH, save_fid_classifier, train_fid_class
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--out', type=Path, default=FID_CLASSIFIER_PATH, help=f'where to save (default {FID_CLASSIFIER_PATH})')
+    p.add_argument('--out', type=Path, default=FID_CLASSIFIER_PATH,
+                   help=f'where to save (default {FID_CLASSIFIER_PATH})')
     p.add_argument('--epochs', type=int, default=5, help='training epochs (default 5)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     a = p.parse_args(argv)

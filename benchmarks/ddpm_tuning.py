@@ -4,7 +4,8 @@
         --samplers ddim:50:re:0,ddim:50:re:1,ddim:25:re:0
     python benchmarks/ddpm_tuning.py --name smoke --epochs 1 --n-train 512 --n 50 --samplers ddim:10:re:1   # ~1 min
 
-Training is `miniai.ddpm_run.train_ddpm` (the UNet of `--channels`, one resnet block per level, Adam, one-cycle to `--lr`,
+Training is `miniai.ddpm_run.train_ddpm` (the UNet of `--channels`, one resnet block per level, Adam, \
+one-cycle to `--lr`,
 EMA 0.999 with warm-up, the paper's linear 1000-step schedule unless `--sched cosine`, `--min-snr` to draw t with
 Min-SNR-γ weights) on the bundled sample's 7,226 training images, seed 0. Each sampler in `--samplers` is
 `ddim:STEPS:re|no:ETA` (DDIM, eps re-derived from the clipped x0 or the model's own, eta) or `ddpm` (all 1000
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument('--samplers', default='ddim:50:re:0')
     p.add_argument('--threads', type=int, default=1); p.add_argument('--seed', type=int, default=0)
     p.add_argument('--load', action='store_true', help='skip training: score the weights saved under --name')
-    p.add_argument('--weights-dir', type=Path, default=Path('/tmp')); p.add_argument('--results', type=Path, default=Path('/tmp/ddpm_tuning.jsonl'))
+    p.add_argument('--weights-dir', type=Path, default=Path('/tmp'))
+    p.add_argument('--results', type=Path, default=Path('/tmp/ddpm_tuning.jsonl'))
     return p.parse_args(argv)
 
 
@@ -79,7 +81,8 @@ def main(argv=None):
         imgs = draw(models[w], sched, spec, a.n, a.seed).clamp(-1, 1)
         r = res[f'{w} {spec}'] = dict(fid=ie.fid(imgs), kid=ie.kid(imgs), secs=time.time() - t1)
         print(f'{a.name} {w} {spec}: FID {r["fid"]:.2f} KID {r["kid"]*1e3:.1f}e-3 {r["secs"]:.0f}s', flush=True)
-        if w == 'ema': save_grid(imgs[:32], a.weights_dir/f'{a.name}_{spec.replace(":", "_")}.png', title=f'{a.name} {spec}')
+        if w == 'ema':
+            save_grid(imgs[:32], a.weights_dir/f'{a.name}_{spec.replace(":", "_")}.png', title=f'{a.name} {spec}')
     with open(a.results, 'a') as f: f.write(json.dumps(res) + '\n')
 
 

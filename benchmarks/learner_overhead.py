@@ -164,7 +164,8 @@ def check_same_work(n_epochs=2):
         if len(got) != len(hand.history): raise AssertionError(f'{len(got)} Learner records vs {len(hand.history)}')
         for h, g in zip(hand.history, got):
             for k in ('accuracy', 'loss'):
-                if abs(h[k] - g[k]) > 1e-5: raise AssertionError(f'hand loop and Learner disagree on {k}: {h[k]} vs {g[k]}')
+                if abs(h[k] - g[k]) > 1e-5:
+                    raise AssertionError(f'hand loop and Learner disagree on {k}: {h[k]} vs {g[k]}')
     bad = type('FakeLearner', (), dict(loss=torch.tensor(float('nan')), epoch=0, iter=0))()
     try: ml.check_finite(bad)  # the cheap check must still stop a NaN loss
     except FloatingPointError: pass
@@ -271,7 +272,8 @@ def main():
               f'{c[0]*1e3:8.1f} {c[1]*1e3:8.1f} {c[2]:7.3f} ({c[3][0]:.3f}-{c[3][1]:.3f}) {over:+12.1f}')
     ok = lambda r: 'met' if r <= GOAL else 'NOT met'
     w, c = rows[SHIPPED]
-    print(f'Learner/hand loop: {w[2]:.3f}x wall, {c[2]:.3f}x CPU  (goal <= {GOAL}x on wall clock: {ok(w[2])}; CPU: {ok(c[2])})')
+    print(f'Learner/hand loop: {w[2]:.3f}x wall, {c[2]:.3f}x CPU  '
+          f'(goal <= {GOAL}x on wall clock: {ok(w[2])}; CPU: {ok(c[2])})')
 
     c = per_batch_update_cost()
     print(f"\nCPU µs per batch of {BS} (best of 5): torcheval MulticlassAccuracy.update {c['tv_acc']:.1f}, "

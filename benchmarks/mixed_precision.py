@@ -38,14 +38,16 @@ FULL = dict(bs=128, size=32, channels='32,64,128,128', layers=2, steps=10, repea
 SMALL = dict(bs=16, size=16, channels='16,32', layers=1, steps=5, repeats=3)
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='auto', help="'auto' (cuda if there is one), 'cuda', 'cuda:1', 'cpu'")
     p.add_argument('--bs', type=int, help='batch size (default: 128, as in the course)')
     p.add_argument('--size', type=int, help='image size (default: 32, Fashion-MNIST padded)')
     p.add_argument('--channels', help='UNet channels per level (default: 32,64,128,128)')
     p.add_argument('--layers', type=int, help='resnet blocks per level (default: 2)')
     p.add_argument('--steps', type=int, help='timed training steps per repeat (default: 10)')
-    p.add_argument('--warmup', type=int, default=3, help='untimed steps per method first (>= 1: they include accelerate\'s prepare)')
+    p.add_argument('--warmup', type=int, default=3,
+                   help='untimed steps per method first (>= 1: they include accelerate\'s prepare)')
     p.add_argument('--repeats', type=int, help='timings per method, the median is reported (default: 5)')
     p.add_argument('--small', action='store_true', help='quick CPU-sized defaults: ' +
                    ' '.join(f'--{k} {v}' for k, v in SMALL.items()) + ' (flags given explicitly still win)')
@@ -72,7 +74,8 @@ def make_batches(a, dev, n):
     g = torch.Generator().manual_seed(0)
     def one():
         x = torch.randn(a.bs, 1, a.size, a.size, generator=g)
-        return x.to(dev), torch.randint(0, 1000, (a.bs,), generator=g).to(dev), torch.randn(x.shape, generator=g).to(dev)
+        return (x.to(dev), torch.randint(0, 1000, (a.bs,), generator=g).to(dev),
+                torch.randn(x.shape, generator=g).to(dev))
     return [one() for _ in range(n)]
 
 def sync(dev):
@@ -83,7 +86,8 @@ def make_learner(a, dev, train_cb, timed):
     torch.manual_seed(0)
     model = init_ddpm(ddpm_unet(a.channels, a.layers, groups=min(8, min(a.channels)), size=a.size))
     dls = DataLoaders(timed, timed[:1])  # plain lists of batches: nothing to load
-    epochs = math.ceil(a.warmup/a.steps)  # each fit plans its own one-cycle over epochs*len(timed) steps: enough for all
+    # each fit plans its own one-cycle over epochs*len(timed) steps: enough for all
+    epochs = math.ceil(a.warmup/a.steps)
     cbs = [] if isinstance(train_cb, AccelerateCB) else [DeviceCB(dev)]
     return std_learner(model, dls, F.mse_loss, epochs, lr=1e-3, cbs=cbs, n_inp=2, wd=0., accel=train_cb)
 
@@ -132,7 +136,8 @@ def run(a):
 def table(a, dev, rows, secs):
     lines = [f'### {dev.type}', '',
              f'Machine: {machine(dev)} | native bf16: {cpu_has_bf16()}.', '',
-             f'Model: diffusers UNet2DModel via `ddpm_unet(channels={a.channels}, layers={a.layers})`, {a.size}×{a.size} '
+             f'Model: diffusers UNet2DModel via `ddpm_unet(channels={a.channels}, layers={a.layers})`, '
+             f'{a.size}×{a.size} '
              f'1-channel images, batch size {a.bs}, `std_learner` (AdamW, one-cycle); '
              f'median of {a.repeats} repeats of {a.steps} steps after '
              f'{a.warmup} warm-up steps. Ratio: time per step / fp32 time per step (lower is faster).', '',

@@ -178,7 +178,8 @@ def test_autocast_covers_only_forward_and_loss(native_bf16):
         def after_loss(self, learn): seen.add(('after_loss', torch.is_autocast_enabled('cpu')))
         def after_backward(self, learn): seen.add(('after_backward', torch.is_autocast_enabled('cpu')))
     fit(MixedPrecision(), WatchCB(), m=model().cpu())
-    assert seen == {('before_batch', False), ('preds', torch.bfloat16), ('after_loss', False), ('after_backward', False)}
+    assert seen == {('before_batch', False), ('preds', torch.bfloat16), ('after_loss', False),
+                    ('after_backward', False)}
 
 @pytest.mark.parametrize('where', ['forward', 'loss', 'cancel'])
 def test_autocast_is_off_after_a_failing_batch(where, native_bf16):
@@ -240,7 +241,8 @@ def test_skipped_steps_are_reported_at_the_end_of_each_fit(always_scaler):
     mp = MixedPrecision()
     learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[mp, PoisonCB(1)])
     for n in (1, 2):
-        with pytest.warns(UserWarning, match=r"MixedPrecision: 1 step\(s\) skipped for inf/NaN gradients in this fit") as ws:
+        with pytest.warns(UserWarning,
+                          match=r"MixedPrecision: 1 step\(s\) skipped for inf/NaN gradients in this fit") as ws:
             learn.fit(1, valid=False)
         assert len([w for w in ws if 'skipped' in str(w.message)]) == 1 and mp.skipped_steps == n
 
@@ -254,7 +256,8 @@ def test_a_nan_loss_raises_in_every_precision(precision, monkeypatch):
     if precision == 'bf16': monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
     if precision == 'fp16': give_scaler(monkeypatch)
     learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[MixedPrecision(), NaNLossCB()])
-    with warnings.catch_warnings(), pytest.raises(FloatingPointError, match='the loss is NaN or infinite at epoch 0, batch 1'):
+    with warnings.catch_warnings(), pytest.raises(FloatingPointError,
+                                                  match='the loss is NaN or infinite at epoch 0, batch 1'):
         warnings.simplefilter('ignore')
         learn.fit(1)
     assert torch.isfinite(flat_weights(learn.model)).all()
@@ -416,7 +419,8 @@ def test_accelerate_accumulation_and_clipping_match_callbacks(fresh_accelerate):
 
 @cpu_only
 def test_accelerate_fp16_on_cpu_is_refused(fresh_accelerate):
-    with pytest.raises(ValueError, match="silently trains in fp32.*mixed_precision='auto'"): AccelerateCB(mixed_precision='fp16')
+    with pytest.raises(ValueError, match="silently trains in fp32.*mixed_precision='auto'"):
+        AccelerateCB(mixed_precision='fp16')
     AccelerateCB()  # and the refusal left accelerate's state free for another setting
 
 def test_accelerate_bad_arguments(fresh_accelerate):
@@ -444,12 +448,14 @@ def test_accelerate_auto_follows_the_launcher(fresh_accelerate, monkeypatch):
     assert AccelerateCB().mixed_precision == 'no'
     if not torch.cuda.is_available():
         monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'fp16')
-        with pytest.raises(ValueError, match="accelerate launch --mixed_precision fp16 on the CPU.*launch with --mixed_precision no"):
+        with pytest.raises(ValueError, match="accelerate launch --mixed_precision fp16 on the CPU.*"
+                                             "launch with --mixed_precision no"):
             AccelerateCB()
 
 @cpu_only
 def test_accelerate_bf16_on_slow_cpu_warns(fresh_accelerate):
-    with pytest.warns(UserWarning, match="many times slower.*mixed_precision='auto'"): AccelerateCB(mixed_precision='bf16')
+    with pytest.warns(UserWarning, match="many times slower.*mixed_precision='auto'"):
+        AccelerateCB(mixed_precision='bf16')
 
 def test_accelerate_refuses_clashing_callbacks(fresh_accelerate):
     for other in (GradClipCB(), GradAccumCB(2), TrainCB()):
@@ -460,7 +466,8 @@ def test_only_the_main_process_reports(main, fresh_accelerate, monkeypatch, caps
     "On other processes the fit prints nothing; MetricsCB still computes, and no callback is changed afterwards."
     monkeypatch.setattr(Accelerator, 'is_main_process', property(lambda self: main))
     metrics, progress = MetricsCB(), ProgressCB()
-    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[AccelerateCB(mixed_precision='no'), metrics, progress])
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1,
+                    cbs=[AccelerateCB(mixed_precision='no'), metrics, progress])
     print('before')
     learn.fit(2)
     print('after')
@@ -479,7 +486,8 @@ def test_other_processes_get_stdout_back_after_an_error(where, fresh_accelerate,
             if where == 'before_fit': raise RuntimeError('boom')
         def after_batch(self, learn):
             if where == 'after_batch' and learn.iter == 1: raise RuntimeError('boom')
-    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1, cbs=[AccelerateCB(mixed_precision='no'), MetricsCB(), BoomCB()])
+    learn = Learner(model(), dls(), F.cross_entropy, lr=0.1,
+                    cbs=[AccelerateCB(mixed_precision='no'), MetricsCB(), BoomCB()])
     with pytest.raises(RuntimeError, match='boom'): learn.fit(1)
     print('after')
     assert capsys.readouterr().out == 'after\n'
@@ -487,10 +495,12 @@ def test_other_processes_get_stdout_back_after_an_error(where, fresh_accelerate,
 def test_the_training_step_callbacks_refuse_a_learner_that_overrides_the_step(fresh_accelerate):
     from miniai.learner import TrainLearner
     for cb in (MixedPrecision(), AccelerateCB(mixed_precision='no')):
-        with pytest.raises(ValueError, match='needs a plain Learner'): TrainLearner(model(), dls(), F.cross_entropy, cbs=[cb]).fit(1)
+        with pytest.raises(ValueError, match='needs a plain Learner'):
+            TrainLearner(model(), dls(), F.cross_entropy, cbs=[cb]).fit(1)
 
 def test_several_processes_share_tensordls_and_refuse_other_loaders(fresh_accelerate, monkeypatch):
-    "With (pretend) 2 processes, a TensorDL batch too small to share and a loader that can't be shared fail before training."
+    ("With (pretend) 2 processes, a TensorDL batch too small to share and a loader that can't be shared "
+     "fail before training.")
     from miniai.datasets import TensorDL
     monkeypatch.setattr(Accelerator, 'num_processes', property(lambda self: 2))
     x, y = torch.randint(0, 256, (65, 4, 5), dtype=torch.uint8), torch.randint(0, 5, (65,))
@@ -732,11 +742,13 @@ def test_multdl():
 
 
 def test_fit_run_hands_the_gpu_index_to_accelerate(monkeypatch, tmp_path):
-    "`miniai fit --accelerate --device cuda:1` must train on cuda:1, not on accelerate's default GPU (issue 22, item 6)."
+    ("`miniai fit --accelerate --device cuda:1` must train on cuda:1, not on accelerate's default GPU "
+     "(issue 22, item 6).")
     import miniai.recipe as recipe
     class Made(Exception): pass
     def fake(**kw): raise Made(kw)
     monkeypatch.setattr(recipe, 'AccelerateCB', fake)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    with pytest.raises(Made) as ei: recipe.fit_run(tmp_path/'run', arch='cnn', epochs=1, device='cuda:1', accelerate=True)
+    with pytest.raises(Made) as ei:
+        recipe.fit_run(tmp_path/'run', arch='cnn', epochs=1, device='cuda:1', accelerate=True)
     assert ei.value.args[0]['device'] == torch.device('cuda:1')

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniai.augment import (CapturePreds, Dropout, Dropout2d, RandCopy, RandCrop, RandErase, RandFlip, TTD_CB, mc_dropout_predict,
+from miniai.augment import (CapturePreds, Dropout, Dropout2d, RandCopy, RandCrop, RandErase, RandFlip, TTD_CB,
+                            mc_dropout_predict,
                             rand_copy, rand_crop, rand_erase, rand_flip)
 from miniai.datasets import DataLoaders, TensorDL
 from miniai.learner import Callback, Learner, TrainCB
@@ -96,7 +97,8 @@ def test_dropout_rejects_bad_p(bad):
 
 
 @pytest.mark.parametrize('call', [lambda: rand_crop(torch.zeros(2, 8, 8)), lambda: RandCrop(1.5), lambda: RandFlip(2),
-                                  lambda: RandErase(0.), lambda: RandCopy(max_num=0), lambda: rand_erase(torch.zeros(1, 1, 4, 4, dtype=torch.int64))])
+                                  lambda: RandErase(0.), lambda: RandCopy(max_num=0),
+                                  lambda: rand_erase(torch.zeros(1, 1, 4, 4, dtype=torch.int64))])
 def test_bad_augmentation_arguments_raise_early(call):
     with pytest.raises((ValueError, TypeError)): call()
 
@@ -108,7 +110,8 @@ class _TwoInputs(nn.Module):
 
 def test_capture_preds_keeps_several_inputs_apart_and_can_skip_them():
     g = torch.Generator().manual_seed(0)
-    x1, x2, y = torch.randn(20, 4, generator=g), torch.randn(20, 2, generator=g), torch.randint(0, 3, (20,), generator=g)
+    x1, x2, y = (torch.randn(20, 4, generator=g), torch.randn(20, 2, generator=g),
+                 torch.randint(0, 3, (20,), generator=g))
     batches = [(x1[i:i+8], x2[i:i+8], y[i:i+8]) for i in range(0, 20, 8)]
     learn = Learner(_TwoInputs(), DataLoaders(batches, batches), F.cross_entropy, cbs=[TrainCB(n_inp=2)])
     preds, targs, (i1, i2) = learn.capture_preds(inps=True)

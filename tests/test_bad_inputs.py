@@ -5,7 +5,8 @@
 | 1 | `TrainCB(n_inp=2)` on `(x, y)` batches | ValueError | no targets left; check `n_inp` |
 | 2 | `TrainCB(n_inp=0)` | ValueError | n_inp must be an int >= 1 |
 | 3 | regression preds `(bs,1)` vs targets `(bs,)` with MSE | ValueError | both shapes; how to reshape |
-| 4 | classifier output too small for the targets | ValueError | prediction/target shapes; check the model's output size |
+| 4 | classifier output too small for the targets | ValueError | prediction/target shapes; \
+check the model's output size |
 | 5 | an empty training DataLoader | ValueError | empty; lower batch_size or give data |
 | 6 | a dict batch given to `TrainCB` | TypeError | the keys; use `from_dd(as_tuple=True)` |
 | 7 | `dls` without `.valid` | TypeError | pass `DataLoaders(train, valid)` or `valid=False` |
@@ -97,11 +98,14 @@ def bad_ckpt(tmp):
 CASES = {
     'n_inp too large': (lambda t: fit(cbs=[TrainCB(n_inp=2)]), ValueError, ['n_inp', 'no targets']),
     'n_inp zero': (lambda t: TrainCB(n_inp=0), ValueError, ['n_inp must be a whole number >= 1']),
-    'mse shape mismatch': (lambda t: fit(nn.Linear(3, 1), SimpleNamespace(train=[(torch.randn(4, 3), torch.randn(4))], valid=[]),
+    'mse shape mismatch': (lambda t: fit(nn.Linear(3, 1),
+                                         SimpleNamespace(train=[(torch.randn(4, 3), torch.randn(4))], valid=[]),
                                          F.mse_loss, valid=False), ValueError, ['(4, 1)', '(4,)', 'Reshape']),
-    'output too small for targets': (lambda t: fit(nn.Linear(3, 1)), ValueError, ['shape (4, 1)', "model's output size"]),
+    'output too small for targets': (lambda t: fit(nn.Linear(3, 1)), ValueError,
+                                     ['shape (4, 1)', "model's output size"]),
     'empty dataloader': (lambda t: fit(d=SimpleNamespace(train=[], valid=[])), ValueError, ['empty', 'batch_size']),
-    'dict batch': (lambda t: fit(d=SimpleNamespace(train=[{'x': torch.randn(4, 3), 'y': torch.zeros(4)}], valid=[]), valid=False),
+    'dict batch': (lambda t: fit(d=SimpleNamespace(train=[{'x': torch.randn(4, 3), 'y': torch.zeros(4)}], valid=[]),
+                                 valid=False),
                    TypeError, ["keys ['x', 'y']", 'as_tuple=True']),
     'dls without valid': (lambda t: fit(d=SimpleNamespace(train=dls().train)), TypeError, ['.valid', 'valid=False']),
     'no training step': (lambda t: fit(cbs=[]), ValueError, ['TrainCB()']),
@@ -110,26 +114,31 @@ CASES = {
     'fit lr negative': (lambda t: fit(lr=-1e-3), ValueError, ['positive']),
     'lr nan': (lambda t: fit(lr=math.nan), ValueError, ['positive number']),
     'negative epochs': (lambda t: Learner(nn.Linear(3, 2), dls(), cbs=[TrainCB()]).fit(-1), ValueError, ['>= 0']),
-    'cuda without gpu': (lambda t: fit(cbs=[TrainCB(), DeviceCB('cuda')]), ValueError, ['no usable CUDA GPU', "device='cpu'"]),
+    'cuda without gpu': (lambda t: fit(cbs=[TrainCB(), DeviceCB('cuda')]), ValueError,
+                         ['no usable CUDA GPU', "device='cpu'"]),
     'unknown metric name': (lambda t: MetricsCB('acc'), ValueError, ["unknown metric name 'acc'", 'accuracy']),
     'not a metric': (lambda t: MetricsCB(acc=lambda p, y: 0), TypeError, ['torcheval metric']),
     'nan loss': (lambda t: fit(NaNModel(3, 2)), FloatingPointError, ['epoch 0, batch 0', 'lr', 'TerminateOnNaNCB']),
     'missing checkpoint': (lambda t: read_checkpoint(t/'nope.pt'), FileNotFoundError, ['not found']),
     'corrupt checkpoint': (lambda t: read_checkpoint(bad_ckpt(t)), ValueError, ['damaged', 'earlier one']),
-    'resume latest without CheckpointCB': (lambda t: fit(cbs=[TrainCB(), ResumeCB('latest')]), ValueError, ['CheckpointCB']),
+    'resume latest without CheckpointCB': (lambda t: fit(cbs=[TrainCB(), ResumeCB('latest')]), ValueError,
+                                           ['CheckpointCB']),
     'checkpoint every 0': (lambda t: CheckpointCB(t, every_n_batches=0), ValueError, ['whole number >= 1', 'or None']),
     'unknown data source': (lambda t: load_fashion_mnist('web'), ValueError, ['web', 'sample']),
     'hub while offline': (lambda t: load_fashion_mnist('hub'), ConnectionError, ['offline', "source='sample'"]),
     'float images to TensorDL': (lambda t: TensorDL(torch.rand(10, 28, 28), torch.zeros(10)), TypeError, ['uint8']),
     'even conv kernel': (lambda t: conv(1, 4, ks=4), ValueError, ['odd']),
-    'groupnorm groups': (lambda t: ddpm_unet(channels=(16, 24), groups=16), ValueError, ['groups=16', "doesn't divide [24]"]),
+    'groupnorm groups': (lambda t: ddpm_unet(channels=(16, 24), groups=16), ValueError,
+                         ['groups=16', "doesn't divide [24]"]),
     'unet too deep for size': (lambda t: ddpm_unet(channels=(8,)*7), ValueError, ['multiples of 64', 'fewer levels']),
     'unet odd image size': (lambda t: unet()(torch.randn(2, 1, 31, 31), torch.tensor([1, 2])), ValueError,
                             ['got 31×31', 'multiples of 2', 'F.pad']),
     'unet no channel dim': (lambda t: unet()(torch.randn(2, 32, 32), torch.tensor([1, 2])), ValueError, ['x[:, None]']),
-    'unet wrong channels': (lambda t: unet()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])), ValueError, ['in_channels=3']),
+    'unet wrong channels': (lambda t: unet()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])), ValueError,
+                            ['in_channels=3']),
     'fp16 on cpu': (lambda t: fit(cbs=[MixedPrecision(dtype='fp16')]), ValueError, ['GPU feature', "dtype='auto'"]),
-    'accelerate fp16 on cpu': (lambda t: AccelerateCB(mixed_precision='fp16'), ValueError, ['silently trains in fp32', "'no'"]),
+    'accelerate fp16 on cpu': (lambda t: AccelerateCB(mixed_precision='fp16'), ValueError,
+                               ['silently trains in fp32', "'no'"]),
     'integer images to noisify': (lambda t: noisify(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), linear_sched(10).abar),
                                   TypeError, ['floating-point']),
     'too many ddim steps': (lambda t: ddim_sample(unet(), (1, 1, 8, 8), linear_sched(10), steps=20), ValueError,
@@ -141,7 +150,8 @@ CASES.update({
     'lsuv max_iters zero': (lambda t: lsuv_init(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), torch.randn(4, 2),
                                                 max_iters=0), ValueError, ['max_iters', '>= 1']),
     'bool crop padding': (lambda t: RandCrop(pad=True), ValueError, ['pad', 'a bool']),
-    'one mc dropout pass': (lambda t: mc_dropout_predict(nn.Sequential(nn.Linear(3, 2), nn.Dropout()), dls().valid, n=1),
+    'one mc dropout pass': (lambda t: mc_dropout_predict(nn.Sequential(nn.Linear(3, 2), nn.Dropout()), dls().valid,
+                                                         n=1),
                             ValueError, ['number of passes', '>= 2']),
     'recipe for zero epochs': (lambda t: recipe_learner(dls(), 0), ValueError, ['epochs', '>= 1']),
     'cnn with too few widths': (lambda t: cnn_classifier((16, 32, 64)), ValueError, ['4 or more']),
@@ -164,14 +174,16 @@ def test_bad_input(name, tmp_path, monkeypatch, fresh_accelerate):  # no case le
 
 def cli(*args):
     env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
-    return subprocess.run([sys.executable, '-c', 'import sys; from miniai.cli import main; sys.exit(main())', *map(str, args)],
+    return subprocess.run([sys.executable, '-c', 'import sys; from miniai.cli import main; sys.exit(main())',
+                           *map(str, args)],
                           capture_output=True, text=True, timeout=120, env=env)
 
 def test_cli_bad_inputs(tmp_path):
     np.savez(tmp_path/'noimg.npz', pixels=np.zeros((2, 28, 28), np.uint8))
     np.savez(tmp_path/'big.npz', images=np.zeros((2, 32, 32), np.uint8))
     np.savez(tmp_path/'ok.npz', images=np.zeros((2, 28, 28), np.uint8))
-    (tmp_path/'m').mkdir(); (tmp_path/'m'/'config.json').write_text('{"arch": "cnn"}'); torch.save({}, tmp_path/'m'/'model.pt')
+    (tmp_path/'m').mkdir(); (tmp_path/'m'/'config.json').write_text('{"arch": "cnn"}')
+    torch.save({}, tmp_path/'m'/'model.pt')
     cases = [(['fit', '--colour', 'red'], 'unrecognized arguments'),
              (['fit', '--data', 'hub', '--epochs', '1'], 'sample'),
              (['predict', '--model', tmp_path/'m', '--images', tmp_path/'noimg.npz'], "'images'"),
@@ -182,4 +194,5 @@ def test_cli_bad_inputs(tmp_path):
     for args, words in cases:
         r = cli(*args)
         err = r.stderr.strip()
-        assert r.returncode == 2 and len(err.splitlines()) == 1 and words in err and 'Traceback' not in err, (args, r.returncode, err)
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and words in err and 'Traceback' not in err, \
+            (args, r.returncode, err)

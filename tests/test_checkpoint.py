@@ -1,4 +1,5 @@
-"Exact resume: kill a training process with SIGKILL and resume it bitwise; Ctrl-C saves with CheckpointCB(on_interrupt=True)."
+("Exact resume: kill a training process with SIGKILL and resume it bitwise; "
+ "Ctrl-C saves with CheckpointCB(on_interrupt=True).")
 import csv, os, random, signal, subprocess, sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ N_BATCHES = 2*57  # 2 epochs of the sample's 7,226 training images at bs 128
 
 def train(tmp, name, *args):
     env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'MINIAI_DEVICE': 'cpu'}
-    return subprocess.run([sys.executable, str(SCRIPT), '--ckpt', str(tmp/name), '--out', str(tmp/f'{name}.pt'), *map(str, args)],
+    return subprocess.run([sys.executable, str(SCRIPT), '--ckpt', str(tmp/name), '--out', str(tmp/f'{name}.pt'),
+                           *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env)
 
 @pytest.fixture(scope='module')
@@ -195,7 +197,8 @@ def test_load_warns_about_callback_state_the_learner_lacks(tmp_path):
     learn.fit(1)
     path = learn.save(tmp_path/'ck.pt')
     bare = Learner(learn.model, learn.dls, F.cross_entropy, cbs=[TrainCB()])
-    with pytest.warns(UserWarning, match=r"state for callbacks \['MetricsCB'\] that this Learner lacks"): bare.load(path)
+    with pytest.warns(UserWarning, match=r"state for callbacks \['MetricsCB'\] that this Learner lacks"):
+        bare.load(path)
 
 # --- what a resume refuses; the metrics on disk
 
@@ -210,19 +213,22 @@ def tiny_learner(folder, step=None, *cbs):
 def test_resume_refuses_a_checkpoint_of_another_precision(tmp_path):
     from miniai.accel import MixedPrecision
     tiny_learner(tmp_path).fit(1)
-    with warnings.catch_warnings(), pytest.raises(ValueError, match='trained in fp32, this run trains in bf16; resume it in fp32'):
+    with warnings.catch_warnings(), \
+         pytest.raises(ValueError, match='trained in fp32, this run trains in bf16; resume it in fp32'):
         warnings.simplefilter('ignore')  # bf16 on a CPU without it: slow, but this fit never gets to train
         tiny_learner(tmp_path, MixedPrecision(dtype='bf16')).fit(2, cbs=ResumeCB())
 
 def test_a_folder_a_live_run_writes_is_refused_and_a_dead_runs_lock_is_not(tmp_path):
     tiny_learner(tmp_path).fit(1)
-    hold = "import sys, time\nfrom miniai.checkpoint import lock_folder\nf = lock_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)"
+    hold = ("import sys, time\nfrom miniai.checkpoint import lock_folder\nf = lock_folder(sys.argv[1])\n"
+            "print('locked', flush=True)\ntime.sleep(120)")
     p = subprocess.Popen([sys.executable, '-c', hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline() == 'locked\n'
         before = {f: f.read_bytes() for f in tmp_path.iterdir()}
         for fit in (lambda: tiny_learner(tmp_path).fit(2, cbs=ResumeCB()), lambda: tiny_learner(tmp_path).fit(1)):
-            with pytest.raises(ValueError, match=f'^{tmp_path} is being written by a live run; wait for it to end, or stop it$'):
+            with pytest.raises(ValueError,
+                               match=f'^{tmp_path} is being written by a live run; wait for it to end, or stop it$'):
                 fit()
         assert {f: f.read_bytes() for f in tmp_path.iterdir()} == before
     finally: p.kill(); p.wait()
@@ -230,12 +236,14 @@ def test_a_folder_a_live_run_writes_is_refused_and_a_dead_runs_lock_is_not(tmp_p
     tiny_learner(tmp_path).fit(2, cbs=ResumeCB())
 
 def test_csv_logger_needs_metrics_and_rewrites_a_stale_file(tmp_path):
-    with pytest.raises(ValueError, match=r"add MetricsCB\(\) to cbs"): tiny_learner(tmp_path, None, CSVLoggerCB(tmp_path/'m.csv')).fit(1)
+    with pytest.raises(ValueError, match=r"add MetricsCB\(\) to cbs"):
+        tiny_learner(tmp_path, None, CSVLoggerCB(tmp_path/'m.csv')).fit(1)
     (tmp_path/'m.csv').write_text('rows of another run\n')
     learn = tiny_learner(tmp_path/'c', None, MetricsCB(), CSVLoggerCB(tmp_path/'m.csv'))
     learn.fit(2)
     rows = (tmp_path/'m.csv').read_text().splitlines()
-    assert rows[0] == 'loss,epoch,train' and len(rows) == 5 and rows[1].endswith(',0,train') and rows[4].endswith(',1,eval')
+    assert (rows[0] == 'loss,epoch,train' and len(rows) == 5 and rows[1].endswith(',0,train')
+            and rows[4].endswith(',1,eval'))
 
 def test_tensorboard_writes_the_metrics_rows(tmp_path):
     pytest.importorskip('tensorboard')

@@ -15,7 +15,8 @@ SAMPLE = Path(miniai.__file__).parent/'data'/'fashion_mnist_sample.npz'
 
 def run(*args, timeout=300, cwd=None, **env):
     e = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1', 'MINIAI_DEVICE': 'cpu', **env}
-    return subprocess.run([str(MINIAI), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
+    return subprocess.run([str(MINIAI), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e,
+                          cwd=cwd)
 
 def py(code, timeout=120):
     "Run `code` in a fresh Python, as the console script would run `main`."
@@ -44,7 +45,8 @@ def test_fit_writes_model_config_and_curve(fitted):
     assert [h['train'] for h in cfg['history']] == [True, False]
     assert cfg['history'][-1]['accuracy'] > 0.6
     # the default is the recipe's ResNet, and predict must be able to rebuild it from what config.json says
-    assert (cfg['arch'], cfg['norm'], cfg['nfs'], cfg['epochs'], cfg['bs']) == ('resnet', 'batch', list(RECIPE_NFS), 1, 128)
+    assert ((cfg['arch'], cfg['norm'], cfg['nfs'], cfg['epochs'], cfg['bs'])
+            == ('resnet', 'batch', list(RECIPE_NFS), 1, 128))
     assert not (out/'checkpoints').exists()  # deleted once the run has finished: model.pt has what they had
 
 def test_predict_with_labels_prints_accuracy_last(fitted, tmp_path):
@@ -68,7 +70,8 @@ def test_predict_without_tta_matches_fits_validation_accuracy(fitted, tmp_path):
     r = run('predict', '--model', out, '--images', tmp_path/'valid.npz', '--out', tmp_path/'p.csv', '--no-tta')
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out/'config.json').read_text())
-    assert r.stdout.strip().splitlines()[-1] == f"accuracy: {cfg['history'][-1]['accuracy']:.4f}", (r.stdout, cfg['history'])
+    assert r.stdout.strip().splitlines()[-1] == f"accuracy: {cfg['history'][-1]['accuracy']:.4f}", \
+        (r.stdout, cfg['history'])
 
 def test_tta_averages_the_softmax_of_image_and_mirror(fitted):
     from miniai.recipe import classify, load_classifier
@@ -137,7 +140,8 @@ from miniai.cli import main
 try: rc = main({argv!r})
 except SystemExit as e: rc = e.code
 print('rc', rc)
-print('heavy', sorted(m for m in ('torch', 'numpy', 'matplotlib', 'accelerate', 'datasets', 'diffusers', 'torcheval') if m in sys.modules))""")
+print('heavy', sorted(m for m in ('torch', 'numpy', 'matplotlib', 'accelerate', 'datasets', 'diffusers', 'torcheval') \
+if m in sys.modules))""")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == 'heavy []', r.stdout
 
@@ -163,7 +167,8 @@ def test_cuda_without_gpu_is_one_line_before_any_work(tmp_path):
     for args in (['--device', 'cuda'], ['--device', 'cuda:1']):
         r = run('fit', '--arch', 'cnn', '--out', tmp_path/'o', *args, timeout=60)
         err = r.stderr.strip()
-        assert r.returncode == 2 and len(err.splitlines()) == 1 and '--device cpu' in err and 'Traceback' not in err, err
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and '--device cpu' in err and 'Traceback' not in err, \
+            err
         assert r.stdout == '' and not (tmp_path/'o').exists()
     r = run('fit', '--arch', 'cnn', '--out', tmp_path/'o', timeout=60, MINIAI_DEVICE='cuda')
     assert r.returncode == 2 and 'MINIAI_DEVICE=cuda' in r.stderr, r.stderr
@@ -171,10 +176,12 @@ def test_cuda_without_gpu_is_one_line_before_any_work(tmp_path):
 def test_bad_npz_is_one_line_but_a_bug_shows_its_traceback(fitted, tmp_path):
     out, _ = fitted
     np.savez(tmp_path/'bad.npz', pixels=np.zeros((2, 28, 28), np.uint8))
-    r = py(f"import sys; from miniai.cli import main; sys.exit(main(['predict', '--model', {str(out)!r}, '--images', {str(tmp_path/'bad.npz')!r}]))")
+    r = py(f"import sys; from miniai.cli import main; "
+           f"sys.exit(main(['predict', '--model', {str(out)!r}, '--images', {str(tmp_path/'bad.npz')!r}]))")
     assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and "no 'images'" in r.stderr, r.stderr
     (tmp_path/'not.npz').write_text('hello')
-    r = py(f"import sys; from miniai.cli import main; sys.exit(main(['predict', '--model', {str(out)!r}, '--images', {str(tmp_path/'not.npz')!r}]))")
+    r = py(f"import sys; from miniai.cli import main; "
+           f"sys.exit(main(['predict', '--model', {str(out)!r}, '--images', {str(tmp_path/'not.npz')!r}]))")
     assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'not a readable .npz' in r.stderr, r.stderr
     for exc in ('RuntimeError', 'TypeError', 'KeyError'):
         # an internal bug: the same command, with a function inside miniai broken
@@ -183,7 +190,8 @@ import miniai.cli as cli
 def broken(*a, **k): raise {exc}('a bug inside miniai')
 cli.read_images = broken
 sys.exit(cli.main(['predict', '--model', {str(out)!r}, '--images', {str(SAMPLE)!r}]))""")
-        assert r.returncode == 1 and 'Traceback' in r.stderr and f'{exc}: ' in r.stderr and 'a bug inside miniai' in r.stderr, r.stderr
+        assert (r.returncode == 1 and 'Traceback' in r.stderr and f'{exc}: ' in r.stderr
+                and 'a bug inside miniai' in r.stderr), r.stderr
 
 def test_busy_machine_notice_and_threads_flag(tmp_path):
     "--threads is what the run uses; without it and without OMP_NUM_THREADS, a busy machine is told about once."

@@ -34,9 +34,11 @@ def free_port():
         return s.getsockname()[1]
 
 def env():
-    return {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    return {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1',
+            'PYTHONWARNINGS': 'ignore'}
 
-LAUNCH = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+LAUNCH = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+          '--num_machines', '1',
           '--mixed_precision', 'no', '--dynamo_backend', 'no']
 
 def launch(*args, **kw):
@@ -61,13 +63,15 @@ def two(tmp_path_factory):
 def test_two_processes_train_as_one(two, tmp_path):
     (tmp_path/'two').symlink_to(two[0])
     two = two[1]
-    one = subprocess.run([str(MINIAI), *RUN, '--out', str(tmp_path/'one')], capture_output=True, text=True, timeout=300, env=env())
+    one = subprocess.run([str(MINIAI), *RUN, '--out', str(tmp_path/'one')], capture_output=True, text=True, timeout=300,
+                         env=env())
     assert one.returncode == 0, one.stderr
 
     # only the main process prints: one table, one line per epoch and split; one final message
     lines = two.stdout.splitlines()
     assert sum(l.split()[:1] == ['accuracy'] for l in lines) == 1, two.stdout
-    assert sum(l.split()[-1:] in (['train'], ['eval']) for l in lines) == 5, two.stdout  # the header ends in 'train' too
+    # the header ends in 'train' too
+    assert sum(l.split()[-1:] in (['train'], ['eval']) for l in lines) == 5, two.stdout
     assert sum(l.startswith('saved model.pt') for l in lines) == 1, two.stdout
 
     cfg2, cfg1 = (json.loads((tmp_path/d/'config.json').read_text()) for d in ('two', 'one'))
@@ -90,7 +94,8 @@ def test_two_processes_train_as_one(two, tmp_path):
 
 def snapshot(folder):
     "Every file in `folder` with its modification time and bytes: to check that a refused command changed nothing."
-    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob('*')) if p.is_file()}
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob('*')) if p.is_file()}
 
 def read_csv(path):
     "metrics.csv as rows, checking it is well-formed: one header, every row complete."
@@ -110,7 +115,8 @@ def test_ctrl_c_then_resume_under_the_same_launch_ends_bitwise_as_the_whole_run(
     assert p.returncode != 0 and not (cut/'model.pt').exists(), stderr[-3000:]
     assert stderr.count(f'miniai: resume with: miniai fit --resume {cut}') == 1, stderr[-3000:]  # the main process's
     assert re.search(r'miniai: interrupted; saved the training state at epoch 1, batch \d+ in', stderr), stderr[-3000:]
-    printed = [l for l in stdout.splitlines() if l.split()[-1:] in (['train'], ['eval'])][1:]  # the header ends in 'train'
+    # the header ends in 'train'
+    printed = [l for l in stdout.splitlines() if l.split()[-1:] in (['train'], ['eval'])][1:]
     assert len(read_csv(cut/'metrics.csv')) == len(printed) == 2, stdout
 
     # one process is refused in one line, changing nothing (in this process: it fails before training, so quicker)
@@ -129,5 +135,6 @@ def test_ctrl_c_then_resume_under_the_same_launch_ends_bitwise_as_the_whole_run(
     a, b = (torch.load(d/'model.pt', weights_only=True) for d in (two[0], cut))
     for k in a: assert torch.equal(a[k], b[k]), k
     hist = json.loads((cut/'config.json').read_text())['history']
-    assert read_csv(cut/'metrics.csv') == [[repr(h['accuracy']), repr(h['loss']), str(h['epoch']), ('eval', 'train')[h['train']]]
+    assert read_csv(cut/'metrics.csv') == [[repr(h['accuracy']), repr(h['loss']), str(h['epoch']),
+                                            ('eval', 'train')[h['train']]]
                                           for h in hist]  # every row once, continued across the interrupt

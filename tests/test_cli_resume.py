@@ -24,7 +24,8 @@ def checkpoints(out): return sorted((out/'checkpoints').glob('ckpt-*.pt'))
 def interrupt_after_first_checkpoint(*args, timeout=300):
     "Start `miniai *args`, press Ctrl-C once the first checkpoint file exists, and return the finished process."
     out = Path(args[args.index('--out') + 1])
-    p = subprocess.Popen([str(MINIAI), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    p = subprocess.Popen([str(MINIAI), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env())
     deadline = time.monotonic() + timeout
     try:
         while not checkpoints(out):
@@ -57,7 +58,8 @@ def test_ctrl_c_saves_and_resume_is_bitwise(whole, tmp_path):
     # the unfinished run is protected, and can't be resumed as something else
     r = run('fit', '--out', cut)
     assert r.returncode == 2 and 'unfinished run' in r.stderr and f'--resume {cut}' in r.stderr, r.stderr
-    for flag, value in (('--lr', 0.1), ('--epochs', 3), ('--bs', 128), ('--arch', 'resnet'), ('--seed', 4), ('--data', 'hub')):
+    for flag, value in (('--lr', 0.1), ('--epochs', 3), ('--bs', 128), ('--arch', 'resnet'), ('--seed', 4),
+                        ('--data', 'hub')):
         r = run('fit', '--resume', cut, flag, value, timeout=60)
         assert r.returncode == 2 and f'{flag} {value} contradicts the run in {cut}' in r.stderr, r.stderr
     r = run('fit', '--resume', cut, '--out', tmp_path/'elsewhere', timeout=60)
@@ -75,7 +77,8 @@ def test_ctrl_c_saves_and_resume_is_bitwise(whole, tmp_path):
     for k in a: assert torch.equal(a[k], b[k]), k
     assert not (cut/'checkpoints').exists()
     ha, hb = (json.loads((o/'config.json').read_text())['history'] for o in (whole, cut))
-    assert [(h['epoch'], h['train'], h['accuracy']) for h in ha] == [(h['epoch'], h['train'], h['accuracy']) for h in hb]
+    assert ([(h['epoch'], h['train'], h['accuracy']) for h in ha]
+            == [(h['epoch'], h['train'], h['accuracy']) for h in hb])
     # the epoch that was cut in two adds up its loss in other groups of batches: equal to float rounding
     assert [h['loss'] for h in hb] == pytest.approx([h['loss'] for h in ha], rel=1e-6)
 
@@ -85,7 +88,8 @@ def test_ctrl_c_saves_and_resume_is_bitwise(whole, tmp_path):
 def test_interrupt_before_any_checkpoint_says_nothing_was_saved(tmp_path):
     "A Ctrl-C while the data loads: nothing to resume, and the message says so."
     out = tmp_path/'early'
-    p = subprocess.Popen([str(MINIAI), *RUN, '--out', str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    p = subprocess.Popen([str(MINIAI), *RUN, '--out', str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env())
     try:
         while not (out/'config.json').exists():  # written just before training starts
             if p.poll() is not None: pytest.fail(p.communicate())
@@ -109,7 +113,8 @@ def test_resume_needs_a_run_folder(tmp_path):
 
 def snapshot(folder):
     "Every file in `folder` with its modification time and bytes: to check that a refused command changed nothing."
-    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob('*')) if p.is_file()}
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob('*')) if p.is_file()}
 
 def test_a_live_run_is_refused_and_bad_checkpoints_get_one_line_leaving_the_folder_as_it_was(tmp_path, capsys):
     "The refused resumes run in this process (`main`), as they fail before training: quicker than a new process each."
@@ -119,7 +124,8 @@ def test_a_live_run_is_refused_and_bad_checkpoints_get_one_line_leaving_the_fold
         try: return main(['fit', '--resume', str(d), '--device', 'cpu']), capsys.readouterr().err
         finally: torch.set_num_threads(threads)
     live = tmp_path/'live'
-    p = subprocess.Popen([str(MINIAI), *RUN[:3], '--epochs', '30', *RUN[5:], '--out', str(live)], stdout=subprocess.PIPE,
+    p = subprocess.Popen([str(MINIAI), *RUN[:3], '--epochs', '30', *RUN[5:], '--out', str(live)],
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env())
     try:
         while not checkpoints(live):

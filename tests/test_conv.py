@@ -3,7 +3,8 @@
 def test_pick_threads_from_faked_load():
     from miniai.conv import pick_threads
     assert pick_threads(3, default=2, env={}, load=9., cores=2) == (3, None)                 # --threads wins
-    assert pick_threads(None, default=2, env={'OMP_NUM_THREADS': '2'}, load=9., cores=2) == (None, None)  # the user's env
+    # the user's env
+    assert pick_threads(None, default=2, env={'OMP_NUM_THREADS': '2'}, load=9., cores=2) == (None, None)
     assert pick_threads(None, default=2, env={}, load=0.4, cores=2) == (None, None)          # quiet: torch's default
     n, notice = pick_threads(None, default=2, env={}, load=1.1, cores=2)                     # one core taken
     assert n == 1 and 'busy' in notice and 'load average 1.1' in notice and '--threads' in notice

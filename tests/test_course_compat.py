@@ -31,7 +31,8 @@ from miniai.learner import Callback, DeviceCB, Learner, MetricsCB, ProgressCB, T
 # --- The Learner: inference-only learners, hand-written optimizers, the course's imports
 # Things I do in the course's notebooks with the Learner, which must work the same with miniai.
 #
-# - capture a model's features or predictions with an inference-only Learner (`opt_func=None`) and `fit(1, train=False)`;
+# - capture a model's features or predictions with an inference-only Learner (`opt_func=None`)
+#   and `fit(1, train=False)`;
 # - get a clear message when I forget the optimizer and try to train that Learner;
 # - train with optimizers I wrote myself in the SGD notebook (they have `params`, `step`, `zero_grad`, no `.state`);
 # - `from miniai.learner import *` and friends, `to_cpu` included.
@@ -109,7 +110,8 @@ def test_my_own_optimizer_trains_with_the_standard_callbacks():
 def test_my_own_optimizer_survives_a_second_fit_after_an_error():
     class Oops(Callback):
         def after_predict(self, learn): raise RuntimeError('oops')
-    learn = Learner(get_model(), get_dls(), F.cross_entropy, lr=0.05, cbs=[DeviceCB(), TrainCB()], opt_func=SGDWithMomentum)
+    learn = Learner(get_model(), get_dls(), F.cross_entropy, lr=0.05, cbs=[DeviceCB(), TrainCB()],
+                    opt_func=SGDWithMomentum)
     with pytest.raises(RuntimeError, match='oops'): learn.fit(1, cbs=Oops())   # not my zero_grad's AttributeError
     learn.fit(1)
 
@@ -144,7 +146,8 @@ def test_whole_numbers_must_be_whole_numbers():
 # imports, and the call patterns they use, written the way a student following the course writes them.
 # What each of the course's modules lists in its `__all__` (names only): `from miniai.X import *` must bring them all.
 COURSE_ALL = {
-    'activations': ['set_seed', 'Hook', 'Hooks', 'HooksCallback', 'append_stats', 'get_hist', 'get_min', 'ActivationStats'],
+    'activations': ['set_seed', 'Hook', 'Hooks', 'HooksCallback', 'append_stats', 'get_hist', 'get_min',
+                    'ActivationStats'],
     'init': ['clean_ipython_hist', 'clean_tb', 'clean_mem', 'BatchTransformCB', 'GeneralRelu', 'plot_func',
              'init_weights', 'lsuv_init', 'conv', 'get_model'],
     'sgd': ['BaseSchedCB', 'BatchSchedCB', 'HasLearnCB', 'RecorderCB', 'EpochSchedCB'],
@@ -510,7 +513,8 @@ def test_star_import_gives_the_course_names():
 def test_image_eval_with_a_chopped_classifier(dls):
     "The course trains a classifier, deletes its last layers, and hands the rest to ImageEval with the DataLoaders."
     torch.manual_seed(0)
-    model = nn.Sequential(conv(1, 16, norm=nn.BatchNorm2d), conv(16, 32, norm=nn.BatchNorm2d), conv(32, 64, norm=nn.BatchNorm2d),
+    model = nn.Sequential(conv(1, 16, norm=nn.BatchNorm2d), conv(16, 32, norm=nn.BatchNorm2d),
+                          conv(32, 64, norm=nn.BatchNorm2d),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
     learn = Learner(model, dls, F.cross_entropy, lr=1e-2, cbs=[TrainCB(), DeviceCB(), MetricsCB()], opt_func=optim.Adam)
     learn.fit(1, valid=False)

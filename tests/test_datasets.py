@@ -139,7 +139,8 @@ def fake_hub_cache(cache, n_train=40, n_test=10):
     for split, n in (('train', n_train), ('test', n_test)):
         x, y = arrays[split]
         files[split] = str(work/f'{split}.parquet')
-        Dataset.from_dict({'image': list(x[:n]), 'label': y[:n]}, features=mds._fmnist_features()).to_parquet(files[split])
+        Dataset.from_dict({'image': list(x[:n]), 'label': y[:n]},
+                          features=mds._fmnist_features()).to_parquet(files[split])
     builder = Parquet(cache_dir=str(work/'built'), dataset_name='fashion_mnist', config_name='fashion_mnist',
                       data_files=files, features=mds._fmnist_features())
     builder.download_and_prepare()
@@ -195,7 +196,8 @@ def test_tensordl_indexes_on_the_data_device(monkeypatch):
     x, y = torch.zeros(10, 2, 2, dtype=torch.uint8, device='meta'), torch.arange(10)
     for shuffle in (False, True):
         batches = list(TensorDL(x, y, bs=4, shuffle=shuffle, seed=0))
-        assert [(xb.device.type, yb.device.type, len(yb)) for xb, yb in batches] == [('meta', 'meta', n) for n in (4, 4, 2)]
+        assert ([(xb.device.type, yb.device.type, len(yb)) for xb, yb in batches]
+                == [('meta', 'meta', n) for n in (4, 4, 2)])
 
 
 def test_tensordl_pins_cpu_batches_when_cuda_is_there(monkeypatch):

@@ -90,7 +90,8 @@ def test_ddim_step_matches_diffusers(clip, eta, rederive):
     for t in ref.timesteps.tolist():
         x_t, eps = _inputs(t)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t), dtype=F64)
-        out = ref.step(eps, t, x_t, eta=eta, variance_noise=noise if eta > 0 else None, use_clipped_model_output=rederive)
+        out = ref.step(eps, t, x_t, eta=eta, variance_noise=noise if eta > 0 else None,
+                       use_clipped_model_output=rederive)
         x_prev, x0 = ddim_step(x_t, eps, t, t - 1000//n_inf, sched, eta=eta, noise=noise, clip=clip, rederive=rederive)
         _close(x0, out.pred_original_sample)
         _close(x_prev, out.prev_sample)
@@ -139,7 +140,8 @@ def test_ddim_sample_matches_a_diffusers_loop(rederive):
         for t in ref.timesteps.tolist():
             x = ref.step(model(x, torch.full((SHAPE[0],), t)), t, x, use_clipped_model_output=rederive).prev_sample
     _close(ours, x)
-    assert (ours - ddim_sample(model, SHAPE, sched, 20, generator=torch.Generator().manual_seed(0), rederive=not rederive)).abs().max() > 1e-3
+    assert (ours - ddim_sample(model, SHAPE, sched, 20, generator=torch.Generator().manual_seed(0),
+                               rederive=not rederive)).abs().max() > 1e-3
 
 
 def test_sample_is_repeatable_and_uses_the_models_device_and_dtype():
@@ -193,7 +195,8 @@ def test_ddim_eta1_all_steps_is_ddpm(clip):
 
 class GaussianOracle(nn.Module):
     """The best possible noise predictor when the data are N(mu, s²) per pixel: E[eps | x_t] in closed form,
-    sqrt(1-abar)·(x_t - sqrt(abar)·mu) / (abar·s² + 1 - abar). A sampler fed this model must produce that Gaussian."""
+    sqrt(1-abar)·(x_t - sqrt(abar)·mu) / (abar·s² + 1 - abar). \
+A sampler fed this model must produce that Gaussian."""
     def __init__(self, sched, mu, s):
         super().__init__()
         self.abar, self.mu, self.s = sched._abar64, mu, s
@@ -213,12 +216,14 @@ def test_ddpm_sample_with_an_oracle_gives_the_data_distribution():
 @pytest.mark.parametrize('steps', [10, 50])
 def test_ddim_sample_with_an_oracle_is_the_exact_linear_map(steps):
     """With Gaussian data, each deterministic DDIM step maps x_t - sqrt(abar_t)·mu to c·(that) with
-    c = (sqrt(abar_prev·abar_t)·s² + sqrt((1-abar_prev)(1-abar_t))) / (abar_t·s² + 1 - abar_t) (algebra on x0_hat and
+    c = (sqrt(abar_prev·abar_t)·s² + sqrt((1-abar_prev)(1-abar_t))) / (abar_t·s² + 1 - abar_t) \
+(algebra on x0_hat and
     eps_hat), so the whole sampler is one affine map of x_T. c < sqrt(v_prev/v_t) by Cauchy-Schwarz: DDIM shrinks the
     spread a little, the less the more steps it takes, which is the sampler's discretisation error, not a bug."""
     mu, s, sched = 0.3, 0.5, linear_sched()
     ab = sched._abar64
-    x = ddim_sample(GaussianOracle(sched, mu, s), SHAPE, sched, steps, generator=torch.Generator().manual_seed(2), clip=False)
+    x = ddim_sample(GaussianOracle(sched, mu, s), SHAPE, sched, steps, generator=torch.Generator().manual_seed(2),
+                    clip=False)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=F64)
     ts = ddim_timesteps(len(sched), steps)
     c = torch.tensor(1., dtype=F64)

@@ -140,7 +140,8 @@ def test_resuming_a_gpu_checkpoint_without_cuda_warns_once_and_resumes_exactly(t
 def test_metric_state_loaded_mid_epoch_moves_to_the_metrics_device():
     "The metrics run on 'meta' (standing in for a GPU); a checkpoint's state is loaded from the CPU."
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
-    def batch(dev): return SimpleNamespace(preds=x.to(dev), loss=torch.tensor(1., device=dev), batch=(x.to(dev), y.to(dev)),
+    def batch(dev): return SimpleNamespace(preds=x.to(dev), loss=torch.tensor(1., device=dev),
+                                           batch=(x.to(dev), y.to(dev)),
                                            n_inp=1, epoch=0, training=True)
     saved = MetricsCB(accuracy=MulticlassAccuracy(), buffer=1)
     saved.before_fit(b := batch('cpu')); saved.before_epoch(b); saved.after_batch(b)
@@ -217,7 +218,8 @@ def test_lr_find_ends_at_a_nan_loss_on_every_device():
 
 def test_lr_find_writes_no_checkpoints(tmp_path):
     "Its throwaway run would rotate real checkpoints out, and a later ResumeCB('latest') could pick one of its own."
-    learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy, cbs=[TrainCB(), CheckpointCB(tmp_path, every_n_batches=1)])
+    learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy,
+                    cbs=[TrainCB(), CheckpointCB(tmp_path, every_n_batches=1)])
     learn.lr_find(plot=False)
     assert not list(tmp_path.glob('*.pt'))
     learn.fit(1)

@@ -21,7 +21,8 @@ class Recorder(Callback):
 def raiser_at(point):
     "A callback that raises `Injected` at `point` (an event or a step method) on the second training batch if it can."
     def f(self, learn):
-        in_batch = point not in ('before_fit', 'after_fit', 'cleanup_fit', 'before_epoch', 'after_epoch', 'cleanup_epoch')
+        in_batch = point not in ('before_fit', 'after_fit', 'cleanup_fit', 'before_epoch', 'after_epoch',
+                                 'cleanup_epoch')
         if not in_batch or (learn.training and learn.iter == 1): raise Injected(point)
     return type(f'Raise_{point}', (Callback,), {point: f})()
 
@@ -30,7 +31,8 @@ def dls():
     mk = lambda n: [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(n)]
     return SimpleNamespace(train=mk(3), valid=mk(2))
 
-POINTS = [e for e in EVENTS if not e.startswith('cleanup')] + list(STEPS) + ['cleanup_batch', 'cleanup_epoch', 'cleanup_fit']
+POINTS = ([e for e in EVENTS if not e.startswith('cleanup')] + list(STEPS)
+          + ['cleanup_batch', 'cleanup_epoch', 'cleanup_fit'])
 
 @pytest.mark.parametrize('point', POINTS)
 @pytest.mark.parametrize('mode', ['train', 'eval'])
@@ -47,10 +49,13 @@ def test_exception_at_every_point_cleans_up(point, mode):
     assert model.training == (mode == 'train'), 'train/eval mode must be as before fit'
     assert rec.seen[-1] == 'cleanup_fit' or point == 'cleanup_fit'
     if point not in ('before_fit', 'after_fit', 'cleanup_fit', 'before_epoch', 'after_epoch', 'cleanup_epoch'):
-        assert rec.seen[-3:] == ['cleanup_batch', 'cleanup_epoch', 'cleanup_fit'] or point.startswith('cleanup'), rec.seen
-    if point in ('before_fit', 'before_epoch', 'before_batch', 'predict', 'after_predict', 'get_loss', 'after_loss', 'backward'):
+        assert rec.seen[-3:] == ['cleanup_batch', 'cleanup_epoch', 'cleanup_fit'] or point.startswith('cleanup'), \
+            rec.seen
+    if point in ('before_fit', 'before_epoch', 'before_batch', 'predict', 'after_predict', 'get_loss', 'after_loss',
+                 'backward'):
         if point in ('before_fit', 'before_epoch'):
-            for k, v in model.state_dict().items(): assert torch.equal(v, before[k]), 'nothing trained before the failure'
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before[k]), 'nothing trained before the failure'
     # the Learner still works afterwards
     learn.fit(1)
     assert learn.model.training is False

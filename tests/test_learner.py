@@ -24,7 +24,8 @@ def tiny_dls(n_train=2, n_valid=1, bs=4):
     mk = lambda n: [(torch.randn(bs, 3), torch.randint(0, 2, (bs,))) for _ in range(n)]
     return SimpleNamespace(train=mk(n_train), valid=mk(n_valid))
 
-def tiny(cbs=(), **kw): return Learner(nn.Linear(3, 2), kw.pop('dls', None) or tiny_dls(), F.cross_entropy, cbs=list(cbs), **kw)
+def tiny(cbs=(), **kw): return Learner(nn.Linear(3, 2), kw.pop('dls', None) or tiny_dls(), F.cross_entropy,
+                                       cbs=list(cbs), **kw)
 
 class LogCB(Callback):
     "Records every event name in order."
@@ -202,7 +203,8 @@ def test_metrics_have_a_train_and_a_valid_row_per_epoch_equal_to_a_direct_comput
 def test_the_mean_loss_does_not_depend_on_where_the_buffer_was_flushed():
     "A checkpoint flushes MetricsCB's buffer early; a resumed epoch must still report exactly the same mean loss."
     g = torch.Generator().manual_seed(0)
-    batch = [SimpleNamespace(preds=torch.randn(4, 2), loss=torch.rand((), generator=g)*3, batch=(torch.zeros(4), torch.zeros(4)))
+    batch = [SimpleNamespace(preds=torch.randn(4, 2), loss=torch.rand((), generator=g)*3,
+                             batch=(torch.zeros(4), torch.zeros(4)))
              for _ in range(200)]
     def mean_loss(buffer):
         m = MetricsCB(buffer=buffer)
@@ -220,7 +222,8 @@ class SkipFirstEpoch(Callback):
         if learn.epoch == 0 and learn.iter < self.n: raise CancelBatchException()
 
 def test_an_epoch_without_batches_computes_no_metric_and_says_nan(caplog):
-    "torcheval's compute() of a metric with no updates logs a warning and gives a loss of 0.0; MetricsCB never calls it."
+    ("torcheval's compute() of a metric with no updates logs a warning and gives a loss of 0.0; "
+     "MetricsCB never calls it.")
     rows, metrics = [], MetricsCB(accuracy=MulticlassAccuracy())
     metrics.logger = rows.append
     with caplog.at_level(logging.WARNING): tiny([TrainCB(), metrics]).fit(2, cbs=SkipFirstEpoch())
@@ -233,7 +236,8 @@ def test_an_epoch_without_batches_computes_no_metric_and_says_nan(caplog):
 
 def test_a_partly_skipped_epoch_still_reports_its_batches(caplog):
     metrics = MetricsCB()
-    with caplog.at_level(logging.WARNING): tiny([TrainCB(), metrics], dls=tiny_dls(n_train=3)).fit(1, cbs=SkipFirstEpoch(2))
+    with caplog.at_level(logging.WARNING):
+        tiny([TrainCB(), metrics], dls=tiny_dls(n_train=3)).fit(1, cbs=SkipFirstEpoch(2))
     assert math.isfinite(metrics.history[0]['loss']) and math.isnan(metrics.history[1]['loss'])
     assert 'update()' not in caplog.text
 
@@ -255,7 +259,8 @@ def test_lr_find_puts_weights_and_optimizer_back_and_suggests_a_sane_lr(fmnist):
     suggested = learn.lr_find(plot=False)
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k]), k
     after = learn.opt.state_dict()
-    for i, s in opt_before['state'].items(): assert torch.equal(s['momentum_buffer'], after['state'][i]['momentum_buffer'])
+    for i, s in opt_before['state'].items():
+        assert torch.equal(s['momentum_buffer'], after['state'][i]['momentum_buffer'])
     assert after['param_groups'] == opt_before['param_groups']
     f = learn.lr_finder
     assert 1e-4 < suggested < 1, suggested

@@ -15,13 +15,15 @@ BUDGET_S = 240  # each notebook must run top to bottom in Jupyter on a CPU in ab
 def executed(request):
     "The notebooks the selected tests need (their `path`), each executed once in a fresh Jupyter kernel, two at a time."
     need = {it.callspec.params['path'] for it in request.session.items
-            if 'executed' in getattr(it, 'fixturenames', ()) and 'path' in getattr(getattr(it, 'callspec', None), 'params', {})}
+            if 'executed' in getattr(it, 'fixturenames', ())
+            and 'path' in getattr(getattr(it, 'callspec', None), 'params', {})}
     return execute_all(sorted(need))
 
 def test_every_notebook_is_committed_executed():
     for p in notebooks():
         nb = nbformat.read(p, as_version=4)
-        assert any(c.get('outputs') for c in code_cells(nb)), f"{p.name} has no outputs: run python tests/nbrun.py {p.relative_to(ROOT)}"
+        assert any(c.get('outputs') for c in code_cells(nb)), \
+            f"{p.name} has no outputs: run python tests/nbrun.py {p.relative_to(ROOT)}"
 
 @pytest.mark.parametrize('path', notebooks(), ids=lambda p: p.stem)
 def test_committed_outputs_are_current(path, executed):
@@ -46,7 +48,8 @@ def test_progress_table_renders_in_jupyter(path, executed):
     assert any('<table' in h and 'accuracy' in h and 'loss' in h for h in html)
 
 # nbdev_proc_nbs would first try to install quarto (it can't be installed here); this is the rest of it, as it runs
-PROC_NBS = "from nbdev.quarto import refresh_quarto_yml; from nbdev.serve import proc_nbs; refresh_quarto_yml(); proc_nbs(force=True)"
+PROC_NBS = ("from nbdev.quarto import refresh_quarto_yml; from nbdev.serve import proc_nbs; "
+            "refresh_quarto_yml(); proc_nbs(force=True)")
 
 def test_docs_pipeline_runs_clean():
     "nbdev's processing of every notebook for the docs (all of nbdev_docs before quarto) runs without error or warning."
@@ -78,7 +81,8 @@ def test_committed_outputs_show_no_warning_or_machine_path(path):
     "A reader sees no warning they can't act on (stderr), and no path of the machine the notebook ran on (anywhere)."
     bad = [(i, kind, line.strip()[:120]) for i, c in enumerate(committed(path)) for kind, text in out_texts(c)
            for line in text.splitlines() if MACHINE_PATH.search(line) or (kind == 'stderr' and WARNING.search(line))]
-    assert not bad, (f"{path.name}: committed outputs show a warning or a machine path (code cell, stream, line): {bad}; "
+    assert not bad, (f"{path.name}: committed outputs show a warning or a machine path "
+                     f"(code cell, stream, line): {bad}; "
                      f"fix its cause (or silence it in that cell, saying why), then {rerun(path)}")
 
 MIN_SHOWN = 0.25  # the course's notebooks show output under 27-70% of their code cells
@@ -91,7 +95,8 @@ def test_a_quarter_of_code_cells_show_something(path):
         f"show at least {MIN_SHOWN:.0%} (a value, a table, a plot of what the cell did), then {rerun(path)}")
 
 FULL_RUN_SWITCH = re.compile(r'^FULL_RUN\s*=', re.M)
-def full_run_notebooks(): return [p for p in notebooks() if any(FULL_RUN_SWITCH.search(c['source']) for c in committed(p))]
+def full_run_notebooks():
+    return [p for p in notebooks() if any(FULL_RUN_SWITCH.search(c['source']) for c in committed(p))]
 
 @pytest.mark.parametrize('path', full_run_notebooks(), ids=lambda p: p.stem)
 def test_full_run_notebooks_are_committed_with_the_full_run(path):
@@ -115,7 +120,8 @@ def full_run_numbers(path, pattern):
 def test_committed_recipe_accuracy_is_the_recipes(path=NBS/'11_recipe.ipynb'):
     "The recipe reaches about 91% on the sample's held-out images (benchmarks/RESULTS.md); the committed run shows it."
     accs = full_run_numbers(path, r'accuracy[^\n]*?\b(0\.\d+)')
-    assert accs, f"{path.name}: no accuracy printed by a FULL_RUN cell; commit it executed with {rerun(path, full=True)}"
+    assert accs, (f"{path.name}: no accuracy printed by a FULL_RUN cell; "
+                  f"commit it executed with {rerun(path, full=True)}")
     assert accs[-1] >= 0.90, f"{path.name}: the committed full run shows accuracy {accs[-1]}, below the recipe's 0.90"
 
 # FIDs of 500 samples against the 1,000 held-out images (benchmarks/RESULTS.md): real training images 0.6, clipped
@@ -124,10 +130,12 @@ def test_committed_recipe_accuracy_is_the_recipes(path=NBS/'11_recipe.ipynb'):
 FID_BOUND = 15.
 
 def test_committed_ddpm_samples_are_clothing_not_noise(path=NBS/'13_ddpm.ipynb'):
-    "Every FID 13_ddpm's full run prints for the model's samples (not for noise or real-image references) is below the bound."
+    ("Every FID 13_ddpm's full run prints for the model's samples (not for noise or real-image references) "
+     "is below the bound.")
     fids = [(line.strip(), float(m)) for c in committed(path) for _, t in out_texts(c, ('stdout',))
             for line in t.splitlines() if not re.search(r'noise|real', line, re.I)
             for m in re.findall(r'FID[\s:=]*(\d+(?:\.\d+)?)', line)]
-    assert fids, f"{path.name}: no FID printed; print the samples' FID (miniai.fid) and commit with {rerun(path, full=True)}"
+    assert fids, (f"{path.name}: no FID printed; print the samples' FID (miniai.fid) "
+                  f"and commit with {rerun(path, full=True)}")
     bad = [f for f in fids if f[1] >= FID_BOUND]
     assert not bad, f"{path.name}: committed FIDs {bad} are not below {FID_BOUND}: noise, not clothing; train longer"

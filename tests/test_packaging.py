@@ -30,7 +30,8 @@ def test_wheel_builds_clean_and_its_install_loads_the_sample(tmp_path):
     r = run(py, '-m', 'pip', 'install', '--no-deps', '--no-index', whl)
     assert r.returncode == 0, r.stdout + r.stderr
     code = ("import miniai, numpy as np; from miniai.datasets import fashion_mnist_arrays, sample_path; "
-            "a = fashion_mnist_arrays('sample'); print(miniai.__file__); print(sample_path()); print(len(a['train'][0]))")
+            "a = fashion_mnist_arrays('sample'); print(miniai.__file__); print(sample_path()); "
+            "print(len(a['train'][0]))")
     r = run(py, '-c', code, cwd=tmp_path)   # not from the repo, whose miniai/ would shadow the installed one
     assert r.returncode == 0, r.stderr
     where, sample, n = r.stdout.split()

@@ -13,7 +13,8 @@ from miniai.accel import pick_precision
 from miniai.cli import main
 
 FIT = ['fit', '--arch', 'cnn', '--epochs', '2', '--bs', '512', '--data', 'sample', '--seed', '3', '--device', 'cpu']
-DDPM = ['ddpm', '--epochs', '1', '--steps', '50', '--ddim-steps', '2', '--n', '2', '--channels', '8,16', '--n-train', '64',
+DDPM = ['ddpm', '--epochs', '1', '--steps', '50', '--ddim-steps', '2', '--n', '2', '--channels', '8,16',
+        '--n-train', '64',
         '--bs', '32', '--data', 'sample', '--device', 'cpu']
 
 
@@ -93,7 +94,8 @@ def test_bf16_recipe_is_channels_last_and_its_weights_load_into_either_layout(tm
     from miniai.recipe import build_model, load_run, recipe_learner, save_run
     dls = fashion_dls(bs=64, source='sample', seed=0)
     cl, plain = (recipe_learner(dls, 1, precision=p, progress=False).model for p in ('bf16', 'fp32'))
-    is_cl = lambda m: [not w.is_contiguous() for w in m.parameters() if w.ndim == 4 and w.shape[1] > 1 and w.shape[2] > 1]
+    is_cl = lambda m: [not w.is_contiguous() for w in m.parameters()
+                       if w.ndim == 4 and w.shape[1] > 1 and w.shape[2] > 1]
     assert all(is_cl(cl)) and not any(is_cl(plain))  # (1 input channel or a 1×1 kernel: the layouts are the same)
     save_run(tmp_path/'cl', dict(arch='resnet', nfs=None, norm='batch'), model=cl)
     loaded, _ = load_run(tmp_path/'cl', lambda c: build_model())  # a fresh, contiguous model

@@ -32,7 +32,8 @@ from miniai.sgd import BaseSchedCB, BatchSchedCB, HasLearnCB, EpochSchedCB, Para
 class Injected(Exception): pass
 
 TRAIN_ONLY = {'after_backward', 'after_step', 'backward', 'step', 'zero_grad'}
-BATCH_LEVEL = {'before_batch', 'after_predict', 'after_loss', 'after_backward', 'after_step', 'after_batch', 'cleanup_batch'}
+BATCH_LEVEL = {'before_batch', 'after_predict', 'after_loss', 'after_backward', 'after_step', 'after_batch',
+               'cleanup_batch'}
 EPOCH_LEVEL = {'before_epoch', 'after_epoch', 'cleanup_epoch'}
 
 class Faults:
@@ -133,15 +134,19 @@ class ScaledMP(MixedPrecision):
     def make_scaler(self): return torch.amp.GradScaler(self.device_type, **self.scaler_kwargs)
 
 STACKS = {
-    'standard': Stack(lambda tmp: [TrainCB(), DeviceCB('cpu'), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(plot=True)]),
+    'standard': Stack(lambda tmp: [TrainCB(), DeviceCB('cpu'), MetricsCB(accuracy=MulticlassAccuracy()),
+                                   ProgressCB(plot=True)]),
     'subclass': Stack(lambda tmp: [DeviceCB('cpu'), MetricsCB(), ProgressCB()], learner=TrainLearner),
     'momentum': Stack(lambda tmp: [MetricsCB(), ProgressCB()], learner=partial(MomentumLearner, mom=0.5),
-                      unreachable=('zero_grad',)),  # MomentumLearner's zero_grad scales the grads; the optimizer's never runs
+                      # MomentumLearner's zero_grad scales the grads; the optimizer's never runs
+                      unreachable=('zero_grad',)),
     'sgd': Stack(lambda tmp: [TrainCB(), BatchSchedCB(partial(OneCycleLR, max_lr=0.1, total_steps=3)),
-                              EpochSchedCB(partial(StepLR, step_size=1)), ParamSchedCB('momentum', lambda pos: 0.9 - pos/2),
+                              EpochSchedCB(partial(StepLR, step_size=1)),
+                              ParamSchedCB('momentum', lambda pos: 0.9 - pos/2),
                               RecorderCB(lr=_lr), HasLearnCB(), MetricsCB(), ProgressCB()]),
     'activations': Stack(lambda tmp: [TrainCB(), ActivationStats(fc.risinstance(nn.ReLU)),
-                                      HooksCallback(append_stats, fc.risinstance(nn.Linear)), MetricsCB(), ProgressCB()]),
+                                      HooksCallback(append_stats, fc.risinstance(nn.Linear)), MetricsCB(),
+                                      ProgressCB()]),
     'lr_finder': Stack(lambda tmp: [TrainCB(), LRFinderCB(), ProgressCB()], lr=1e-3),
     'mixed_precision': Stack(lambda tmp: [ScaledMP(), GradClipCB(1.0), GradAccumCB(2),
                                           MetricsCB(), ProgressCB()]),
@@ -154,12 +159,14 @@ STACKS = {
     'ddpm': Stack(lambda tmp: [TrainCB(), DDPMCB(n_steps=20), DDPMCB2(), EMACB(0.9), MetricsCB(), ProgressCB()],
                   model=DDPMModel, loss=F.mse_loss),
     'augment_valid': Stack(lambda tmp: [TrainCB(), BatchTransformCB(lambda b: (b[0]*2, b[1])), TTD_CB(), CapturePreds(),
-                                        TerminateOnNaNCB(), MetricsCB(), ProgressCB()], model=partial(mlp, drop=0.5), train=False),
+                                        TerminateOnNaNCB(), MetricsCB(), ProgressCB()],
+                           model=partial(mlp, drop=0.5), train=False),
     'single_batch': Stack(lambda tmp: [TrainCB(), SingleBatchCB(), MetricsCB(), ProgressCB()], at=0,
                           unreachable=('after_epoch', 'after_fit')),  # SingleBatchCB cancels the fit before them
 }
 
-POINTS = ([(p, o) for p in EVENTS if p.startswith('before_') for o in (-100, 200)] +   # cleanups depend on who was set up
+# cleanups depend on who was set up
+POINTS = ([(p, o) for p in EVENTS if p.startswith('before_') for o in (-100, 200)] +
           [(p, 0) for p in EVENTS if not p.startswith('before_')] + [(p, None) for p in STEPS] +
           [('after_backward', 2)])  # after GradClipCB's unscale_, before the GradScaler's step
 
@@ -227,7 +234,8 @@ def test_no_shipped_callback_has_a_misnamed_event_method():
 def test_device_cuda_on_a_cpu_machine_with_progress_gives_the_device_error():
     if torch.cuda.is_available(): pytest.skip('this machine has CUDA: DeviceCB("cuda") works here')
     metrics = MetricsCB()
-    learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy, cbs=[TrainCB(), DeviceCB('cuda'), metrics, ProgressCB()])
+    learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy,
+                    cbs=[TrainCB(), DeviceCB('cuda'), metrics, ProgressCB()])
     with pytest.raises(Exception) as ei: learn.fit(1)
     assert type(ei.value) is ValueError and 'no usable CUDA GPU' in str(ei.value), repr(ei.value)
     assert not getattr(ei.value, '__notes__', None)
@@ -273,7 +281,8 @@ class FailingCleanup(Callback):
 def test_a_failing_cleanup_becomes_a_note_on_the_original_error():
     learn = Learner(nn.Linear(6, 3), cls_dls(), F.cross_entropy, cbs=[TrainCB()])
     bad = injector('after_loss', 0, 1, True)
-    with pytest.raises(Injected, match='injected at after_loss') as ei: learn.fit(1, cbs=[bad, FailingCleanup('one'), FailingCleanup('two')])
+    with pytest.raises(Injected, match='injected at after_loss') as ei:
+        learn.fit(1, cbs=[bad, FailingCleanup('one'), FailingCleanup('two')])
     notes = getattr(ei.value, '__notes__', [])
     assert len(notes) == 2 and all('FailingCleanup.cleanup_epoch' in n for n in notes) and "'two'" in notes[1], notes
 
@@ -321,10 +330,12 @@ def test_restoring_state_after_lr_find_fails_cannot_hide_its_error():
 def test_a_misspelt_event_method_is_refused_with_the_likely_name():
     class Typo(Callback):
         def after_batc(self, learn): pass
-    with pytest.raises(ValueError, match="did you mean 'after_batch'"): Learner(nn.Linear(6, 3), cls_dls(), cbs=[Typo()])
+    with pytest.raises(ValueError, match="did you mean 'after_batch'"):
+        Learner(nn.Linear(6, 3), cls_dls(), cbs=[Typo()])
     class Typo2(Callback):
         def before_predict(self, learn): pass
-    with pytest.raises(ValueError, match="before_predict"): Learner(nn.Linear(6, 3), cls_dls()).fit(1, cbs=[TrainCB(), Typo2()])
+    with pytest.raises(ValueError, match="before_predict"):
+        Learner(nn.Linear(6, 3), cls_dls()).fit(1, cbs=[TrainCB(), Typo2()])
 
 def test_a_misspelt_method_set_on_an_instance_is_refused_too():
     cb = Callback()

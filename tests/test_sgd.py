@@ -58,7 +58,8 @@ def test_tensor_lr_is_updated_in_place():
     learn.opt = optim.Adam(learn.model.parameters(), lr=torch.tensor(0.01), foreach=False)
     lr_t = learn.opt.param_groups[0]['lr']
     rec = RecorderCB(lr=_lr, mom=_mom)
-    learn.fit(1, cbs=[rec, ParamSchedCB('lr', sched_lin(0.1, 0.2)), ParamSchedCB('mom', sched_lin(0.9, 0.8))], valid=False)
+    learn.fit(1, cbs=[rec, ParamSchedCB('lr', sched_lin(0.1, 0.2)), ParamSchedCB('mom', sched_lin(0.9, 0.8))],
+              valid=False)
     assert rec.recs['lr'] == pytest.approx([0.1 + 0.1*i/N_BATCHES for i in range(N_BATCHES)])
     assert rec.recs['mom'] == pytest.approx([0.9 - 0.1*i/N_BATCHES for i in range(N_BATCHES)])
     assert learn.opt.param_groups[0]['lr'] is lr_t and float(lr_t) == pytest.approx(0.01)
