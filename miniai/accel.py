@@ -36,24 +36,23 @@ def cpu_has_bf16():
     except OSError: return False
 
 def _precision(want, dev, who, fix, warn=warnings.warn):
-    "What `want` means on torch device `dev`: 'fp16', 'bf16' or 'no' (fp32)."
+    "What `want` ('no' is accelerate's 'fp32') means on torch device `dev`: 'fp16', 'bf16' or 'fp32'."
     cpu = dev.type == 'cpu'
     if cpu and want == 'fp16':
         raise ValueError(f"{who} on the CPU: fp16 is a CUDA GPU feature, a CPU silently trains in fp32; {fix}")
     if dev.type == 'cuda' and want == 'bf16' and torch.cuda.get_device_capability(dev) < (8, 0):
         raise ValueError(f"{who}: {dev} has no native bf16 (it needs compute capability 8.0); {fix}")
     if cpu and want == 'bf16' and not cpu_has_bf16(): warn(f"{who}: this CPU emulates bf16, many times slower; {fix}")
-    if want != 'auto': return want
-    return 'fp16' if dev.type == 'cuda' else 'bf16' if cpu and cpu_has_bf16() else 'no'
+    if want != 'auto': return {'no': 'fp32'}.get(want, want)
+    return 'fp16' if dev.type == 'cuda' else 'bf16' if cpu and cpu_has_bf16() else 'fp32'
 
 def pick_precision(precision='auto', device=None, say=False):
     "The main jobs' precision on `device` and why: ('fp32', 'bf16' or 'fp16', reason); `say` prints them on stderr."
     check_choice(precision, 'precision', ('auto', 'fp32', 'bf16', 'fp16'), 'pick_precision')
     dev = torch.device(device or default_device())
-    p = _precision({'fp32': 'no'}.get(precision, precision), dev, f"--precision {precision}", "use --precision auto")
+    p = _precision(precision, dev, f"--precision {precision}", "use --precision auto")
     why = 'asked for' if precision != 'auto' else 'CUDA: fp16 with a GradScaler' if p == 'fp16' else \
           'this CPU computes bf16 natively' if p == 'bf16' else f'{dev.type} without native bf16'
-    p = {'no': 'fp32'}.get(p, p)
     if say: print(f"miniai: training in {p}: {why}", file=sys.stderr)
     return p, why
 
@@ -101,9 +100,9 @@ class MixedPrecision(_AmpCB):
         dev = model_device(learn.model)
         self.device_type = t = dev.type
         p = _precision(self.dtype, dev, f"MixedPrecision(dtype={self.dtype!r})", "use dtype='auto'", self._warn_once)
-        if p == 'no': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
+        if p == 'fp32': self._warn_once(f"MixedPrecision: training in fp32 on {t}" + ': no native bf16'*(t == 'cpu'))
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(p)
-        self.precision = {'no': 'fp32'}.get(p, p)  # checkpoints compare it
+        self.precision = p  # checkpoints compare it
         learn.scaler = fresh = self.make_scaler()
         self.use_scaler = fresh is not None
         if fresh and self.scaler: fresh.load_state_dict(self.scaler.state_dict())  # not a stopped step's books
@@ -179,14 +178,13 @@ class GradAccumCB(Callback):
 class GradClipCB(Callback):
     "Clip the gradient norm to `max_norm` before each step (unscaled first under a GradScaler)."
     order = 1  # after the callbacks that make or restore the gradients
-    def __init__(self, max_norm=1.0, norm_type=2.0):
-        self.max_norm, self.norm_type = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), norm_type
-        self.norm = None
+    def __init__(self, max_norm=1.0):
+        self.max_norm, self.norm = check_float(max_norm, 'max_norm', '(0, inf)', 'GradClipCB'), None
 
     def after_backward(self, learn):
         if not getattr(learn, 'will_step', True): return  # accumulating: clip the whole gradient
         if getattr(learn, 'scaler', None) is not None: learn.scaler.unscale_(learn.opt)
-        self.norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
+        self.norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm)
 
 # %% ../nbs/14_accel.ipynb #a992cecc
 class EMACB(Callback):
@@ -244,7 +242,7 @@ class AccelerateCB(_AmpCB):
     def __init__(self, n_inp=1, mixed_precision='auto', gradient_accumulation_steps=1, max_norm=None, device=None,
                  **kwargs):
         super().__init__(n_inp)
-        check_choice(mixed_precision, 'mixed_precision', ('auto', 'no', 'fp16', 'bf16'), 'AccelerateCB')
+        check_choice(mixed_precision, 'mixed_precision', ('auto', 'no', 'fp16', 'bf16', 'fp32'), 'AccelerateCB')
         n = check_int(gradient_accumulation_steps, 'gradient_accumulation_steps', 1, 'AccelerateCB')
         if max_norm is not None: check_float(max_norm, 'max_norm', '(0, inf)', 'AccelerateCB')
         launched = mixed_precision == 'auto' and os.environ.get('ACCELERATE_MIXED_PRECISION', '').lower()
@@ -252,8 +250,8 @@ class AccelerateCB(_AmpCB):
                     else (f"AccelerateCB(mixed_precision={mixed_precision!r})", "use mixed_precision='auto' or 'no'"))
         cpu = kwargs.get('cpu') or parse_flag_from_env('ACCELERATE_USE_CPU')
         dev = torch.device('cpu' if cpu else device or PartialState().device)
-        self.mixed_precision = mp = _precision(launched or mixed_precision, dev, who, fix)
-        self.precision = {'no': 'fp32'}.get(mp, mp)  # checkpoints compare it
+        self.precision = p = _precision(launched or mixed_precision, dev, who, fix)  # checkpoints compare it
+        self.mixed_precision = mp = {'fp32': 'no'}.get(p, p)  # accelerate's name
         if not torch.distributed.is_initialized():  # one process: new settings may replace accelerate's
             AcceleratorState._reset_state(reset_partial_state=True)
             PartialState(cpu=dev.type == 'cpu').device = dev  # accelerate's own 'cuda' drops the index

@@ -29,7 +29,6 @@ from .recipe import default_epochs, load_run, read_config, save_run, std_learner
 
 # %% ../nbs/13a_ddpm_run.ipynb #f489589a
 def _make_sched(sched, n_steps):
-    "The `NoiseSched` named 'linear' (betas scaled to `n_steps`) or 'cosine', or `sched` itself."
     if isinstance(sched, NoiseSched): return sched
     check_int(n_steps, 'n_steps', 1, 'train_ddpm'), check_choice(sched, 'sched', ('linear', 'cosine'), 'train_ddpm')
     if sched == 'cosine': return cosine_sched(n_steps)
@@ -85,12 +84,12 @@ def score_samples(imgs, source=None, classifier=None):
                 real_fid=ie.fid(real), real_kid=ie.kid(real))
 
 # %% ../nbs/13a_ddpm_run.ipynb #107b62f3
-def save_grid(imgs, path, nrow=8, vrange=(-1., 1.), title=None, titles=()):
-    "Save images (N,C,H,W) in `vrange` as a PNG grid `nrow` wide, `title` above, `titles` over the first ones."
+def save_grid(imgs, path, nrow=8, title=None, titles=()):
+    "Save images (N,C,H,W) in [-1, 1] as a PNG grid `nrow` wide, `title` above, `titles` over the first ones."
     imgs, path = to_cpu(torch.as_tensor(imgs)), Path(path)
     fig, axs = get_grid(len(imgs), ncols=min(nrow, len(imgs)), title=title, imsize=1, size=10)
     for i, (im, ax) in enumerate(zip(imgs, axs)):
-        show_image(im, ax=ax, vmin=vrange[0], vmax=vrange[1], title=titles[i] if i < len(titles) else None)
+        show_image(im, ax=ax, vmin=-1, vmax=1, title=titles[i] if i < len(titles) else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches='tight', facecolor='white')
     plt.close(fig)

@@ -71,10 +71,10 @@ def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2
     return std_learner(recipe_model(nfs, drop).to(memory_format=fmt), dls, loss, epochs, lr, cbs, device, wd=wd,
                        eps=eps, accel=accel, precision=precision)
 
-def fit_recipe(dls=None, epochs=16, bs=128, source=None, seed=None, precision='auto', **kwargs):
-    "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: `fashion_dls(bs, source)`); returns the `Learner`."
+def fit_recipe(dls=None, epochs=16, seed=None, precision='auto', **kwargs):
+    "Train `recipe_learner(dls, epochs, **kwargs)` (`dls`: Fashion-MNIST's, bs 128); returns the `Learner`."
     if seed is not None: torch.manual_seed(seed)
-    dls = dls or fashion_dls(bs=bs, source=source, seed=seed)
+    dls = dls or fashion_dls(bs=128, seed=seed)
     kwargs['precision'] = pick_precision(precision, kwargs.get('device'), say=True)[0]
     learn = recipe_learner(dls, epochs, **kwargs)
     learn.fit(epochs)
@@ -183,10 +183,9 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
     accel = acc = None
     p, why = pick_precision(cfg['precision'], device)
     if _launched() if accelerate is None else accelerate:
-        mp = {'fp32': 'no'}.get(p, p)
         one = int(os.environ.get('WORLD_SIZE') or 1) == 1  # several processes: accelerate gives each its device
         dev = torch.device(device or default_device())
-        accel = AccelerateCB(mixed_precision=mp, cpu=dev.type == 'cpu', device=dev if one else None)
+        accel = AccelerateCB(mixed_precision=p, cpu=dev.type == 'cpu', device=dev if one else None)
         acc = accel.acc
     n_proc, is_main = (acc.num_processes, acc.is_main_process) if acc else (1, True)
     torch.manual_seed(cfg['seed'])
