@@ -1,5 +1,10 @@
 "Fixtures shared by the test files."
+import signal
+
 import pytest
+
+# A shell starts background jobs with Ctrl-C ignored, and child processes inherit that; the Ctrl-C tests need it live
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
