@@ -8,9 +8,12 @@ In one run, taking turns (`--repeats` rounds, the median reported):
   channels_last (what `fit_recipe` does by default on a CPU with native bf16);
 - `--ddpm-steps` training steps of `miniai ddpm`'s default UNet (16,32,32), bs 64, through `std_learner`, in fp32 and
   bf16 (channels_last made the UNet slower here, so it doesn't use it);
-- each model's bare training step (forward, loss, backward, AdamW) with its FLOPs counted by
-  `torch.utils.flop_counter`, as GFLOP/s and as a fraction of a 2048² matmul's rate in the same precision, measured
-  in the same run: how close each comes to what this CPU can do.
+- sampling: `--sample-n` images (default 500, `miniai ddpm`'s) in `--sample-steps` DDIM steps of the default UNet,
+  fp32 with the model called on all images at once, fp32 in chunks of `SAMPLE_BS` (what the samplers do on a CPU),
+  and bf16 autocast in chunks;
+- each model's bare training step (forward, loss, backward, AdamW; the UNet at bs 64, the default, and at bs 128,
+  the issue's measurement) with its FLOPs counted by `torch.utils.flop_counter`, as GFLOP/s and as a fraction of a
+  2048² matmul's rate in the same precision, measured in the same run: how close each comes to what this CPU can do.
 On a CPU without native bf16 it says so and times fp32 only: emulated bf16 is many times slower.
 """
 import argparse
@@ -27,7 +30,8 @@ from _common import machine
 from miniai.accel import cpu_has_bf16
 from miniai.callbacks import CancelFitException, Callback
 from miniai.datasets import DataLoaders, fashion_dls, fashion_mnist_arrays
-from miniai.ddpm import ddpm_unet, dl_ddpm, init_ddpm, linear_sched
+import miniai.ddpm as ddpm
+from miniai.ddpm import ddim_sample, ddpm_unet, dl_ddpm, init_ddpm, linear_sched
 from miniai.fid import ddpm_images
 from miniai.recipe import recipe_learner, recipe_model, std_learner
 
@@ -62,6 +66,16 @@ def ddpm_run(dls, precision, n):
     return lambda: learn.fit(1, valid=False)
 
 
+def sample_run(model, sched, n, steps, bf16, bs):
+    def run():
+        old, ddpm.SAMPLE_BS = ddpm.SAMPLE_BS, bs
+        try:
+            with torch.autocast('cpu', torch.bfloat16, enabled=bf16):
+                ddim_sample(model, (n, 1, 32, 32), sched, steps, eta=1., generator=torch.Generator().manual_seed(0))
+        finally: ddpm.SAMPLE_BS = old
+    return run
+
+
 def take_turns(runs, repeats):
     "Median seconds of each run in `runs`, called in turn `repeats` times after one untimed call each."
     for f in runs.values(): f()
@@ -94,7 +108,7 @@ def matmul_rate(dtype, n=2048, reps=10):
 
 def report(title, med, base='fp32'):
     print(f'\n{title}')
-    for k, s in med.items(): print(f'  {k:16s} {s*1000:9.0f} ms   {s/med[base]:.2f}× fp32')
+    for k, s in med.items(): print(f'  {k:20s} {s*1000:9.0f} ms   {s/med[base]:.2f}× {base}')
 
 
 def main(argv=None):
@@ -103,6 +117,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument('--ddpm-steps', type=int, default=200, help='DDPM training steps per turn (default: 200)')
     p.add_argument('--repeats', type=int, default=3, help='timed turns per setting (default: 3)')
+    p.add_argument('--sample-n', type=int, default=500, help='images sampled per turn (default: 500)')
+    p.add_argument('--sample-steps', type=int, default=10, help='DDIM steps per turn (default: 10)')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     bf16 = cpu_has_bf16()
@@ -124,13 +140,23 @@ def main(argv=None):
     runs = {p: ddpm_run(ddls, p, a.ddpm_steps) for p in ['fp32'] + ['bf16']*bf16}
     report(f'`miniai ddpm` UNet (16,32,32), {a.ddpm_steps} training steps of bs 64', take_turns(runs, a.repeats))
 
+    model = init_ddpm(ddpm_unet((16, 32, 32), 1, 8, False))
+    for q in model.parameters(): q.data.normal_(0, 0.05)  # not init_ddpm's zero output: a model with work to do
+    runs = {'fp32, one call': sample_run(model, sched, a.sample_n, a.sample_steps, False, a.sample_n),
+            f'fp32, chunks of {ddpm.SAMPLE_BS}': sample_run(model, sched, a.sample_n, a.sample_steps, False,
+                                                            ddpm.SAMPLE_BS)}
+    if bf16: runs[f'bf16, chunks of {ddpm.SAMPLE_BS}'] = sample_run(model, sched, a.sample_n, a.sample_steps, True,
+                                                                    ddpm.SAMPLE_BS)
+    report(f'sampling {a.sample_n} images, DDIM {a.sample_steps} steps', take_turns(runs, a.repeats), 'fp32, one call')
+
     y = torch.randint(0, 10, (128,))
-    t, noise = torch.randint(0, 1000, (64,)), torch.randn(64, 1, 32, 32)
+    t, noise = torch.randint(0, 1000, (128,)), torch.randn(128, 1, 32, 32)
     unet = lambda: init_ddpm(ddpm_unet((16, 32, 32), 1, 8, False))
     models = {'recipe ResNet, bs 128': (recipe_model, torch.randn(128, 1, 28, 28),
                                         lambda m, x: F.cross_entropy(m(x), y, label_smoothing=0.1), CL),
-              'ddpm UNet, bs 64': (unet, torch.randn(64, 1, 32, 32), lambda m, x: F.mse_loss(m(x, t).float(), noise),
-                                   torch.contiguous_format)}
+              **{f'ddpm UNet, bs {bs}': (unet, torch.randn(bs, 1, 32, 32),
+                                         lambda m, x: F.mse_loss(m(x, t[:len(x)]).float(), noise[:len(x)]),
+                                         torch.contiguous_format) for bs in (64, 128)}}
     precs = ['fp32'] + ['bf16']*bf16
     peak = {pr: matmul_rate(torch.float32 if pr == 'fp32' else torch.bfloat16) for pr in precs}
     print('\nbare training step: FLOP rate against a 2048² matmul in the same precision '

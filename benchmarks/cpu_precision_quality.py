@@ -8,8 +8,10 @@ torch thread, so both see the same machine load; all the pairs run at once. The 
 accuracy of `fit_recipe`'s default on the sample's last 1,000 images; the DDPM's is `run_ddpm`'s FID and KID
 (miniai's own classifier, 500 DDIM samples against the 1,000 held-out images). Times are each process's whole run:
 data, training, evaluation, and for the DDPM sampling and scoring, as wall time and as the process's CPU time (one
-thread, so its CPU time is its work, whatever else the machine runs). A run that finishes first leaves its twin more
-CPU, which favours fp32, so the ratios are if anything pessimistic for bf16. Prints one line per run and a table.
+thread, so its CPU time is its work, whatever else the machine runs), and the DDPM's training time alone. The bf16
+DDPM's model is also sampled again under bf16 autocast (same starting noise) and scored, to see what bf16 sampling
+would cost in quality. A run that finishes first leaves its twin more CPU, which favours fp32, so the ratios are if
+anything pessimistic for bf16. Prints one line per run and a table.
 """
 import argparse
 import json
@@ -31,10 +33,16 @@ print(json.dumps(dict(acc=learn.metrics.history[-1]['accuracy'], seconds=time.ti
 """
 DDPM = """
 import json, sys, time, torch
-from miniai.ddpm_run import run_ddpm
+from miniai.ddpm_run import load_ddpm, run_ddpm, save_samples, score_samples
 t = time.time()
 out, s = run_ddpm({out!r}, data='sample', seed={seed}, precision={p!r}, epochs={epochs}, progress=False)
-print(json.dumps(dict(fid=s['fid'], kid=s['kid'], seconds=time.time() - t, cpu=time.process_time())))
+r = dict(fid=s['fid'], kid=s['kid'], seconds=time.time() - t, cpu=time.process_time(),
+         train=json.load(open(out/'config.json'))['train_seconds'])
+if {p!r} == 'bf16':  # the same model and starting noise, sampled under bf16 autocast instead of fp32
+    model, sched, cfg = load_ddpm(out)
+    with torch.autocast('cpu', torch.bfloat16): imgs = save_samples(model, sched, 500, eta=1., seed={seed})
+    r |= {{k + '_bf16_sampling': v for k, v in score_samples(imgs, 'sample').items() if k in ('fid', 'kid')}}
+print(json.dumps(r))
 """
 
 
@@ -67,6 +75,10 @@ def main(argv=None):
         q = (lambda r: f"{r['acc']:.4f}") if job == 'recipe' else (lambda r: f"FID {r['fid']:.2f}, KID {r['kid']:.4f}")
         print(f"| {job} | {seed} | {q(f)} | {q(b)} | {f['seconds']:.0f} s ({f['cpu']:.0f} s) | {b['seconds']:.0f} s "
               f"({b['cpu']:.0f} s) | {b['seconds']/f['seconds']:.2f} ({b['cpu']/f['cpu']:.2f}) |")
+        if job == 'ddpm':
+            print(f"  training alone: fp32 {f['train']:.0f} s, bf16 {b['train']:.0f} s "
+                  f"({b['train']/f['train']:.2f}); the bf16 model sampled under bf16 autocast: "
+                  f"FID {b['fid_bf16_sampling']:.2f}, KID {b['kid_bf16_sampling']:.4f}")
     print(machine())
 
 

@@ -335,6 +335,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/miniai', 'doc_host': '', '
                              'miniai.ddpm._check_t': ('ddpm.html#_check_t', 'miniai/ddpm.py'),
                              'miniai.ddpm._ddim_coefs': ('ddpm.html#_ddim_coefs', 'miniai/ddpm.py'),
                              'miniai.ddpm._ddpm_coefs': ('ddpm.html#_ddpm_coefs', 'miniai/ddpm.py'),
+                             'miniai.ddpm._eps': ('ddpm.html#_eps', 'miniai/ddpm.py'),
                              'miniai.ddpm._inner_module': ('ddpm.html#_inner_module', 'miniai/ddpm.py'),
                              'miniai.ddpm._progress': ('ddpm.html#_progress', 'miniai/ddpm.py'),
                              'miniai.ddpm._takes_pair': ('ddpm.html#_takes_pair', 'miniai/ddpm.py'),

@@ -359,6 +359,36 @@ def test_our_unet_takes_either_call():
     assert torch.equal(a, b)
 
 
+class SizeModel(nn.Module):
+    "Records the batch size of each call; each image's output depends on that image alone."
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+    def forward(self, x, t):
+        self.sizes.append(len(x))
+        return 0.3*x + t[:, None, None, None]/1000
+
+
+@pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])
+def test_sampling_on_a_cpu_calls_the_model_in_chunks_with_the_same_result(monkeypatch, sampler):
+    import miniai.ddpm as ddpm
+    sched, shape = linear_sched(10, 1e-2, 0.5), (10, 1, 4, 4)
+    run = lambda m: (sample(m, shape, sched, generator=torch.Generator().manual_seed(0)) if sampler == 'ddpm' else
+                     ddim_sample(m, shape, sched, 5, eta=1., generator=torch.Generator().manual_seed(0)))
+    whole = run(m1 := SizeModel())
+    assert set(m1.sizes) == {10}  # the default chunk holds all ten
+    monkeypatch.setattr(ddpm, 'SAMPLE_BS', 4)
+    chunked = run(m2 := SizeModel())
+    assert m2.sizes == [4, 4, 2]*len(m1.sizes)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    unet = init_ddpm(ddpm_unet((8, 16), 1, 4))
+    nn.init.normal_(unet.conv_out.weight)  # not the zero output init_ddpm gives, so the chunks matter
+    a = ddim_sample(unet, (5, 1, 32, 32), sched, 3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ddpm, 'SAMPLE_BS', 2)
+    b = ddim_sample(unet, (5, 1, 32, 32), sched, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_sample_refuses_the_course_signature():
     with pytest.raises(TypeError, match=r'ddpm_cb.sample\(model, sz\)'):
         sample(ScaleModel(), SHAPE, linear_sched().alpha, linear_sched().abar)
