@@ -96,8 +96,7 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
         if t.ndim == 0: t = t.expand(n).clone()
         if t.shape != (n,): raise ValueError(f"t must be one step or one per image ({n},); got shape {tuple(t.shape)}")
         if ((t < 0) | (t >= len(abar))).any(): raise ValueError(f"t must be in [0, {len(abar)}); got {t.tolist()}")
-    if abar.device != dev: abar = abar.to(dev)
-    ab = abar[t].view(-1, *[1]*(x0.ndim - 1))
+    ab = abar.to(dev)[t].view(-1, *[1]*(x0.ndim - 1))
     eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     xt = ab.sqrt().to(x0.dtype)*x0 + (1 - ab).sqrt().to(x0.dtype)*eps
     return (xt, t, eps) if flat else ((xt, t), eps)
@@ -105,8 +104,9 @@ def noisify(x0, abar, t=None, weights=None, flat=False, generator=None):
 # %% ../nbs/13_ddpm.ipynb #bcb30d79
 def _check_halvable(h, w, n_levels):  # each level but the last halves H and W; the way up must meet the skips
     k = 2**(n_levels - 1)
-    if h % k or w % k: raise ValueError(f"a {n_levels}-level UNet needs H and W multiples of {k}, got {h}×{w}: pad "
-                                        "them (F.pad) or use fewer levels")
+    if h % k or w % k:
+        raise ValueError(f"a {n_levels}-level UNet needs H and W multiples of {k}, got {h}×{w}: pad them (F.pad) or "
+                         "use fewer levels")
 
 class UNet(UNet2DModel):
     "A diffusers `UNet2DModel` called as `model((xt, t))` or `model(xt, t)`, returning a tensor."
@@ -117,8 +117,8 @@ class UNet(UNet2DModel):
             x, t = x
         c = self.config.in_channels
         if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W), got {tuple(x.shape)}: try x[:, None]")
-        if x.shape[1] != c: raise ValueError(f"UNet takes {c}-channel images, got {tuple(x.shape)}; build it with "
-                                             f"in_channels={x.shape[1]}")
+        if x.shape[1] != c:
+            raise ValueError(f"UNet takes {c}-channel images, got {tuple(x.shape)}; build it with in_channels={x.shape[1]}")
         _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
         return super().forward(x, t).sample
 
@@ -217,8 +217,9 @@ def _progress(steps, on, what):  # a bar, or where none can redraw, a line with 
             print(f"{what}: step {i + 1}/{n}, {secs:.0f}s, about {secs/(i + 1)*(n - i - 1):.0f}s left", flush=True)
 
 def _check_sched(sched, where):
-    if not isinstance(sched, NoiseSched): raise TypeError(f"{where} takes a NoiseSched, got {type(sched).__name__}; "
-                                                          "the course's sample(...) is ddpm_cb.sample(model, sz)")
+    if not isinstance(sched, NoiseSched):
+        raise TypeError(f"{where} takes a NoiseSched, got {type(sched).__name__}; the course's sample(...) is "
+                        "ddpm_cb.sample(model, sz)")
 
 SAMPLE_BS = 128  # images per model call when sampling on a CPU: 500 at once took 1.7× as long (caches)
 

@@ -13,6 +13,7 @@ import fastcore.all as fc
 import torch
 from torch import nn
 
+from .activations import Hooks
 from .checks import check_int
 from .conv import conv, map_tensors, model_device, model_mode, to_device
 from .init import GeneralRelu
@@ -90,27 +91,21 @@ def summary(learn, xb=None, show=True):
     "A `ModelSummary` of each top-level module, from one eval-mode forward pass."
     model = learn.model
     xs = to_device(_summary_inputs(learn, xb), model_device(model))
-    children = [c for _, c in model.named_children()] or [model]
-    rows = [dict(module=type(c).__name__, input='-', output='-', params=sum(p.numel() for p in c.parameters()))
-            for c in children]
-    macs = [0]*len(children)
-    owner = {}  # a module counts for the first top-level one containing it
-    for i, c in enumerate(children):
-        for m in c.modules(): owner.setdefault(m, i)
+    children = list(model.children()) or [model]
+    rows = {c: dict(module=type(c).__name__, input='-', output='-', params=sum(p.numel() for p in c.parameters()))
+            for c in children}
+    macs, owner = dict.fromkeys(children, 0), {}  # a module counts for the first top-level one containing it
+    for c in children:
+        for m in c.modules(): owner.setdefault(m, c)
 
-    def record(i, m, inp, out):
-        if rows[i]['input'] == '-': rows[i].update(input=_shapes(inp[0] if len(inp) == 1 else inp), output=_shapes(out))
-    def add_macs(i, m, inp, out): macs[i] += _macs(m, inp, out)
+    def record(h, m, inp, out):
+        if rows[m]['input'] == '-': rows[m].update(input=_shapes(inp[0] if len(inp) == 1 else inp), output=_shapes(out))
+    def add_macs(h, m, inp, out): macs[owner[m]] += _macs(m, inp, out)
 
-    hooks = [c.register_forward_hook(partial(record, i)) for i, c in enumerate(children)]
-    hooks += [m.register_forward_hook(partial(add_macs, i)) for m, i in owner.items()]
-    try:
-        with model_mode(model, training=False), torch.no_grad(): model(*xs)
-    finally:
-        for h in hooks: h.remove()
+    with Hooks(children, record), Hooks(owner, add_macs), model_mode(model, False), torch.no_grad(): model(*xs)
     n = len(xs[0])
-    for r, mac in zip(rows, macs): r['mflops'] = mac/n/1e6
-    res = ModelSummary(rows, sum(p.numel() for p in model.parameters()), sum(macs)/n/1e6)
+    for c, r in rows.items(): r['mflops'] = macs[c]/n/1e6
+    res = ModelSummary(list(rows.values()), sum(p.numel() for p in model.parameters()), sum(macs.values())/n/1e6)
     if show: print(res)
     return res
 
