@@ -9,7 +9,6 @@ __all__ = ['cpu_has_bf16', 'pick_precision', 'MixedPrecision', 'GradAccumCB', 'G
 import contextlib
 import functools
 import os
-import sys
 import warnings
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .checks import check_choice, check_float, check_int
 from .conv import default_device, map_tensors, model_device, to_device
-from .datasets import DataLoaders, TensorDL
+from .datasets import DataLoaders, TensorDL, _notice
 from .learner import STEPS, Callback, DeviceCB, Learner, TrainCB, _n_items, check_finite
 
 # %% ../nbs/14_accel.ipynb #f82cb804
@@ -53,7 +52,7 @@ def pick_precision(precision='auto', device=None, say=False):
     p = _precision(precision, dev, f"--precision {precision}", "use --precision auto")
     why = 'asked for' if precision != 'auto' else 'CUDA: fp16 with a GradScaler' if p == 'fp16' else \
           'this CPU computes bf16 natively' if p == 'bf16' else f'{dev.type} without native bf16'
-    if say: print(f"miniai: training in {p}: {why}", file=sys.stderr)
+    if say: _notice(f"training in {p}: {why}")
     return p, why
 
 

@@ -21,7 +21,7 @@ from .checks import check_float, check_int
 from .conv import model_device, model_mode, to_cpu, to_device
 from .datasets import show_images
 from .init import BatchTransformCB
-from .learner import Callback, CancelFitException, Learner
+from .learner import Callback, CancelFitException, Learner, _shape
 from .resnet import summary
 
 # %% ../nbs/10_augment.ipynb #a48727be
@@ -55,8 +55,7 @@ def tfm_batch(b, tfm_x=fc.noop, tfm_y=fc.noop):
 
 def _check_images(x, where, floating=False):
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{where} needs images shaped (N, C, H, W), got {shape}; use x[:, None] for (N, H, W)")
+        raise TypeError(f"{where} needs images shaped (N, C, H, W), got {_shape(x)}; use x[:, None] for (N, H, W)")
     if floating and not x.is_floating_point():
         raise TypeError(f"{where} needs floating-point images, got {x.dtype}; convert with x.float()")
 

@@ -74,8 +74,7 @@ def collate_device(b):
 # %% ../nbs/03_conv.ipynb #65e33570
 def model_device(model):
     "The device of `model`'s first parameter (or buffer), else the CPU."
-    t = next(model.parameters(), None)
-    if t is None: t = next(model.buffers(), None)
+    t = next(model.parameters(), next(model.buffers(), None))
     return torch.device('cpu') if t is None else t.device
 
 def model_dtype(model):

@@ -75,13 +75,13 @@ def _datasets_cache():
 
 @contextmanager
 def _hf_offline():
-    import datasets, datasets.config, huggingface_hub.constants  # both read the flag once, at import
-    old = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    import datasets, datasets.config as ds_cfg, huggingface_hub.constants as hub_cfg  # both read the flag at import
+    old = ds_cfg.HF_HUB_OFFLINE, hub_cfg.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
+    ds_cfg.HF_HUB_OFFLINE = hub_cfg.HF_HUB_OFFLINE = True
     datasets.logging.set_verbosity_error()
     try: yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE, verbosity = old
+        ds_cfg.HF_HUB_OFFLINE, hub_cfg.HF_HUB_OFFLINE, verbosity = old
         datasets.logging.set_verbosity(verbosity)
 
 def _load_cached():

@@ -16,7 +16,6 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DModel
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
@@ -117,8 +116,8 @@ class UNet(UNet2DModel):
             x, t = x
         c = self.config.in_channels
         if x.ndim != 4: raise ValueError(f"UNet wants images (N, {c}, H, W), got {tuple(x.shape)}: try x[:, None]")
-        if x.shape[1] != c:
-            raise ValueError(f"UNet takes {c}-channel images, got {tuple(x.shape)}; build it with in_channels={x.shape[1]}")
+        if x.shape[1] != c: raise ValueError(f"UNet takes {c}-channel images, got {tuple(x.shape)}; build it with "
+                                             f"in_channels={x.shape[1]}")
         _check_halvable(x.shape[-2], x.shape[-1], len(self.config.block_out_channels))
         return super().forward(x, t).sample
 

@@ -22,7 +22,7 @@ from .checks import check_choice, check_int
 from .conv import model_device, to_cpu
 from .datasets import DataLoaders, fashion_mnist_arrays, get_grid, show_image
 from .ddpm import (NoiseSched, cosine_sched, ddim_sample, ddim_timesteps, ddpm_unet, dl_ddpm, init_ddpm,
-                         linear_sched, min_snr_weights, sample)
+    linear_sched, min_snr_weights, sample)
 from .fid import ImageEval, ddpm_images, ddpm_pixels, load_fid_classifier
 from .learner import MetricsCB, ProgressCB
 from .recipe import default_epochs, load_run, read_config, save_run, std_learner

@@ -21,7 +21,7 @@ from .checks import check_int
 from .conv import model_device, model_dtype, model_mode, to_cpu
 from .datasets import DataLoaders, check_pixels, fashion_mnist_arrays
 from .learner import Callback, DeviceCB, Learner
-from .recipe import cnn_classifier, std_learner
+from .recipe import CNN_NFS, cnn_classifier, std_learner
 
 # %% ../nbs/12_fid.ipynb #8e41b95a
 def ddpm_images(x, pad=2):
@@ -42,7 +42,7 @@ def ddpm_pixels(x, pad=2):
     return to_cpu(x).float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 # %% ../nbs/12_fid.ipynb #7430de16
-def fid_classifier(nfs=(16, 32, 64, 128), n_classes=10, in_channels=1):
+def fid_classifier(nfs=CNN_NFS, n_classes=10, in_channels=1):
     "A small classifier of 32×32 images; its pooled penultimate layer gives FID features."
     return cnn_classifier(nfs, first_ks=3, pool=True, n_classes=n_classes, in_channels=in_channels)
 
@@ -64,7 +64,7 @@ def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, d
 # found through `miniai.__file__`, which (unlike this module's `__file__`) also exists in the notebook
 FID_CLASSIFIER_PATH = Path(miniai.__file__).parent/'data'/'fid_classifier.npz'
 
-def save_fid_classifier(model, path, nfs=(16, 32, 64, 128)):
+def save_fid_classifier(model, path, nfs=CNN_NFS):
     "Save a `fid_classifier(nfs)`'s weights as numpy arrays in an .npz file."
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     np.savez(path, _nfs=np.array(nfs), **arrays)

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from functools import partial
-from operator import attrgetter
+from operator import attrgetter, length_hint
 
 import fastcore.all as fc
 import matplotlib.pyplot as plt
@@ -49,9 +49,8 @@ def _check_fit(learn, n_epochs, train, valid, lr):
             raise ValueError(f"nothing does the step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
     for nm in ['train']*bool(train) + ['valid']*bool(valid):
         if not hasattr(learn.dls, nm): raise TypeError(f"dls has no .{nm}; pass DataLoaders, or {nm}=False to fit")
-        try: empty = len(getattr(learn.dls, nm)) == 0
-        except TypeError: empty = False
-        if empty: raise ValueError(f"the {nm} DataLoader is empty; give it data, lower batch_size, or pass {nm}=False")
+        if not length_hint(getattr(learn.dls, nm), 1):  # 1: a loader without a length
+            raise ValueError(f"the {nm} DataLoader is empty; give it data, lower batch_size, or pass {nm}=False")
 
 def _setup_opt(learn, lr, reset):
     if learn.opt_func is not None and (reset or learn.opt is None):

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from matplotlib.figure import Figure
 from torch import nn, optim
-from torcheval.metrics import MulticlassAccuracy
 
 from .accel import AccelerateCB, MixedPrecision, pick_precision
 from .augment import Dropout, RandCrop, RandFlip, augment_cb, capture_preds
@@ -32,7 +31,7 @@ from .augment import tta as flip_tta
 from .checkpoint import CheckpointCB, CSVLoggerCB, ResumeCB, ckpt_files, ckpt_where
 from .checks import check_choice, check_int
 from .conv import conv, default_device, pick_threads
-from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, DataLoaders, TensorDL, fashion_dls
+from .datasets import FASHION_CLASSES, FMNIST_MEAN, FMNIST_STD, DataLoaders, TensorDL, fashion_dls, _notice
 from .init import init_weights
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 from .resnet import fmnist_resnet
@@ -64,8 +63,7 @@ def std_learner(model, dls, loss_func, epochs, lr=2e-2, cbs=None, device=None, n
 def recipe_learner(dls, epochs, lr=2e-2, nfs=RECIPE_NFS, pad=2, drop=0., wd=1e-2, eps=1e-5, label_smoothing=0.1,
                    device=None, cbs=None, progress=True, accel=None, precision='fp32'):
     "The recipe's `Learner`, for `learn.fit(epochs)`."
-    cbs = [augment_cb(RandCrop(pad), RandFlip()), MetricsCB(accuracy=MulticlassAccuracy())] + \
-          [ProgressCB()]*progress + list(fc.L(cbs))
+    cbs = [augment_cb(RandCrop(pad), RandFlip()), MetricsCB('accuracy')] + [ProgressCB()]*progress + list(fc.L(cbs))
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
     fmt = torch.channels_last if precision == 'bf16' else torch.preserve_format  # faster in bf16 only
     return std_learner(recipe_model(nfs, drop).to(memory_format=fmt), dls, loss, epochs, lr, cbs, device, wd=wd,
@@ -165,7 +163,7 @@ def _classifier_learner(cfg, dls, device, cbs, accel):
     e, lr, nfs = cfg['epochs'], cfg['lr'], cfg['nfs']
     kw = dict(device=device, cbs=cbs, accel=accel, precision=cfg['precision'])
     if cfg['arch'] == 'resnet': return recipe_learner(dls, e, lr, nfs, **kw)
-    kw['cbs'] = [MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()] + cbs
+    kw['cbs'] = [MetricsCB('accuracy'), ProgressCB()] + cbs
     return std_learner(build_model('cnn', nfs, cfg['norm']), dls, F.cross_entropy, e, lr, **kw)
 
 def _launched(env=os.environ):  # by `accelerate launch` or torchrun, from the variables they set
@@ -204,13 +202,13 @@ def fit_run(out='miniai-run', resume=False, arch=None, norm=None, epochs=None, b
                    flips=cfg['arch'] == 'resnet', classes=list(FASHION_CLASSES), mean=FMNIST_MEAN, std=FMNIST_STD,
                    n_train=n_train, precision=p)
         if is_main:
-            print(f"miniai: training in {p}: {why}", file=sys.stderr)
+            _notice(f"training in {p}: {why}")
             save_run(out, cfg)
     ckpt = out/'checkpoints'
     cbs = [CheckpointCB(ckpt, keep=2, on_interrupt=True), CSVLoggerCB(out/'metrics.csv')]
     learn = _classifier_learner(cfg, dls, device, cbs, accel)
     if resume and is_main:
-        print(f"miniai: resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}, {p}", file=sys.stderr)
+        _notice(f"resuming the run in {out} from {ckpt_where(ckpt_files(ckpt)[-1])}, {p}")
     start = time.time()
     learn.fit(cfg['epochs'], cbs=ResumeCB(ckpt) if resume else None)
     if is_main:

@@ -140,8 +140,9 @@ class ParamSchedCB(_KeepsHypers):
     "Before each training batch, set `pname` ('lr', 'mom', ...) to `sched_func(pos)`."
     def __init__(self, pname, sched_func):
         if not isinstance(pname, str): raise TypeError(f"ParamSchedCB needs a setting name like 'lr', got {pname!r}")
-        if not callable(sched_func): raise TypeError(f"ParamSchedCB: sched_func must be a function of pos in [0, 1], "
-                                                     f"got {sched_func!r}; e.g. sched_cos(1e-2, 1e-4)")
+        if not callable(sched_func):
+            raise TypeError(f"ParamSchedCB: sched_func must be a function of pos in [0, 1], got {sched_func!r}; "
+                            "e.g. sched_cos(1e-2, 1e-4)")
         self.pname, self.sched_func = pname, sched_func
 
     def before_fit(self, learn):
