@@ -175,8 +175,8 @@ class CheckpointCB(Callback):
         if self.asked and (_procs()[1] == 1 or time.monotonic() - self.asked > 1): raise self.interrupted()
         if self.asked: return  # several processes: a launcher passes the same Ctrl-C on
         self.asked = time.monotonic()
-        if not _procs()[0]: print("\nstopping at the next step to save a checkpoint (Ctrl-C again to stop at once)",
-                                  file=sys.stderr)
+        if not _procs()[0]:
+            print("\nstopping at the next step to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def _stop(self, learn):  # several processes stop at the same batch
         self.stopping = bool(self.asked)

@@ -94,8 +94,7 @@ def _load_cached():
 
 def _from_hub(strict):
     "(DatasetDict, where from) from the HF cache or Hub, else (None, why not)."
-    dd = _load_cached()
-    if dd is not None: return dd, 'the local Hugging Face cache'
+    if (dd := _load_cached()) is not None: return dd, 'the local Hugging Face cache'
     cause = None
     if _offline_env(): why = 'offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)'
     elif not _hub_reachable(): why = f'Hub unreachable ({_hub_address()[0]})'
@@ -195,9 +194,7 @@ FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # of the training pixels, in 0..1
 def inplace(f):
     "Make `f`, which changes a batch in place, return it (for `with_transform`)."
     @wraps(f)
-    def _f(b):
-        f(b)
-        return b
+    def _f(b): f(b); return b
     return _f
 
 # %% ../nbs/02_datasets.ipynb #dce9717c

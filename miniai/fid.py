@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import miniai
-
 from .augment import capture_preds
 from .checks import check_int
 from .conv import model_device, model_dtype, model_mode, to_cpu
-from .datasets import DataLoaders, check_pixels, fashion_mnist_arrays
+from .datasets import DataLoaders, check_pixels, fashion_mnist_arrays, sample_path
 from .learner import Callback, DeviceCB, Learner
 from .recipe import CNN_NFS, cnn_classifier, std_learner
 
@@ -61,8 +59,7 @@ def train_fid_classifier(epochs=2, bs=128, lr=1e-2, source=None, n_train=None, d
     return learn.model.eval(), (preds.argmax(1) == targs).float().mean().item()
 
 # %% ../nbs/12_fid.ipynb #cb79c567
-# found through `miniai.__file__`, which (unlike this module's `__file__`) also exists in the notebook
-FID_CLASSIFIER_PATH = Path(miniai.__file__).parent/'data'/'fid_classifier.npz'
+FID_CLASSIFIER_PATH = sample_path().with_name('fid_classifier.npz')  # in miniai's data folder
 
 def save_fid_classifier(model, path, nfs=CNN_NFS):
     "Save a `fid_classifier(nfs)`'s weights as numpy arrays in an .npz file."
