@@ -49,7 +49,7 @@ def _check_fit(learn, n_epochs, train, valid, lr):
             raise ValueError(f"nothing does the step '{nm}': add TrainCB() to cbs, or subclass with {nm}()")
     for nm in ['train']*bool(train) + ['valid']*bool(valid):
         if not hasattr(learn.dls, nm): raise TypeError(f"dls has no .{nm}; pass DataLoaders, or {nm}=False to fit")
-        if not length_hint(getattr(learn.dls, nm), 1):  # 1: a loader without a length
+        if not length_hint(getattr(learn.dls, nm), 1):  # 1: it has no len()
             raise ValueError(f"the {nm} DataLoader is empty; give it data, lower batch_size, or pass {nm}=False")
 
 def _setup_opt(learn, lr, reset):
