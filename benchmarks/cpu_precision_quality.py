@@ -10,7 +10,8 @@ accuracy of `fit_recipe`'s default on the sample's last 1,000 images; the DDPM's
 data, training, evaluation, and for the DDPM sampling and scoring, as wall time and as the process's CPU time (one
 thread, so its CPU time is its work, whatever else the machine runs), and the DDPM's training time alone. The bf16
 DDPM's model is also sampled again under bf16 autocast (same starting noise) and scored, to see what bf16 sampling
-would cost in quality. A run that finishes first leaves its twin more CPU, which favours fp32, so the ratios are if
+would cost in quality. `--rescore` samples kept runs again with other seeds, for FID's spread from the sampling
+noise alone. A run that finishes first leaves its twin more CPU, which favours fp32, so the ratios are if
 anything pessimistic for bf16. Prints one line per run and a table.
 """
 import argparse
@@ -45,6 +46,15 @@ if {p!r} == 'bf16':  # the same model and starting noise, sampled under bf16 aut
 print(json.dumps(r))
 """
 
+RESCORE = """
+import json, torch
+from miniai.ddpm_run import load_ddpm, save_samples, score_samples
+model, sched, cfg = load_ddpm({d!r})
+fids = [score_samples(save_samples(model, sched, 500, 'ddim', cfg['ddim_steps'], cfg['eta'], seed), 'sample')['fid']
+        for seed in {seeds!r}]
+print(json.dumps(dict(precision=cfg['precision'], seed=cfg['seed'], fids=fids)))
+"""
+
 
 def start(code):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore'}
@@ -57,9 +67,14 @@ def main(argv=None):
     p.add_argument('--recipe-seeds', type=int, nargs='*', default=[42, 0])
     p.add_argument('--ddpm-seeds', type=int, nargs='*', default=[42])
     p.add_argument('--ddpm-epochs', type=int, default=15, help='default: 15, the default on the sample')
+    p.add_argument('--rescore', nargs='*', default=[], metavar='DIR',
+                   help="instead: score more sample sets of these saved DDPM runs (a 'kept in' folder), two at a time")
+    p.add_argument('--rescore-seeds', type=int, nargs='*', default=[1, 2, 3])
     a = p.parse_args(argv)
     print(machine())
+    if a.rescore: return rescore(a.rescore, a.rescore_seeds)
     tmp = tempfile.mkdtemp()
+    print(f'run folders kept in {tmp}')
     jobs = [(('recipe', s, pr), start(RECIPE.format(seed=s, p=pr))) for s in a.recipe_seeds for pr in ('fp32', 'bf16')]
     jobs += [(('ddpm', s, pr), start(DDPM.format(seed=s, p=pr, epochs=a.ddpm_epochs, out=f'{tmp}/ddpm-{s}-{pr}')))
              for s in a.ddpm_seeds for pr in ('fp32', 'bf16')]
@@ -80,6 +95,18 @@ def main(argv=None):
                   f"({b['train']/f['train']:.2f}); the bf16 model sampled under bf16 autocast: "
                   f"FID {b['fid_bf16_sampling']:.2f}, KID {b['kid_bf16_sampling']:.4f}")
     print(machine())
+
+
+def rescore(dirs, seeds):
+    "FID of 500 more DDIM samples per seed in `seeds` from each run in `dirs`: how much FID moves with the noise alone."
+    for i in range(0, len(dirs), 2):
+        jobs = [(d, start(RESCORE.format(d=d, seeds=seeds))) for d in dirs[i:i + 2]]
+        for d, proc in jobs:
+            out, err = proc.communicate()
+            if proc.returncode: sys.exit(f'{d} failed:\n{err[-3000:]}')
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{d}: {r['precision']}, training seed {r['seed']}, sampling seeds {seeds}: FID "
+                  + ', '.join(f'{f:.2f}' for f in r['fids']), flush=True)
 
 
 if __name__ == '__main__': main()

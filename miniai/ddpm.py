@@ -220,7 +220,7 @@ def _check_sched(sched, where):
         raise TypeError(f"{where} takes a NoiseSched, got {type(sched).__name__}; the course's sample(...) is "
                         "ddpm_cb.sample(model, sz)")
 
-SAMPLE_BS = 128  # images per model call when sampling on a CPU: 500 at once took 1.7× as long (caches)
+SAMPLE_BS = 128  # images per model call when sampling on a CPU: 500 at once took 1.4-1.7× as long
 
 def _eps(model, x, t, pair, bs):  # the model's noise prediction, `bs` images at a time
     outs = [model((xc, tc)) if pair else model(xc, tc) for xc, tc in zip(x.split(bs), t.split(bs))]
