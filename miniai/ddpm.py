@@ -237,10 +237,11 @@ def _walk(model, shape, sched, ts, step, generator, return_traj, traj_every, pai
     pair = _takes_pair(model, default=False) if pair_input is None else pair_input
     randn = lambda: torch.randn(shape, generator=generator, device=dev, dtype=dtype)
     x, all_t, rec, every = randn(), torch.arange(len(sched), device=dev), [], max(1, int(traj_every))
+    bs = SAMPLE_BS if dev.type == 'cpu' else shape[0]  # one call per step elsewhere
     with model_mode(model, False):
         for i, (t, t_prev) in enumerate(_progress(ts, progress, what)):
             tb = all_t[t].expand(len(x))
-            x_prev, x0 = step(x, _eps(model, x, tb, pair, SAMPLE_BS if dev.type == 'cpu' else len(x)), t, t_prev, randn)
+            x_prev, x0 = step(x, _eps(model, x, tb, pair, bs), t, t_prev, randn)
             if return_traj and (i % every == 0 or i == len(ts) - 1): rec.append((t, x, x0))
             x = x_prev
     if not return_traj: return x
